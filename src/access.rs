@@ -1,0 +1,90 @@
+//! The access log: one info line per request, written when the response body
+//! is dropped (so it knows how many bytes went out and how the body ended).
+//! It carries no header values and no body, so no key can reach it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{Method, StatusCode, Uri};
+
+use crate::config::Route;
+
+/// How the response body ended, as far as the client is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyEnd {
+    /// Dropped before its end: the client went away (or the server stopped).
+    Unfinished,
+    Complete,
+    /// The upstream broke the body off; the client saw an abort.
+    UpstreamError,
+}
+
+impl BodyEnd {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Unfinished => "client_gone",
+            Self::Complete => "complete",
+            Self::UpstreamError => "upstream_error",
+        }
+    }
+}
+
+/// What one request did; logged on drop.
+#[derive(Debug)]
+pub struct AccessLog {
+    pub span: tracing::Span,
+    pub start: Instant,
+    pub method: Method,
+    /// The client's URI; only its path is logged (queries may carry secrets).
+    pub uri: Uri,
+    pub route: Option<Arc<Route>>,
+    pub status: StatusCode,
+    pub attempts: u32,
+    pub ttfb: Option<Duration>,
+    pub bytes_out: u64,
+    pub end: BodyEnd,
+    /// sluice's own error code, when sluice answered.
+    pub error: Option<&'static str>,
+}
+
+impl AccessLog {
+    pub fn new(span: tracing::Span, start: Instant, method: Method, uri: Uri) -> Self {
+        Self {
+            span,
+            start,
+            method,
+            uri,
+            route: None,
+            status: StatusCode::OK,
+            attempts: 0,
+            ttfb: None,
+            bytes_out: 0,
+            end: BodyEnd::Unfinished,
+            error: None,
+        }
+    }
+}
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        let route = self.route.as_deref();
+        // Microsecond precision, printed as milliseconds.
+        let ms = |d: Duration| d.as_micros() as f64 / 1000.0;
+        tracing::info!(
+            target: "sluice::access",
+            parent: &self.span,
+            method = %self.method,
+            path = self.uri.path(),
+            route = route.map_or("-", |r| r.name.as_str()),
+            upstream = route.map_or("-", |r| r.upstream.name.as_str()),
+            status = self.status.as_u16(),
+            attempts = self.attempts,
+            duration_ms = ms(self.start.elapsed()),
+            ttfb_ms = self.ttfb.map(ms),
+            bytes_out = self.bytes_out,
+            body = self.end.as_str(),
+            error = self.error,
+            "request"
+        );
+    }
+}

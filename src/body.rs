@@ -1,0 +1,253 @@
+//! Bodies on both sides of the proxy.
+//!
+//! Requests: up to `retry_buffer` bytes are collected so an attempt can be
+//! replayed; a larger body streams upstream as it arrives, its size checked
+//! against `max_request_body` frame by frame.
+//!
+//! Responses: the upstream's frames pass through untouched, one at a time,
+//! so hyper's backpressure reaches the upstream and memory stays at a few
+//! frames per stream. The wrapper only counts bytes and notes how the body
+//! ended, for the access log written when it is dropped.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use crate::access::{AccessLog, BodyEnd};
+use crate::error::ProxyError;
+
+/// Size limits for request bodies, from `[server]`.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    pub max_request_body: u64,
+    pub retry_buffer: u64,
+}
+
+/// A request body as sent upstream.
+#[derive(Debug)]
+pub enum RequestBody {
+    /// Held whole in memory; `Bytes` clones cheaply for a replay.
+    Full(Option<Bytes>),
+    /// Larger than `retry_buffer`: what was read already, then the rest.
+    Streaming(Streaming),
+}
+
+#[derive(Debug)]
+pub struct Streaming {
+    head: VecDeque<Bytes>,
+    rest: Incoming,
+    seen: u64,
+    max: u64,
+}
+
+/// Why a request body could not be sent whole.
+#[derive(Debug)]
+pub enum RequestBodyError {
+    TooLarge,
+    Client(hyper::Error),
+}
+
+impl std::fmt::Display for RequestBodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::TooLarge => f.write_str("request body is larger than max_request_body"),
+            Self::Client(e) => write!(f, "reading the client's request body: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for RequestBodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::TooLarge => None,
+            Self::Client(e) => Some(e),
+        }
+    }
+}
+
+impl RequestBody {
+    /// Reads the client's body: whole if it fits `retry_buffer`, otherwise
+    /// the part read so far plus the rest as a stream. A declared length over
+    /// the limit is refused before a byte is read.
+    pub async fn read(mut body: Incoming, limits: BodyLimits) -> Result<Self, ProxyError> {
+        let declared = body.size_hint().exact();
+        if declared.is_some_and(|n| n > limits.max_request_body) {
+            return Err(ProxyError::RequestTooLarge);
+        }
+        if declared == Some(0) {
+            return Ok(Self::Full(None));
+        }
+        let mut head = VecDeque::new();
+        let mut seen = 0u64;
+        if declared.is_none_or(|n| n <= limits.retry_buffer) {
+            while let Some(frame) = body.frame().await {
+                // A client that breaks its body off cannot get a useful answer.
+                let frame = frame.map_err(|_| ProxyError::BadRequest)?;
+                let Ok(data) = frame.into_data() else { continue };
+                seen += data.len() as u64;
+                if seen > limits.max_request_body {
+                    return Err(ProxyError::RequestTooLarge);
+                }
+                head.push_back(data);
+                if seen > limits.retry_buffer {
+                    break;
+                }
+            }
+            if body.is_end_stream() || seen <= limits.retry_buffer {
+                return Ok(Self::Full(concat(head, seen)));
+            }
+        }
+        Ok(Self::Streaming(Streaming {
+            head,
+            rest: body,
+            seen,
+            max: limits.max_request_body,
+        }))
+    }
+}
+
+fn concat(mut chunks: VecDeque<Bytes>, len: u64) -> Option<Bytes> {
+    match chunks.len() {
+        0 => None,
+        1 => chunks.pop_front(),
+        _ => {
+            let mut buf = BytesMut::with_capacity(len as usize);
+            chunks.iter().for_each(|c| buf.extend_from_slice(c));
+            Some(buf.freeze())
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = RequestBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            Self::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Self::Streaming(s) => {
+                if let Some(d) = s.head.pop_front() {
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                let frame = ready!(Pin::new(&mut s.rest).poll_frame(cx));
+                Poll::Ready(frame.map(|f| {
+                    let f = f.map_err(RequestBodyError::Client)?;
+                    if let Some(d) = f.data_ref() {
+                        s.seen += d.len() as u64;
+                        if s.seen > s.max {
+                            return Err(RequestBodyError::TooLarge);
+                        }
+                    }
+                    Ok(f)
+                }))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Full(d) => d.is_none(),
+            Self::Streaming(s) => s.head.is_empty() && s.rest.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Full(d) => SizeHint::with_exact(d.as_ref().map_or(0, |d| d.len() as u64)),
+            Self::Streaming(s) => {
+                let head: u64 = s.head.iter().map(|d| d.len() as u64).sum();
+                let rest = s.rest.size_hint();
+                match rest.exact() {
+                    Some(n) => SizeHint::with_exact(head + n),
+                    None => {
+                        let mut h = SizeHint::new();
+                        h.set_lower(head + rest.lower());
+                        h
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The response body sent to the client.
+#[derive(Debug)]
+pub struct ResponseBody {
+    inner: Inner,
+    log: AccessLog,
+}
+
+#[derive(Debug)]
+enum Inner {
+    Upstream(Incoming),
+    Full(Option<Bytes>),
+}
+
+impl ResponseBody {
+    pub fn upstream(body: Incoming, log: AccessLog) -> Self {
+        Self {
+            inner: Inner::Upstream(body),
+            log,
+        }
+    }
+
+    pub fn full(body: Bytes, log: AccessLog) -> Self {
+        Self {
+            inner: Inner::Full(Some(body)),
+            log,
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let frame = match &mut this.inner {
+            Inner::Full(data) => data.take().map(|d| Ok(Frame::data(d))),
+            Inner::Upstream(body) => ready!(Pin::new(body).poll_frame(cx)),
+        };
+        match &frame {
+            Some(Ok(f)) => this.log.bytes_out += f.data_ref().map_or(0, |d| d.len() as u64),
+            Some(Err(_)) => this.log.end = BodyEnd::UpstreamError,
+            None => this.log.end = BodyEnd::Complete,
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Full(d) => d.is_none(),
+            Inner::Upstream(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Full(d) => SizeHint::with_exact(d.as_ref().map_or(0, |d| d.len() as u64)),
+            Inner::Upstream(b) => b.size_hint(),
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // hyper may stop polling once is_end_stream() is true.
+        if self.log.end == BodyEnd::Unfinished && self.is_end_stream() {
+            self.log.end = BodyEnd::Complete;
+        }
+    }
+}

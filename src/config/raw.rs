@@ -1,0 +1,222 @@
+//! The config exactly as written in TOML: serde types and defaults, no
+//! cross-field checks (those live in `resolve.rs`). Every field is documented
+//! here because this is the file a reader opens to learn a key.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub log: RawLog,
+    /// Named upstreams; routes refer to them by name.
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, RawUpstream>,
+    /// Checked in file order; the first match wins.
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+}
+
+/// `[server]`: the data-plane listener and its limits.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    /// Data-plane address, HTTP/1.1 and h2c (or TLS with `tls`).
+    pub listen: String,
+    /// Admin address for /healthz /readyz /metrics; "" disables.
+    pub admin_listen: String,
+    /// Request bodies larger than this are answered 413.
+    pub max_request_body: Size,
+    /// Request bodies up to this size are held in memory for replay.
+    pub retry_buffer: Size,
+    /// A client must finish sending request headers within this.
+    pub header_read_timeout: Dur,
+    /// Drain window after SIGTERM/SIGINT.
+    pub shutdown_grace: Dur,
+    /// Serve TLS on `listen` with this certificate chain and key.
+    pub tls: Option<RawTls>,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            admin_listen: "127.0.0.1:9901".into(),
+            max_request_body: Size(32 << 20),
+            retry_buffer: Size(4 << 20),
+            header_read_timeout: Dur(Duration::from_secs(10)),
+            shutdown_grace: Dur(Duration::from_secs(30)),
+            tls: None,
+        }
+    }
+}
+
+/// `[server.tls]`: PEM files for the listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// Certificate chain, leaf first.
+    pub cert: String,
+    /// Private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
+}
+
+/// `[log]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLog {
+    /// A tracing filter such as "info" or "sluice=debug"; RUST_LOG overrides it.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `[upstreams.NAME]`: one provider endpoint.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    /// `scheme://host[:port][/base-path]`.
+    pub url: String,
+    /// Environment variable holding the provider key.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// File holding the provider key (trailing whitespace is trimmed).
+    #[serde(default)]
+    pub api_key_file: Option<String>,
+    /// How the key is sent.
+    #[serde(default)]
+    pub auth: AuthScheme,
+    /// Extra headers set on every upstream request.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Bound on TCP connect plus TLS handshake.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Dur,
+    /// Extra PEM roots trusted for this upstream; "" for none.
+    #[serde(default)]
+    pub ca_file: String,
+}
+
+fn default_connect_timeout() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+
+/// `auth = ...`: which header carries the upstream key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthScheme {
+    /// `Authorization: Bearer KEY` (OpenAI and most compatibles).
+    #[default]
+    Bearer,
+    /// `api-key: KEY` (Azure OpenAI).
+    ApiKey,
+    /// `x-api-key: KEY` (Anthropic).
+    XApiKey,
+    /// Send no key; the client's auth headers pass through.
+    None,
+}
+
+/// `[[routes]]`: which requests go to which upstream.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    /// Unique; used in logs and metric labels.
+    pub name: String,
+    /// Matches on segment boundaries: "/v1" matches /v1 and /v1/..., not /v1x.
+    #[serde(default = "default_prefix")]
+    pub path_prefix: String,
+    /// Methods this route takes; empty means any.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Remove `path_prefix` from the path before forwarding.
+    #[serde(default)]
+    pub strip_prefix: bool,
+    /// Name of an `[upstreams.NAME]` table.
+    pub upstream: String,
+}
+
+fn default_prefix() -> String {
+    "/".into()
+}
+
+/// A duration written as a string with a unit: "250ms", "30s", "5m".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Dur;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"a duration string such as "250ms", "30s" or "5m""#)
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Dur, E> {
+                humantime::parse_duration(s.trim()).map(Dur).map_err(|e| {
+                    E::custom(format_args!(
+                        r#"invalid duration "{s}": {e} (write e.g. "250ms", "30s", "5m")"#
+                    ))
+                })
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// A size: an integer of bytes, or a string such as "32MiB" or "512KiB".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Size;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"a size: bytes as an integer, or a string such as "32MiB""#)
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Size, E> {
+                u64::try_from(n)
+                    .map(Size)
+                    .map_err(|_| E::custom("a size cannot be negative"))
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Size, E> {
+                Ok(Size(n))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Size, E> {
+                s.trim()
+                    .parse::<bytesize::ByteSize>()
+                    .map(|b| Size(b.as_u64()))
+                    .map_err(|_| {
+                        E::custom(format_args!(
+                            r#"invalid size "{s}" (write e.g. "32MiB", "512KiB" or a number of bytes)"#
+                        ))
+                    })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}

@@ -1,0 +1,66 @@
+//! Route matching: pure functions over the request's method and path, no I/O.
+
+use std::sync::Arc;
+
+use http::Method;
+
+use crate::config::Route;
+
+/// Routes in file order, each with what the proxy attaches to it (`T`);
+/// the first that matches wins.
+#[derive(Debug)]
+pub struct RouteTable<T> {
+    routes: Vec<(Arc<Route>, T)>,
+}
+
+impl<T> RouteTable<T> {
+    pub fn new(routes: Vec<(Arc<Route>, T)>) -> Self {
+        Self { routes }
+    }
+
+    /// The first route whose prefix and methods match.
+    pub fn find(&self, method: &Method, path: &str) -> Option<(&Arc<Route>, &T)> {
+        self.routes
+            .iter()
+            .find(|(r, _)| {
+                prefix_matches(&r.path_prefix, path)
+                    && (r.methods.is_empty() || r.methods.contains(method))
+            })
+            .map(|(r, t)| (r, t))
+    }
+}
+
+/// `prefix` (no trailing slash) matches `path` on a segment boundary:
+/// "/v1" matches "/v1" and "/v1/x", not "/v1x". "" matches everything.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+/// The path to forward: with `strip_prefix`, "/groq/v1/x" under "/groq"
+/// becomes "/v1/x"; the bare prefix becomes "".
+pub fn forwarded_path<'a>(route: &Route, path: &'a str) -> &'a str {
+    if route.strip_prefix {
+        path.strip_prefix(route.path_prefix.as_str()).unwrap_or(path)
+    } else {
+        path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_match_on_segment_boundaries() {
+        assert!(prefix_matches("/v1", "/v1"));
+        assert!(prefix_matches("/v1", "/v1/chat"));
+        assert!(!prefix_matches("/v1", "/v1x"));
+        assert!(!prefix_matches("/v1", "/v"));
+        assert!(!prefix_matches("/v1", "/"));
+        assert!(prefix_matches("", "/anything"));
+        assert!(prefix_matches("", "/"));
+    }
+}

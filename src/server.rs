@@ -1,0 +1,147 @@
+//! The data-plane listener: accept, optional TLS, HTTP/1.1 or HTTP/2 per
+//! connection, and a bounded drain on shutdown.
+//!
+//! The protocol is chosen here rather than by hyper-util's auto builder
+//! because its version sniff has no timeout: a client that connects and
+//! sends two bytes would hold a connection forever. Here the sniff (or the
+//! TLS handshake) is bounded by `header_read_timeout`, and then hyper's own
+//! header timer takes over.
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use crate::proxy::Proxy;
+
+/// Listener settings from `[server]`.
+#[derive(Clone)]
+pub struct ServerOptions {
+    pub header_read_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub tls: Option<TlsAcceptor>,
+}
+
+/// Protocol builders, shared by every connection.
+struct Builders {
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+}
+
+/// Accepts until `shutdown` resolves, then drains for up to `shutdown_grace`.
+pub async fn serve(
+    listener: TcpListener,
+    opts: ServerOptions,
+    proxy: Arc<Proxy>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut h1 = http1::Builder::new();
+    // Without a timer hyper silently ignores header_read_timeout.
+    h1.timer(TokioTimer::new()).header_read_timeout(opts.header_read_timeout);
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new());
+    let builders = Arc::new(Builders { h1, h2 });
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Usually out of file descriptors: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let watcher = graceful.watcher();
+        let (opts, builders, proxy) = (opts.clone(), builders.clone(), proxy.clone());
+        tokio::spawn(async move {
+            let res = match &opts.tls {
+                Some(acceptor) => {
+                    let tls = tokio::time::timeout(opts.header_read_timeout, acceptor.accept(stream))
+                        .await
+                        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))
+                        .and_then(|r| r);
+                    match tls {
+                        Ok(tls) => {
+                            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                            serve_conn(tls, h2, &builders, proxy, watcher).await
+                        }
+                        Err(e) => Err(e.into()),
+                    }
+                }
+                None => match tokio::time::timeout(opts.header_read_timeout, sniff_h2(&stream)).await {
+                    Ok(Ok(h2)) => serve_conn(stream, h2, &builders, proxy, watcher).await,
+                    Ok(Err(e)) => Err(e.into()),
+                    Err(_) => Err("no request within header_read_timeout".into()),
+                },
+            };
+            if let Err(e) = res {
+                tracing::debug!(%peer, "connection ended: {e}");
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!(connections = graceful.count(), "draining");
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!("drained"),
+        () = tokio::time::sleep(opts.shutdown_grace) => {
+            tracing::warn!("shutdown_grace elapsed; cutting the connections still open");
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+async fn serve_conn<IO>(
+    io: IO,
+    h2: bool,
+    builders: &Builders,
+    proxy: Arc<Proxy>,
+    watcher: hyper_util::server::graceful::Watcher,
+) -> Result<(), BoxError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(io);
+    let svc = service_fn(move |req| proxy.clone().handle(req));
+    if h2 {
+        watcher.watch(builders.h2.serve_connection(io, svc)).await?;
+    } else {
+        watcher.watch(builders.h1.serve_connection(io, svc)).await?;
+    }
+    Ok(())
+}
+
+/// Whether a plaintext client opens with the HTTP/2 preface (h2c prior
+/// knowledge). Reads nothing: peeks until it can tell.
+async fn sniff_h2(stream: &TcpStream) -> io::Result<bool> {
+    const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut buf = [0u8; 24];
+    loop {
+        let n = stream.peek(&mut buf).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        if buf[..n] != PREFACE[..n] {
+            return Ok(false);
+        }
+        if n == PREFACE.len() {
+            return Ok(true);
+        }
+        // A partial preface: peek would return at once again, so wait a little.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

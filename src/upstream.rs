@@ -1,0 +1,198 @@
+//! Talking to a provider: the pooled client with its rustls connector, and
+//! the rewrite of a client request into an upstream one (URI, Host,
+//! hop-by-hop headers, key injection).
+
+use std::error::Error as StdError;
+
+use http::header::{self, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::uri::PathAndQuery;
+use http::{HeaderMap, Uri, Version};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::{Client, ResponseFuture};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::body::{RequestBody, RequestBodyError};
+use crate::config::{self, Route};
+use crate::error::ProxyError;
+use crate::route::forwarded_path;
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus `expect`, which sluice answers itself.
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::EXPECT,
+];
+
+/// Client key headers, removed when the upstream has a key of its own.
+static CLIENT_AUTH: [HeaderName; 3] = [
+    header::AUTHORIZATION,
+    HeaderName::from_static("api-key"),
+    HeaderName::from_static("x-api-key"),
+];
+
+/// One upstream with its connection pool.
+#[derive(Debug)]
+pub struct Upstream {
+    pub config: std::sync::Arc<config::Upstream>,
+    client: Client<HttpsConnector<HttpConnector>, RequestBody>,
+}
+
+impl Upstream {
+    pub fn new(config: std::sync::Arc<config::Upstream>) -> Self {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        // hyper-util leaves both off by default: SSE chunks must not wait on Nagle,
+        // and a black-holed connect must not hang.
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.connect_timeout));
+        let https = HttpsConnectorBuilder::new()
+            .with_tls_config((*config.tls).clone())
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(90))
+            .build(https);
+        Self { config, client }
+    }
+
+    pub fn send(&self, req: http::Request<RequestBody>) -> ResponseFuture {
+        self.client.request(req)
+    }
+}
+
+/// Turns the client's request head into the upstream's, in place.
+pub fn rewrite_request(parts: &mut Parts, route: &Route, request_id: &HeaderValue) {
+    let up = &route.upstream;
+    parts.uri = upstream_uri(&parts.uri, route);
+    parts.version = Version::HTTP_11;
+    let h = &mut parts.headers;
+    // Hop-by-hop first, so `Connection: authorization` cannot remove the injected key.
+    strip_hop_by_hop(h);
+    h.insert(header::HOST, up.host.clone());
+    if let Some((name, value)) = &up.key {
+        for name in &CLIENT_AUTH {
+            h.remove(name);
+        }
+        h.insert(name.clone(), value.clone());
+    }
+    for (name, value) in &up.headers {
+        h.insert(name.clone(), value.clone());
+    }
+    h.insert(X_REQUEST_ID.clone(), request_id.clone());
+}
+
+/// The upstream's base path joined with the (maybe stripped) path and the query.
+fn upstream_uri(uri: &Uri, route: &Route) -> Uri {
+    let up = &route.upstream;
+    let path = forwarded_path(route, uri.path());
+    let query = uri.query();
+    let mut pq = String::with_capacity(up.base_path.len() + path.len() + 2 + query.map_or(0, str::len));
+    pq.push_str(&up.base_path);
+    pq.push_str(path);
+    if pq.is_empty() {
+        pq.push('/');
+    }
+    if let Some(q) = query {
+        pq.push('?');
+        pq.push_str(q);
+    }
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(up.scheme.clone());
+    parts.authority = Some(up.authority.clone());
+    // The pieces come from a valid URI and a checked base path.
+    parts.path_and_query = Some(PathAndQuery::try_from(pq).expect("valid path and query"));
+    Uri::from_parts(parts).expect("complete upstream URI")
+}
+
+/// Removes hop-by-hop headers and every header that `Connection` names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Maps a failed upstream exchange to what the client is told, and logs the
+/// cause (the chain of errors never holds a header value, so no key).
+pub fn classify(err: &hyper_util::client::legacy::Error, upstream: &str) -> ProxyError {
+    if let Some(body) = find_cause::<RequestBodyError>(err) {
+        return match body {
+            RequestBodyError::TooLarge => ProxyError::RequestTooLarge,
+            RequestBodyError::Client(_) => ProxyError::BadRequest,
+        };
+    }
+    let chain = ErrorChain(err);
+    if let Some(rustls::Error::InvalidCertificate(why)) = find_cause::<rustls::Error>(err) {
+        tracing::warn!(
+            upstream,
+            "upstream TLS certificate not trusted ({why:?}): add its CA with ca_file; {chain}"
+        );
+        return ProxyError::UntrustedCertificate;
+    }
+    if err.is_connect() {
+        tracing::warn!(upstream, "upstream connect failed: {chain}");
+        ProxyError::ConnectFailed
+    } else {
+        tracing::warn!(upstream, "upstream closed the connection before a response: {chain}");
+        ProxyError::UpstreamReset
+    }
+}
+
+/// The first error of type `T` in the source chain, looking inside
+/// `io::Error`s too (their `source()` skips the error they wrap).
+fn find_cause<'a, T: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Option<&'a T> {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if let Some(t) = e.downcast_ref::<T>() {
+            return Some(t);
+        }
+        if let Some(inner) = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            if let Some(t) = inner.downcast_ref::<T>() {
+                return Some(t);
+            }
+        }
+        next = e.source();
+    }
+    None
+}
+
+/// Displays an error and its causes as `a: b: c`.
+struct ErrorChain<'a>(&'a (dyn StdError + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut next = self.0.source();
+        while let Some(e) = next {
+            write!(f, ": {e}")?;
+            next = e.source();
+        }
+        Ok(())
+    }
+}

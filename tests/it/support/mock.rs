@@ -1,0 +1,166 @@
+//! A real hyper upstream on 127.0.0.1:0 that records every request head it
+//! sees and answers with a handler the test gives it.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, Uri, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type MockBody = BoxBody<Bytes, BoxError>;
+type Handler = Arc<
+    dyn Fn(Request<Incoming>) -> Pin<Box<dyn Future<Output = Response<MockBody>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// A request head as the upstream received it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: Method,
+    pub uri: Uri,
+    pub version: Version,
+    pub headers: HeaderMap,
+}
+
+/// A running mock upstream; it stops when dropped.
+pub struct Mock {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Mock {
+    /// Plain HTTP/1.1 and h2c.
+    pub async fn start<F, Fut>(handler: F) -> Mock
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<MockBody>> + Send + 'static,
+    {
+        Self::start_inner(handler, None).await
+    }
+
+    /// HTTPS with this server config (ALPN included).
+    pub async fn start_tls<F, Fut>(handler: F, tls: Arc<rustls::ServerConfig>) -> Mock
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<MockBody>> + Send + 'static,
+    {
+        Self::start_inner(handler, Some(tls)).await
+    }
+
+    async fn start_inner<F, Fut>(handler: F, tls: Option<Arc<rustls::ServerConfig>>) -> Mock
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<MockBody>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let handler: Handler = Arc::new(move |req| Box::pin(handler(req)));
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let tls = tls.map(tokio_rustls::TlsAcceptor::from);
+        let seen2 = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    a = listener.accept() => a.unwrap(),
+                    _ = &mut stopped => return,
+                };
+                let (handler, seen, tls) = (handler.clone(), seen2.clone(), tls.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        seen.lock().unwrap().push(Seen {
+                            method: req.method().clone(),
+                            uri: req.uri().clone(),
+                            version: req.version(),
+                            headers: req.headers().clone(),
+                        });
+                        let fut = handler(req);
+                        async move { Ok::<_, Infallible>(fut.await) }
+                    });
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    match tls {
+                        Some(acceptor) => {
+                            let Ok(s) = acceptor.accept(stream).await else { return };
+                            let _ = builder.serve_connection(TokioIo::new(s), svc).await;
+                        }
+                        None => {
+                            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                    }
+                });
+            }
+        });
+        Mock {
+            addr,
+            seen,
+            _stop: stop,
+        }
+    }
+
+    /// Every request head received so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// A whole body.
+pub fn full(data: impl Into<Bytes>) -> MockBody {
+    Full::new(data.into()).map_err(|e: Infallible| match e {}).boxed()
+}
+
+/// A 200 response with a JSON body.
+pub fn json(status: u16, body: &str) -> Response<MockBody> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(full(body.to_owned()))
+        .unwrap()
+}
+
+/// A body fed by the test: each `send` is one frame. The sender's
+/// `closed()` resolves when the connection drops the body.
+pub fn channel() -> (mpsc::Sender<Bytes>, MockBody) {
+    let (tx, rx) = mpsc::channel(1);
+    (tx, ChannelBody { rx }.boxed())
+}
+
+struct ChannelBody {
+    rx: mpsc::Receiver<Bytes>,
+}
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// Reads a whole request body; `Err` if the stream broke off.
+pub async fn read_body(body: Incoming) -> Result<Bytes, String> {
+    body.collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| e.to_string())
+}

@@ -1,0 +1,220 @@
+//! Test support: a mock upstream, sluice in-process or as a process, clients.
+
+pub mod mock;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+pub use mock::{channel, full, json, read_body, Mock, MockBody};
+
+/// A sluice served in this process on 127.0.0.1:0; stops when dropped.
+pub struct Sidecar {
+    pub addr: SocketAddr,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Sidecar {
+    /// Starts sluice with `toml` (the `listen` key is ignored: the port is
+    /// chosen here). `env` answers `api_key_env` look-ups.
+    pub async fn start(toml: &str, env: &[(&str, &str)]) -> Sidecar {
+        let config = parse(toml, env).unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(sluice::run(config, listener, async {
+            let _ = stopped.await;
+        }));
+        Sidecar { addr, _stop: stop }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+}
+
+/// Parses a config as `sluice` would, with a fake environment.
+pub fn parse(toml: &str, env: &[(&str, &str)]) -> Result<sluice::Config, sluice::config::ConfigErrors> {
+    let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let lookup = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    sluice::Config::parse(toml, "test.toml", Path::new(env!("CARGO_MANIFEST_DIR")), &lookup)
+}
+
+/// A minimal config: one upstream `up` at `url` and one catch-all route.
+pub fn one_route(url: &str, upstream_extra: &str) -> String {
+    format!(
+        "[upstreams.up]\nurl = \"{url}\"\n{upstream_extra}\n\n[[routes]]\nname = \"all\"\nupstream = \"up\"\n"
+    )
+}
+
+pub type TestClient = Client<HttpConnector, Full<Bytes>>;
+
+/// An HTTP/1.1 client.
+pub fn client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// An h2c (prior knowledge) client.
+pub fn h2c_client() -> TestClient {
+    Client::builder(TokioExecutor::new()).http2_only(true).build_http()
+}
+
+/// Sends a request with a small body and returns the response, body unread.
+pub async fn send(client: &TestClient, req: Request<Full<Bytes>>) -> Response<Incoming> {
+    tokio::time::timeout(Duration::from_secs(20), client.request(req))
+        .await
+        .expect("response within 20 s")
+        .expect("request failed")
+}
+
+/// `GET url`, the whole response.
+pub async fn get(url: &str) -> (Response<()>, Bytes) {
+    let res = send(&client(), Request::get(url).body(Full::default()).unwrap()).await;
+    collect(res).await
+}
+
+/// Splits a response into its head and whole body.
+pub async fn collect(res: Response<Incoming>) -> (Response<()>, Bytes) {
+    let (parts, body) = res.into_parts();
+    let body = tokio::time::timeout(Duration::from_secs(60), body.collect())
+        .await
+        .expect("body within 60 s")
+        .expect("body complete")
+        .to_bytes();
+    (Response::from_parts(parts, ()), body)
+}
+
+/// Asserts sluice's own error: status, OpenAI-shaped body, x-sluice-error.
+pub fn assert_sluice_error(head: &Response<()>, body: &[u8], status: u16, code: &str) {
+    assert_eq!(head.status(), status, "body: {}", String::from_utf8_lossy(body));
+    assert_eq!(head.headers()["x-sluice-error"], code);
+    assert_eq!(head.headers()["content-type"], "application/json");
+    let v: serde_json::Value = serde_json::from_slice(body).expect("JSON error body");
+    assert_eq!(v["error"]["code"], code);
+    assert!(v["error"]["message"].as_str().unwrap().starts_with("sluice: "));
+    assert!(v["error"]["type"].is_string());
+    assert!(v["error"]["param"].is_null());
+}
+
+/// The `sluice` binary run as a child process with a config file in a
+/// temporary directory; its stderr is captured. Killed when dropped.
+pub struct Process {
+    pub addr: SocketAddr,
+    pub child: tokio::process::Child,
+    pub dir: tempfile::TempDir,
+    output: Arc<Mutex<String>>,
+}
+
+impl Process {
+    /// Writes `toml` (which must set `listen = "127.0.0.1:0"`) and starts sluice.
+    pub async fn start(toml: &str, env: &[(&str, &str)]) -> Process {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("sluice.toml"), toml).unwrap();
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .arg("--config")
+            .arg(dir.path().join("sluice.toml"))
+            .envs(env.iter().copied())
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let output = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut tx = Some(tx);
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let out = output.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(i) = line.find("listening on http") {
+                    let rest = &line[i..];
+                    let addr: Option<String> = rest.split("://").nth(1).map(|s| {
+                        s.chars().take_while(|c| c.is_ascii_alphanumeric() || ".:[]".contains(*c)).collect()
+                    });
+                    if let (Some(tx), Some(addr)) = (tx.take(), addr) {
+                        let _ = tx.send(addr);
+                    }
+                }
+                let mut o = out.lock().unwrap();
+                o.push_str(&line);
+                o.push('\n');
+            }
+        });
+        let mut stdout = child.stdout.take().unwrap();
+        let out = output.clone();
+        tokio::spawn(async move {
+            let mut s = String::new();
+            let _ = tokio::io::AsyncReadExt::read_to_string(&mut stdout, &mut s).await;
+            out.lock().unwrap().push_str(&s);
+        });
+        let addr = tokio::time::timeout(Duration::from_secs(20), rx)
+            .await
+            .unwrap_or_else(|_| panic!("sluice did not start:\n{}", output.lock().unwrap()))
+            .unwrap_or_else(|_| panic!("sluice exited:\n{}", output.lock().unwrap()));
+        Process {
+            addr: addr.parse().unwrap(),
+            child,
+            dir,
+            output,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Everything sluice wrote so far (stderr, then stdout once it closed).
+    pub fn output(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+
+    /// Resident memory in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.child.id().expect("running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// SIGTERM, then wait for exit; returns the exit code.
+    pub async fn stop(&mut self) -> Option<i32> {
+        let pid = self.child.id().expect("running");
+        let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .expect("sluice exits after SIGTERM")
+            .unwrap();
+        // Let the reader tasks drain the pipes.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        status.code()
+    }
+}
+
+/// Runs `sluice ARGS` to completion: (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(args)
+        .env_remove("SLUICE_CONFIG")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

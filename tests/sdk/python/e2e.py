@@ -1,0 +1,131 @@
+"""End-to-end check of the official `openai` Python SDK against sluice.
+
+Run by the Rust integration test after it has started a mock upstream and
+sluice. Everything comes from the environment:
+
+  SLUICE_BASE_URL           e.g. http://127.0.0.1:41234/v1  (routed to the mock)
+  SLUICE_UNROUTED_BASE_URL  e.g. http://127.0.0.1:41234/nothing-here/v1  (404)
+
+The client sends a placeholder key; the mock upstream only accepts the real
+key, so every successful call proves sluice injected the upstream key.
+
+Prints `ok <scenario>` per scenario and `all ok` at the end; exits non-zero on
+the first failure.
+"""
+
+import os
+import sys
+import traceback
+
+import openai
+
+CLIENT_KEY = "sk-client-placeholder"
+TIMEOUT_S = 20.0
+EXPECTED_TEXT = "Hello from the mock upstream."
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def env(name: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        raise SystemExit(f"FAIL: environment variable {name} is not set")
+    return value
+
+
+def make_client(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(
+        api_key=CLIENT_KEY,
+        base_url=base_url,
+        max_retries=0,
+        timeout=TIMEOUT_S,
+    )
+
+
+def check(cond: bool, what: str) -> None:
+    if not cond:
+        raise AssertionError(what)
+
+
+def chat_non_streaming(client: openai.OpenAI) -> None:
+    resp = client.chat.completions.create(model="mock-model", messages=MESSAGES)
+    content = resp.choices[0].message.content
+    check(content == EXPECTED_TEXT, f"content was {content!r}, expected {EXPECTED_TEXT!r}")
+    check(resp.model == "mock-model", f"model was {resp.model!r}, expected 'mock-model'")
+
+
+def chat_streaming(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(model="mock-model", messages=MESSAGES, stream=True)
+    parts = []
+    with stream:
+        for chunk in stream:
+            if not chunk.choices:
+                continue
+            piece = chunk.choices[0].delta.content
+            if piece:
+                parts.append(piece)
+    text = "".join(parts)
+    check(text == EXPECTED_TEXT, f"streamed text was {text!r}, expected {EXPECTED_TEXT!r}")
+    check(
+        len(parts) >= 5,
+        f"only {len(parts)} content-bearing chunks ({parts!r}); expected at least 5",
+    )
+
+
+def embeddings(client: openai.OpenAI) -> None:
+    # Ask for floats explicitly so the mock never has to produce base64.
+    resp = client.embeddings.create(model="mock-embed", input="hello", encoding_format="float")
+    vec = resp.data[0].embedding
+    check(vec == [0.25, -0.5, 0.125], f"embedding was {vec!r}, expected [0.25, -0.5, 0.125]")
+
+
+def models_list(client: openai.OpenAI) -> None:
+    ids = [m.id for m in client.models.list()]
+    check(ids == ["mock-model", "mock-embed"], f"model ids were {ids!r}")
+
+
+def unrouted_404(_client: openai.OpenAI) -> None:
+    unrouted = make_client(env("SLUICE_UNROUTED_BASE_URL"))
+    try:
+        unrouted.chat.completions.create(model="mock-model", messages=MESSAGES)
+    except openai.NotFoundError as err:
+        check(err.status_code == 404, f"status_code was {err.status_code!r}, expected 404")
+        check(
+            "no route matches" in err.message,
+            f"error message {err.message!r} does not contain 'no route matches'",
+        )
+        check(err.code == "route_not_found", f"error code was {err.code!r}, expected 'route_not_found'")
+    except openai.APIStatusError as err:
+        raise AssertionError(
+            f"expected NotFoundError, got {type(err).__name__} "
+            f"(status {err.status_code}): {err.message}"
+        ) from err
+    else:
+        raise AssertionError("expected NotFoundError, but the request succeeded")
+
+
+SCENARIOS = [
+    ("chat_non_streaming", chat_non_streaming),
+    ("chat_streaming", chat_streaming),
+    ("embeddings", embeddings),
+    ("models_list", models_list),
+    ("unrouted_404", unrouted_404),
+]
+
+
+def main() -> int:
+    print(f"openai python SDK {openai.__version__}", flush=True)
+    client = make_client(env("SLUICE_BASE_URL"))
+    for name, fn in SCENARIOS:
+        try:
+            fn(client)
+        except Exception as exc:  # noqa: BLE001 - report any failure and exit 1
+            print(f"FAIL {name}: {type(exc).__name__}: {exc}", flush=True)
+            traceback.print_exc()
+            return 1
+        print(f"ok {name}", flush=True)
+    print("all ok", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
