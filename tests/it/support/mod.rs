@@ -28,6 +28,14 @@ impl Sidecar {
     /// Starts sluice with `toml` (the `listen` key is ignored: the port is
     /// chosen here). `env` answers `api_key_env` look-ups.
     pub async fn start(toml: &str, env: &[(&str, &str)]) -> Sidecar {
+        // Logs show with a failing test's output (RUST_LOG=debug for more).
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "info".into()),
+            )
+            .with_test_writer()
+            .try_init();
         let config = parse(toml, env).unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
