@@ -88,7 +88,9 @@ impl RequestBody {
             while let Some(frame) = body.frame().await {
                 // A client that breaks its body off cannot get a useful answer.
                 let frame = frame.map_err(|_| ProxyError::BadRequest)?;
-                let Ok(data) = frame.into_data() else { continue };
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
                 seen += data.len() as u64;
                 if seen > limits.max_request_body {
                     return Err(ProxyError::RequestTooLarge);

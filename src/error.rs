@@ -99,7 +99,10 @@ impl ProxyError {
         let mut res = Response::new(self.body());
         *res.status_mut() = self.status();
         let h = res.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         h.insert("x-sluice-error", HeaderValue::from_static(self.code()));
         res
     }

@@ -43,7 +43,11 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     let opts = server::ServerOptions {
         header_read_timeout: config.server.header_read_timeout,
         shutdown_grace: config.server.shutdown_grace,
-        tls: config.server.tls.clone().map(tokio_rustls::TlsAcceptor::from),
+        tls: config
+            .server
+            .tls
+            .clone()
+            .map(tokio_rustls::TlsAcceptor::from),
     };
     let proxy = Arc::new(proxy::Proxy::new(&config));
     if let Ok(addr) = listener.local_addr() {

@@ -11,7 +11,12 @@ use sluice::Config;
 #[command(version, about)]
 struct Cli {
     /// Config file.
-    #[arg(long, global = true, env = "SLUICE_CONFIG", default_value = "sluice.toml")]
+    #[arg(
+        long,
+        global = true,
+        env = "SLUICE_CONFIG",
+        default_value = "sluice.toml"
+    )]
     config: PathBuf,
     #[command(subcommand)]
     command: Option<Command>,
@@ -38,7 +43,10 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     sluice::logging::init(&config.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("sluice: cannot start the runtime: {e}");

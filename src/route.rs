@@ -43,7 +43,8 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 /// becomes "/v1/x"; the bare prefix becomes "".
 pub fn forwarded_path<'a>(route: &Route, path: &'a str) -> &'a str {
     if route.strip_prefix {
-        path.strip_prefix(route.path_prefix.as_str()).unwrap_or(path)
+        path.strip_prefix(route.path_prefix.as_str())
+            .unwrap_or(path)
     } else {
         path
     }

@@ -45,7 +45,8 @@ pub async fn serve(
 ) {
     let mut h1 = http1::Builder::new();
     // Without a timer hyper silently ignores header_read_timeout.
-    h1.timer(TokioTimer::new()).header_read_timeout(opts.header_read_timeout);
+    h1.timer(TokioTimer::new())
+        .header_read_timeout(opts.header_read_timeout);
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new());
     let builders = Arc::new(Builders { h1, h2 });
@@ -70,10 +71,13 @@ pub async fn serve(
         tokio::spawn(async move {
             let res = match &opts.tls {
                 Some(acceptor) => {
-                    let tls = tokio::time::timeout(opts.header_read_timeout, acceptor.accept(stream))
-                        .await
-                        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))
-                        .and_then(|r| r);
+                    let tls =
+                        tokio::time::timeout(opts.header_read_timeout, acceptor.accept(stream))
+                            .await
+                            .map_err(|_| {
+                                io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
+                            })
+                            .and_then(|r| r);
                     match tls {
                         Ok(tls) => {
                             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
@@ -82,11 +86,13 @@ pub async fn serve(
                         Err(e) => Err(e.into()),
                     }
                 }
-                None => match tokio::time::timeout(opts.header_read_timeout, sniff_h2(&stream)).await {
-                    Ok(Ok(h2)) => serve_conn(stream, h2, &builders, proxy, watcher).await,
-                    Ok(Err(e)) => Err(e.into()),
-                    Err(_) => Err("no request within header_read_timeout".into()),
-                },
+                None => {
+                    match tokio::time::timeout(opts.header_read_timeout, sniff_h2(&stream)).await {
+                        Ok(Ok(h2)) => serve_conn(stream, h2, &builders, proxy, watcher).await,
+                        Ok(Err(e)) => Err(e.into()),
+                        Err(_) => Err("no request within header_read_timeout".into()),
+                    }
+                }
             };
             if let Err(e) = res {
                 tracing::debug!(%peer, "connection ended: {e}");

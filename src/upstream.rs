@@ -99,7 +99,8 @@ fn upstream_uri(uri: &Uri, route: &Route) -> Uri {
     let up = &route.upstream;
     let path = forwarded_path(route, uri.path());
     let query = uri.query();
-    let mut pq = String::with_capacity(up.base_path.len() + path.len() + 2 + query.map_or(0, str::len));
+    let mut pq =
+        String::with_capacity(up.base_path.len() + path.len() + 2 + query.map_or(0, str::len));
     pq.push_str(&up.base_path);
     pq.push_str(path);
     if pq.is_empty() {
@@ -159,7 +160,10 @@ pub fn classify(err: &hyper_util::client::legacy::Error, upstream: &str) -> Prox
         tracing::warn!(upstream, "upstream connect failed: {chain}");
         ProxyError::ConnectFailed
     } else {
-        tracing::warn!(upstream, "upstream closed the connection before a response: {chain}");
+        tracing::warn!(
+            upstream,
+            "upstream closed the connection before a response: {chain}"
+        );
         ProxyError::UpstreamReset
     }
 }
@@ -172,7 +176,10 @@ fn find_cause<'a, T: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> O
         if let Some(t) = e.downcast_ref::<T>() {
             return Some(t);
         }
-        if let Some(inner) = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+        if let Some(inner) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
             if let Some(t) = inner.downcast_ref::<T>() {
                 return Some(t);
             }

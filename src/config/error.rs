@@ -127,7 +127,9 @@ fn span_of_path(root: &DeTable<'_>, root_span: Range<usize>, path: &str) -> Opti
 
 /// `routes[2].retry.attempts` -> ["routes", "2", "retry", "attempts"].
 fn path_segments(path: &str) -> Vec<&str> {
-    path.split(['.', '[', ']']).filter(|s| !s.is_empty()).collect()
+    path.split(['.', '[', ']'])
+        .filter(|s| !s.is_empty())
+        .collect()
 }
 
 #[cfg(test)]

@@ -42,7 +42,10 @@ pub fn resolve(
         }
     }
     if raw.upstreams.is_empty() {
-        problems.push(Problem::at("upstreams", "no [upstreams.NAME] table is defined"));
+        problems.push(Problem::at(
+            "upstreams",
+            "no [upstreams.NAME] table is defined",
+        ));
     }
     let routes = routes(&raw.routes, &raw.upstreams, &upstreams, &mut problems);
     match (server, problems.is_empty()) {
@@ -66,10 +69,16 @@ fn server(raw: &RawServer, base: &Path, problems: &mut Vec<Problem>) -> Option<S
         a => socket_addr("server.admin_listen", a, problems).map(Some),
     };
     if raw.max_request_body.0 == 0 {
-        problems.push(Problem::at("server.max_request_body", "must be greater than 0"));
+        problems.push(Problem::at(
+            "server.max_request_body",
+            "must be greater than 0",
+        ));
     }
     if raw.header_read_timeout.0.is_zero() {
-        problems.push(Problem::at("server.header_read_timeout", "must be greater than 0"));
+        problems.push(Problem::at(
+            "server.header_read_timeout",
+            "must be greater than 0",
+        ));
     }
     let tls = match &raw.tls {
         None => Some(None),
@@ -138,8 +147,8 @@ fn upstream(
         problems.push(Problem::at(at("connect_timeout"), "must be greater than 0"));
     }
     let ca = (!raw.ca_file.is_empty()).then(|| file(base, &raw.ca_file));
-    let tls = tls::client_config(ca.as_deref())
-        .map_err(|m| problems.push(Problem::at(at("ca_file"), m)));
+    let tls =
+        tls::client_config(ca.as_deref()).map_err(|m| problems.push(Problem::at(at("ca_file"), m)));
     let (scheme, authority, base_path) = url.ok()?;
     if problems.len() > before {
         return None;
@@ -168,7 +177,9 @@ fn parse_url(url: &str) -> Result<(Scheme, Authority, String), String> {
     };
     let authority = uri.authority().cloned().ok_or_else(|| bad("no host"))?;
     if authority.as_str().contains('@') {
-        return Err(bad("credentials in the url are not supported; use api_key_env"));
+        return Err(bad(
+            "credentials in the url are not supported; use api_key_env",
+        ));
     }
     if uri.query().is_some() {
         return Err(bad("a query string is not allowed in an upstream url"));
@@ -221,7 +232,9 @@ fn api_key(
     }
     let (header, value) = match raw.auth {
         AuthScheme::None => {
-            let m = format!("auth = \"none\" sends no key, but {source} names one; remove it or set auth");
+            let m = format!(
+                "auth = \"none\" sends no key, but {source} names one; remove it or set auth"
+            );
             return fail(problems, m);
         }
         AuthScheme::Bearer => (http::header::AUTHORIZATION, format!("Bearer {secret}")),
@@ -244,7 +257,9 @@ fn extra_header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), St
     let n = HeaderName::from_bytes(name.as_bytes())
         .map_err(|_| format!(r#""{name}" is not a valid header name"#))?;
     if RESERVED_HEADERS.contains(&n.as_str()) {
-        return Err(format!(r#""{name}" is set by sluice or the connection; it cannot be configured"#));
+        return Err(format!(
+            r#""{name}" is set by sluice or the connection; it cannot be configured"#
+        ));
     }
     let v = HeaderValue::from_str(value)
         .map_err(|_| format!(r#"the value of "{name}" is not a valid header value"#))?;
@@ -267,7 +282,10 @@ fn routes(
         if r.name.trim().is_empty() {
             problems.push(Problem::at(at("name"), "must not be empty"));
         } else if !names.insert(r.name.as_str()) {
-            problems.push(Problem::at(at("name"), format!(r#"duplicate route name "{}""#, r.name)));
+            problems.push(Problem::at(
+                at("name"),
+                format!(r#"duplicate route name "{}""#, r.name),
+            ));
         }
         if !r.path_prefix.starts_with('/') {
             problems.push(Problem::at(at("path_prefix"), r#"must start with "/""#));
@@ -289,7 +307,11 @@ fn routes(
                     let known: Vec<&str> = raw_upstreams.keys().map(String::as_str).collect();
                     problems.push(Problem::at(
                         at("upstream"),
-                        format!(r#"unknown upstream "{}" (defined: {})"#, r.upstream, known.join(", ")),
+                        format!(
+                            r#"unknown upstream "{}" (defined: {})"#,
+                            r.upstream,
+                            known.join(", ")
+                        ),
                     ));
                 }
                 continue;

@@ -81,7 +81,10 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|e| format!("{}: cannot read PEM certificates: {e}", path.display()))?;
     if certs.is_empty() {
-        return Err(format!("{}: no PEM certificate in this file", path.display()));
+        return Err(format!(
+            "{}: no PEM certificate in this file",
+            path.display()
+        ));
     }
     Ok(certs)
 }

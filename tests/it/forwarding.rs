@@ -1,6 +1,8 @@
 //! Forwarding: method, path, query, base path, hop-by-hop headers, Host,
 //! no X-Forwarded-*, key injection, extra headers, x-request-id, h2c, 502.
 
+use std::time::{Duration, Instant};
+
 use http::{Method, Request};
 use http_body_util::Full;
 
@@ -26,7 +28,13 @@ async fn ok_mock() -> Mock {
 async fn method_path_query_and_base_path_pass_through() {
     let mock = ok_mock().await;
     let proxy = Sidecar::start(&one_route(&format!("{}/openai/", mock.url()), ""), &[]).await;
-    for method in [Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::PATCH] {
+    for method in [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::PATCH,
+    ] {
         let req = Request::builder()
             .method(method.clone())
             .uri(proxy.url("/v1/files/a%20b?purpose=fine-tune&x=%2F"))
@@ -44,10 +52,8 @@ async fn method_path_query_and_base_path_pass_through() {
 #[tokio::test]
 async fn headers_are_cleaned_host_rewritten_and_key_injected() {
     let mock = ok_mock().await;
-    let extra = format!(
-        "api_key_env = \"UP_KEY\"\nheaders = {{ \"OpenAI-Organization\" = \"org-1\", \"x-client-thing\" = \"configured\" }}"
-    );
-    let proxy = Sidecar::start(&one_route(&mock.url(), &extra), &[("UP_KEY", KEY)]).await;
+    let extra = "api_key_env = \"UP_KEY\"\nheaders = { \"OpenAI-Organization\" = \"org-1\", \"x-client-thing\" = \"configured\" }";
+    let proxy = Sidecar::start(&one_route(&mock.url(), extra), &[("UP_KEY", KEY)]).await;
     // `Connection: authorization` must not remove the injected key, and the
     // headers it names must not be forwarded.
     let req = Request::post(proxy.url("/v1/chat/completions"))
@@ -74,7 +80,14 @@ async fn headers_are_cleaned_host_rewritten_and_key_injected() {
     assert_eq!(h.get_all("authorization").iter().count(), 1);
     assert!(!h.contains_key("api-key") && !h.contains_key("x-api-key"));
     assert_eq!(h["host"], mock.addr.to_string());
-    for gone in ["x-secret-hop", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"] {
+    for gone in [
+        "x-secret-hop",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+    ] {
         assert!(!h.contains_key(gone), "{gone} was forwarded");
     }
     for name in h.keys() {
@@ -109,7 +122,10 @@ async fn each_auth_scheme_sets_its_header() {
         collect(send(&client(), req).await).await;
         let h = mock.seen().pop().unwrap().headers;
         assert_eq!(h[header], value.as_str(), "auth = {auth}");
-        for other in ["authorization", "api-key", "x-api-key"].iter().filter(|o| **o != header) {
+        for other in ["authorization", "api-key", "x-api-key"]
+            .iter()
+            .filter(|o| **o != header)
+        {
             assert!(!h.contains_key(*other), "auth = {auth} left {other}");
         }
     }
@@ -123,8 +139,20 @@ async fn key_from_file_is_trimmed_and_injected() {
     std::fs::write(&path, format!("{KEY}\n")).unwrap();
     let extra = format!("api_key_file = \"{}\"", path.display());
     let proxy = Sidecar::start(&one_route(&mock.url(), &extra), &[]).await;
-    collect(send(&client(), Request::get(proxy.url("/v1/models")).body(Full::default()).unwrap()).await).await;
-    assert_eq!(mock.seen()[0].headers["authorization"], format!("Bearer {KEY}"));
+    collect(
+        send(
+            &client(),
+            Request::get(proxy.url("/v1/models"))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(
+        mock.seen()[0].headers["authorization"],
+        format!("Bearer {KEY}")
+    );
 }
 
 #[tokio::test]
@@ -184,10 +212,44 @@ async fn h2c_clients_are_served() {
 #[tokio::test]
 async fn connection_refused_is_502_upstream_unavailable() {
     // Bind then drop: nothing listens on this port any more.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let proxy = Sidecar::start(&one_route(&format!("http://127.0.0.1:{port}"), ""), &[]).await;
     let (head, body) = get(&proxy.url("/v1/models")).await;
     assert_sluice_error(&head, &body, 502, "upstream_unavailable");
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert!(v["error"]["message"].as_str().unwrap().contains("could not connect"));
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("could not connect"));
+}
+
+#[tokio::test]
+async fn a_hanging_connect_is_cut_by_connect_timeout() {
+    // A listener that never accepts, with its backlog full: the kernel drops
+    // further SYNs, so a connect hangs until the client gives up.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    loop {
+        let attempt = tokio::time::timeout(Duration::from_millis(300), tokio::net::TcpStream::connect(addr)).await;
+        match attempt {
+            Ok(Ok(s)) => fillers.push(s),
+            _ => break,
+        }
+        assert!(fillers.len() < 64, "backlog never filled");
+    }
+    let extra = "connect_timeout = \"500ms\"";
+    let proxy = Sidecar::start(&one_route(&format!("http://{addr}"), extra), &[]).await;
+    let started = Instant::now();
+    let (head, body) = get(&proxy.url("/v1/models")).await;
+    assert_sluice_error(&head, &body, 502, "upstream_unavailable");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(400) && took < Duration::from_secs(5), "took {took:?}");
+    drop(listener);
 }

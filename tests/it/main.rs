@@ -1,6 +1,9 @@
 //! All integration tests in one binary (one link, shared support code).
 
-mod support;
+mod config_cli;
 mod forwarding;
+mod logging;
 mod routing;
+mod sdk;
 mod streaming;
+mod support;

@@ -55,7 +55,13 @@ async fn first_event_reaches_the_client_before_the_upstream_writes_the_second() 
     })
     .await;
     let proxy = Sidecar::start(&one_route(&mock.url(), ""), &[]).await;
-    let res = send(&client(), Request::get(proxy.url("/v1/stream")).body(Full::default()).unwrap()).await;
+    let res = send(
+        &client(),
+        Request::get(proxy.url("/v1/stream"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
     assert_eq!(res.headers()["content-type"], "text/event-stream");
     let mut body = res.into_body();
     assert_eq!(&next_frame(&mut body).await[..], b"data: one\n\n");
@@ -72,17 +78,27 @@ async fn events_300ms_apart_arrive_as_they_are_written() {
         async move {
             let (tx, body) = channel();
             tokio::spawn(async move {
-                tx.send(Bytes::from_static(b"data: {\"n\":1}\n\n")).await.unwrap();
+                tx.send(Bytes::from_static(b"data: {\"n\":1}\n\n"))
+                    .await
+                    .unwrap();
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 let _ = sent_tx.unwrap().send(Instant::now());
-                tx.send(Bytes::from_static(b"data: {\"n\":2}\n\n")).await.unwrap();
+                tx.send(Bytes::from_static(b"data: {\"n\":2}\n\n"))
+                    .await
+                    .unwrap();
             });
             sse(body)
         }
     })
     .await;
     let proxy = Sidecar::start(&one_route(&mock.url(), ""), &[]).await;
-    let res = send(&client(), Request::get(proxy.url("/v1/stream")).body(Full::default()).unwrap()).await;
+    let res = send(
+        &client(),
+        Request::get(proxy.url("/v1/stream"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
     let mut body = res.into_body();
     next_frame(&mut body).await;
     let first_received = Instant::now();
@@ -105,7 +121,10 @@ struct Repeat {
 impl Body for Repeat {
     type Data = Bytes;
     type Error = BoxError;
-    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if self.remaining == 0 {
             return Poll::Ready(None);
         }
@@ -124,24 +143,43 @@ use crate::support::mock::BoxError;
 async fn a_gigabyte_passes_through_in_flat_memory() {
     const GIB: u64 = 1 << 30;
     let mock = Mock::start(|req| async move {
-        let len = if req.uri().path() == "/big" { GIB } else { 1 << 20 };
-        let body = Repeat { chunk: Bytes::from(vec![b'x'; 64 << 10]), remaining: len };
+        let len = if req.uri().path() == "/big" {
+            GIB
+        } else {
+            1 << 20
+        };
+        let body = Repeat {
+            chunk: Bytes::from(vec![b'x'; 64 << 10]),
+            remaining: len,
+        };
         Response::new(body.boxed())
     })
     .await;
-    let toml = format!("[server]\nlisten = \"127.0.0.1:0\"\n{}", one_route(&mock.url(), ""));
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{}",
+        one_route(&mock.url(), "")
+    );
     let proxy = Process::start(&toml, &[]).await;
     // Warm up pools and allocator before taking the baseline.
     let (_, warm) = get(&proxy.url("/warm")).await;
     assert_eq!(warm.len(), 1 << 20);
     let baseline = proxy.rss_kib();
 
-    let res = send(&client(), Request::get(proxy.url("/big")).body(Full::default()).unwrap()).await;
+    let res = send(
+        &client(),
+        Request::get(proxy.url("/big"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
     let mut body = res.into_body();
     let (mut total, mut peak) = (0u64, baseline);
     let mut last_sample = Instant::now();
     while let Some(frame) = body.frame().await {
-        total += frame.expect("body intact").data_ref().map_or(0, |d| d.len() as u64);
+        total += frame
+            .expect("body intact")
+            .data_ref()
+            .map_or(0, |d| d.len() as u64);
         if last_sample.elapsed() > Duration::from_millis(50) {
             peak = peak.max(proxy.rss_kib());
             last_sample = Instant::now();
@@ -150,8 +188,14 @@ async fn a_gigabyte_passes_through_in_flat_memory() {
     peak = peak.max(proxy.rss_kib());
     assert_eq!(total, GIB);
     let growth_mib = (peak - baseline) / 1024;
-    eprintln!("RSS baseline {} KiB, peak {} KiB, growth {} MiB", baseline, peak, growth_mib);
-    assert!(growth_mib < 32, "RSS grew by {growth_mib} MiB for a 1 GiB body");
+    eprintln!(
+        "RSS baseline {} KiB, peak {} KiB, growth {} MiB",
+        baseline, peak, growth_mib
+    );
+    assert!(
+        growth_mib < 32,
+        "RSS grew by {growth_mib} MiB for a 1 GiB body"
+    );
 }
 
 /// An SSE upstream that writes an event every 50 ms until its body is
@@ -188,19 +232,30 @@ async fn http1_client_disconnect_closes_the_upstream_within_a_second() {
     let (mock, mut closed) = endless_stream().await;
     let proxy = Sidecar::start(&one_route(&mock.url(), ""), &[]).await;
     let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    conn.write_all(b"GET /v1/stream HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    conn.write_all(b"GET /v1/stream HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut buf = vec![0u8; 4096];
     let mut got = Vec::new();
     while !String::from_utf8_lossy(&got).contains("\"n\":1") {
-        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf)).await.unwrap().unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
         assert!(n > 0, "stream ended early");
         got.extend_from_slice(&buf[..n]);
     }
     drop(conn);
     let left = Instant::now();
-    let closed_at = tokio::time::timeout(Duration::from_secs(5), closed.recv()).await.expect("upstream saw the close").unwrap();
+    let closed_at = tokio::time::timeout(Duration::from_secs(5), closed.recv())
+        .await
+        .expect("upstream saw the close")
+        .unwrap();
     let took = closed_at.saturating_duration_since(left);
-    assert!(took < Duration::from_secs(1), "upstream kept streaming for {took:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "upstream kept streaming for {took:?}"
+    );
 }
 
 #[tokio::test]
@@ -208,14 +263,26 @@ async fn h2_stream_reset_closes_the_upstream_within_a_second() {
     let (mock, mut closed) = endless_stream().await;
     let proxy = Sidecar::start(&one_route(&mock.url(), ""), &[]).await;
     let client = h2c_client();
-    let res = send(&client, Request::get(proxy.url("/v1/stream")).body(Full::default()).unwrap()).await;
+    let res = send(
+        &client,
+        Request::get(proxy.url("/v1/stream"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
     let mut body = res.into_body();
     next_frame(&mut body).await;
     next_frame(&mut body).await;
     // Dropping an h2 body resets the stream; the connection stays open.
     drop(body);
     let left = Instant::now();
-    let closed_at = tokio::time::timeout(Duration::from_secs(5), closed.recv()).await.expect("upstream saw the cancel").unwrap();
+    let closed_at = tokio::time::timeout(Duration::from_secs(5), closed.recv())
+        .await
+        .expect("upstream saw the cancel")
+        .unwrap();
     let took = closed_at.saturating_duration_since(left);
-    assert!(took < Duration::from_secs(1), "upstream kept streaming for {took:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "upstream kept streaming for {took:?}"
+    );
 }

@@ -94,7 +94,9 @@ impl Mock {
                     let builder = auto::Builder::new(TokioExecutor::new());
                     match tls {
                         Some(acceptor) => {
-                            let Ok(s) = acceptor.accept(stream).await else { return };
+                            let Ok(s) = acceptor.accept(stream).await else {
+                                return;
+                            };
                             let _ = builder.serve_connection(TokioIo::new(s), svc).await;
                         }
                         None => {
@@ -123,7 +125,9 @@ impl Mock {
 
 /// A whole body.
 pub fn full(data: impl Into<Bytes>) -> MockBody {
-    Full::new(data.into()).map_err(|e: Infallible| match e {}).boxed()
+    Full::new(data.into())
+        .map_err(|e: Infallible| match e {})
+        .boxed()
 }
 
 /// A 200 response with a JSON body.

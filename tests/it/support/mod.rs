@@ -1,6 +1,7 @@
 //! Test support: a mock upstream, sluice in-process or as a process, clients.
 
 pub mod mock;
+pub mod openai;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -52,10 +53,21 @@ impl Sidecar {
 }
 
 /// Parses a config as `sluice` would, with a fake environment.
-pub fn parse(toml: &str, env: &[(&str, &str)]) -> Result<sluice::Config, sluice::config::ConfigErrors> {
-    let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+pub fn parse(
+    toml: &str,
+    env: &[(&str, &str)],
+) -> Result<sluice::Config, sluice::config::ConfigErrors> {
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let lookup = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
-    sluice::Config::parse(toml, "test.toml", Path::new(env!("CARGO_MANIFEST_DIR")), &lookup)
+    sluice::Config::parse(
+        toml,
+        "test.toml",
+        Path::new(env!("CARGO_MANIFEST_DIR")),
+        &lookup,
+    )
 }
 
 /// A minimal config: one upstream `up` at `url` and one catch-all route.
@@ -74,7 +86,9 @@ pub fn client() -> TestClient {
 
 /// An h2c (prior knowledge) client.
 pub fn h2c_client() -> TestClient {
-    Client::builder(TokioExecutor::new()).http2_only(true).build_http()
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
 }
 
 /// Sends a request with a small body and returns the response, body unread.
@@ -104,12 +118,20 @@ pub async fn collect(res: Response<Incoming>) -> (Response<()>, Bytes) {
 
 /// Asserts sluice's own error: status, OpenAI-shaped body, x-sluice-error.
 pub fn assert_sluice_error(head: &Response<()>, body: &[u8], status: u16, code: &str) {
-    assert_eq!(head.status(), status, "body: {}", String::from_utf8_lossy(body));
+    assert_eq!(
+        head.status(),
+        status,
+        "body: {}",
+        String::from_utf8_lossy(body)
+    );
     assert_eq!(head.headers()["x-sluice-error"], code);
     assert_eq!(head.headers()["content-type"], "application/json");
     let v: serde_json::Value = serde_json::from_slice(body).expect("JSON error body");
     assert_eq!(v["error"]["code"], code);
-    assert!(v["error"]["message"].as_str().unwrap().starts_with("sluice: "));
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("sluice: "));
     assert!(v["error"]["type"].is_string());
     assert!(v["error"]["param"].is_null());
 }
@@ -119,7 +141,7 @@ pub fn assert_sluice_error(head: &Response<()>, body: &[u8], status: u16, code: 
 pub struct Process {
     pub addr: SocketAddr,
     pub child: tokio::process::Child,
-    pub dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
     output: Arc<Mutex<String>>,
 }
 
@@ -131,8 +153,8 @@ impl Process {
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
             .arg("--config")
             .arg(dir.path().join("sluice.toml"))
-            .envs(env.iter().copied())
             .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -148,7 +170,9 @@ impl Process {
                 if let Some(i) = line.find("listening on http") {
                     let rest = &line[i..];
                     let addr: Option<String> = rest.split("://").nth(1).map(|s| {
-                        s.chars().take_while(|c| c.is_ascii_alphanumeric() || ".:[]".contains(*c)).collect()
+                        s.chars()
+                            .take_while(|c| c.is_ascii_alphanumeric() || ".:[]".contains(*c))
+                            .collect()
                     });
                     if let (Some(tx), Some(addr)) = (tx.take(), addr) {
                         let _ = tx.send(addr);
@@ -173,7 +197,7 @@ impl Process {
         Process {
             addr: addr.parse().unwrap(),
             child,
-            dir,
+            _dir: dir,
             output,
         }
     }
@@ -201,7 +225,10 @@ impl Process {
     /// SIGTERM, then wait for exit; returns the exit code.
     pub async fn stop(&mut self) -> Option<i32> {
         let pid = self.child.id().expect("running");
-        let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
         let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
             .await
             .expect("sluice exits after SIGTERM")

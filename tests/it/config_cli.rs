@@ -1,0 +1,284 @@
+//! `sluice check` and config errors: exit codes, file:line:column, key
+//! paths, every error listed, secrets never printed.
+
+use crate::support::*;
+
+/// Writes `toml` to a temp file and runs `sluice check` on it.
+fn check(toml: &str, env: &[(&str, &str)]) -> (i32, String, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.toml");
+    std::fs::write(&path, toml).unwrap();
+    let p = path.to_str().unwrap().to_owned();
+    let (code, out, err) = run_cli(&["check", "--config", &p], env);
+    (code, out, err, p)
+}
+
+#[test]
+fn the_example_config_passes_check() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml");
+    let (code, out, err) = run_cli(
+        &["check", "--config", example],
+        &[("OPENAI_API_KEY", "sk-x")],
+    );
+    assert_eq!((code, out.trim()), (0, "ok"), "stderr: {err}");
+}
+
+#[test]
+fn the_example_config_documents_every_key() {
+    // Every key of the resolved sections appears (active or commented) with a comment.
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"))
+        .unwrap();
+    for key in [
+        "listen",
+        "admin_listen",
+        "max_request_body",
+        "retry_buffer",
+        "header_read_timeout",
+        "shutdown_grace",
+        "tls",
+        "level",
+        "format",
+        "url",
+        "api_key_env",
+        "api_key_file",
+        "auth",
+        "headers",
+        "connect_timeout",
+        "ca_file",
+        "name",
+        "path_prefix",
+        "methods",
+        "strip_prefix",
+        "upstream",
+    ] {
+        let line = text
+            .lines()
+            .find(|l| {
+                l.trim_start()
+                    .trim_start_matches("# ")
+                    .starts_with(&format!("{key} ="))
+            })
+            .unwrap_or_else(|| panic!("config.example.toml lacks {key}"));
+        assert!(line.contains(" # "), "{key} has no comment: {line}");
+    }
+}
+
+#[test]
+fn config_is_found_through_sluice_config_env() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.toml");
+    std::fs::write(&path, one_route("http://127.0.0.1:1", "")).unwrap();
+    let (code, out, _) = run_cli(&["check"], &[("SLUICE_CONFIG", path.to_str().unwrap())]);
+    assert_eq!((code, out.trim()), (0, "ok"));
+}
+
+#[test]
+fn unknown_key_names_file_line_column_and_path() {
+    let toml = format!(
+        "{}\n[[routes]]\nname = \"b\"\nupstream = \"up\"\nretry_attempts = 3\n",
+        one_route("http://h", "")
+    );
+    let (code, out, err, file) = check(&toml, &[]);
+    assert_eq!(code, 1);
+    assert!(out.is_empty());
+    assert!(
+        err.contains(&format!(
+            "{file}:12:1: routes[1].retry_attempts: unknown field `retry_attempts`"
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_upstream_is_named_with_the_known_ones() {
+    let toml = "[upstreams.openai]\nurl = \"https://api.openai.com\"\n\n[[routes]]\nname = \"r\"\nupstream = \"opneai\"\n";
+    let (code, _, err, file) = check(toml, &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!(
+            "{file}:6:12: routes[0].upstream: unknown upstream \"opneai\" (defined: openai)"
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_key_variable_is_named() {
+    let (code, _, err, file) = check(
+        &one_route("http://h", "api_key_env = \"SLUICE_TEST_NO_SUCH_VAR\""),
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains(&format!("{file}:3:15: upstreams.up.api_key_env: environment variable SLUICE_TEST_NO_SUCH_VAR is not set")), "{err}");
+}
+
+#[test]
+fn bad_duration_and_bad_size_are_located() {
+    let (code, _, err, file) = check(
+        &format!(
+            "[server]\nshutdown_grace = \"30 secs please\"\n{}",
+            one_route("http://h", "")
+        ),
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!(
+            "{file}:2:18: server.shutdown_grace: invalid duration \"30 secs please\""
+        )),
+        "{err}"
+    );
+
+    let (code, _, err, file) = check(
+        &format!(
+            "[server]\nmax_request_body = \"32 MegaBytes\"\n{}",
+            one_route("http://h", "")
+        ),
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!(
+            "{file}:2:20: server.max_request_body: invalid size \"32 MegaBytes\""
+        )),
+        "{err}"
+    );
+
+    let (code, _, err, _) = check("[upstreams.up]\nurl = \"http://h\"\nconnect_timeout = 10\n[[routes]]\nname = \"r\"\nupstream = \"up\"\n", &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains(":3:19: upstreams.up.connect_timeout: invalid type: integer `10`, expected a duration string"), "{err}");
+}
+
+#[test]
+fn sizes_and_durations_accept_their_documented_forms() {
+    let toml = format!(
+        "[server]\nmax_request_body = 1048576\nretry_buffer = \"512KiB\"\nheader_read_timeout = \"250ms\"\nshutdown_grace = \"5m\"\n{}",
+        one_route("http://h", "")
+    );
+    let c = parse(&toml, &[]).unwrap();
+    assert_eq!(c.server.max_request_body, 1 << 20);
+    assert_eq!(c.server.retry_buffer, 512 << 10);
+    assert_eq!(
+        c.server.header_read_timeout,
+        std::time::Duration::from_millis(250)
+    );
+    assert_eq!(c.server.shutdown_grace, std::time::Duration::from_secs(300));
+    let c = parse(
+        &format!(
+            "[server]\nmax_request_body = \"32MiB\"\n{}",
+            one_route("http://h", "")
+        ),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.server.max_request_body, 32 << 20);
+}
+
+#[test]
+fn every_semantic_error_is_listed() {
+    let toml = r#"
+[server]
+listen = "localhost"
+
+[upstreams.a]
+url = "ftp://example.com"
+api_key_env = "K"
+api_key_file = "/k"
+
+[[routes]]
+name = "r"
+path_prefix = "v1"
+methods = ["GE T"]
+upstream = "b"
+
+[[routes]]
+name = "r"
+upstream = "a"
+"#;
+    let (code, _, err, _) = check(toml, &[]);
+    assert_eq!(code, 1);
+    for expected in [
+        ":3:10: server.listen: invalid address",
+        ":6:7: upstreams.a.url: invalid url \"ftp://example.com\"",
+        ":8:16: upstreams.a.api_key_file: set api_key_env or api_key_file, not both",
+        ":12:15: routes[0].path_prefix: must start with \"/\"",
+        ":13:12: routes[0].methods[0]: \"GE T\" is not an HTTP method",
+        ":14:12: routes[0].upstream: unknown upstream \"b\"",
+        ":17:8: routes[1].name: duplicate route name \"r\"",
+        "sluice: 7 error(s) in the config",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
+}
+
+#[test]
+fn syntax_errors_and_missing_files_exit_1() {
+    let (code, _, err, file) = check("[upstreams.a\nurl = 1\n", &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains(&format!("{file}:1:13:")), "{err}");
+
+    let (code, _, err) = run_cli(&["check", "--config", "/nonexistent/sluice.toml"], &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("/nonexistent/sluice.toml: cannot read config"),
+        "{err}"
+    );
+
+    let (code, _, err, _) = check("", &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("no [upstreams.NAME] table") && err.contains("no [[routes]] entry"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_key_value_never_appears_in_errors() {
+    // The key is present; other problems, including one about the key, are reported.
+    let secret = "sk-live-DO-NOT-PRINT-0123456789";
+    let toml = "[upstreams.a]\nurl = \"http://h\"\napi_key_env = \"K\"\nauth = \"none\"\n[upstreams.b]\nurl = \"http://h\"\napi_key_env = \"K2\"\n[[routes]]\nname = \"r\"\nupstream = \"zz\"\n";
+    let (code, out, err, _) = check(toml, &[("K", secret), ("K2", "bad\u{1}key-DO-NOT-PRINT")]);
+    assert_eq!(code, 1);
+    assert!(err.contains("auth = \"none\" sends no key"), "{err}");
+    assert!(
+        err.contains("has characters not allowed in an HTTP header"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("DO-NOT-PRINT") && !out.contains("DO-NOT-PRINT"),
+        "{err}"
+    );
+    // Nor in the config's Debug form (panics and debug logs print it).
+    let c = parse(
+        &one_route("http://h", "api_key_env = \"K\""),
+        &[("K", secret)],
+    )
+    .unwrap();
+    assert!(!format!("{c:?}").contains(secret));
+}
+
+#[test]
+fn reserved_or_invalid_extra_headers_are_rejected() {
+    for (h, why) in [
+        ("Host", "cannot be configured"),
+        ("transfer-encoding", "cannot be configured"),
+        ("bad header", "not a valid header name"),
+    ] {
+        let toml = one_route("http://h", &format!("headers = {{ \"{h}\" = \"v\" }}"));
+        let err = parse(&toml, &[]).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("upstreams.up.headers.{h}")) && err.contains(why),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn version_and_help() {
+    let (code, out, _) = run_cli(&["--version"], &[]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("sluice "));
+    let (code, out, _) = run_cli(&["--help"], &[]);
+    assert_eq!(code, 0);
+    assert!(out.contains("check") && out.contains("--config"));
+}

@@ -1,0 +1,179 @@
+//! Logs: one access line per request with the SPEC's fields, the request id
+//! on every line of the request, text and JSON, RUST_LOG override, and no
+//! provider key in any output even at trace level.
+
+use http::Request;
+use http_body_util::Full;
+
+use crate::support::*;
+
+const KEY: &str = "sk-live-SECRET-never-log-4f2a9c";
+
+fn config(mock: &str, log: &str) -> String {
+    let routes = one_route(mock, "api_key_env = \"UP_KEY\"");
+    format!("[server]\nlisten = \"127.0.0.1:0\"\n[log]\n{log}\n{routes}")
+}
+
+async fn request(proxy: &Process, path: &str, id: &str) -> u16 {
+    let req = Request::post(proxy.url(path))
+        .header("x-request-id", id)
+        .header("authorization", "Bearer sk-client-placeholder")
+        .body(Full::from(r#"{"model":"m"}"#))
+        .unwrap();
+    collect(send(&client(), req).await)
+        .await
+        .0
+        .status()
+        .as_u16()
+}
+
+fn lines_with<'a>(out: &'a str, needle: &str) -> Vec<&'a str> {
+    out.lines().filter(|l| l.contains(needle)).collect()
+}
+
+#[tokio::test]
+async fn text_access_line_has_every_field_once_per_request() {
+    let mock = Mock::start(|_| async { json(200, r#"{"ok":true}"#) }).await;
+    let mut proxy = Process::start(&config(&mock.url(), ""), &[("UP_KEY", KEY)]).await;
+    assert_eq!(
+        request(&proxy, "/v1/chat/completions?x=secret-query", "req-text-1").await,
+        200
+    );
+    proxy.stop().await;
+    let out = proxy.output();
+    let lines = lines_with(&out, "req-text-1");
+    assert_eq!(lines.len(), 1, "{out}");
+    let line = lines[0];
+    for field in [
+        " INFO ",
+        "id=\"req-text-1\"",
+        "method=POST",
+        "path=\"/v1/chat/completions\"",
+        "route=\"all\"",
+        "upstream=\"up\"",
+        "status=200",
+        "attempts=1",
+        "duration_ms=",
+        "ttfb_ms=",
+        "bytes_out=11",
+        "body=\"complete\"",
+    ] {
+        assert!(line.contains(field), "{field} missing from: {line}");
+    }
+    // Query strings can carry secrets; they are not logged.
+    assert!(!out.contains("secret-query"), "{out}");
+}
+
+#[tokio::test]
+async fn request_id_is_on_every_line_of_the_request() {
+    // Nothing listens at this port: the request logs a warning and the access line.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut proxy = Process::start(
+        &config(&format!("http://127.0.0.1:{port}"), ""),
+        &[("UP_KEY", KEY)],
+    )
+    .await;
+    assert_eq!(request(&proxy, "/v1/models", "req-502").await, 502);
+    proxy.stop().await;
+    let out = proxy.output();
+    let lines = lines_with(&out, "req-502");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(" WARN ") && l.contains("upstream connect failed")),
+        "{out}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("status=502") && l.contains("error=\"upstream_unavailable\"")),
+        "{out}"
+    );
+    // Every line about this request carries its id.
+    assert_eq!(
+        lines_with(&out, "upstream connect failed").len(),
+        lines
+            .iter()
+            .filter(|l| l.contains("upstream connect failed"))
+            .count()
+    );
+}
+
+#[tokio::test]
+async fn json_format_writes_one_json_object_per_line() {
+    let mock = Mock::start(|_| async { json(200, r#"{"ok":true}"#) }).await;
+    let mut proxy = Process::start(
+        &config(&mock.url(), "format = \"json\""),
+        &[("UP_KEY", KEY)],
+    )
+    .await;
+    assert_eq!(request(&proxy, "/v1/embeddings", "req-json-1").await, 200);
+    proxy.stop().await;
+    let out = proxy.output();
+    let mut access = Vec::new();
+    for line in out.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if v["target"] == "sluice::access" {
+            access.push(v);
+        }
+    }
+    assert_eq!(access.len(), 1, "{out}");
+    let v = &access[0];
+    assert_eq!(v["level"], "INFO");
+    assert_eq!(v["span"]["id"], "req-json-1");
+    assert_eq!(v["route"], "all");
+    assert_eq!(v["upstream"], "up");
+    assert_eq!(v["status"], 200);
+    assert_eq!(v["attempts"], 1);
+    assert_eq!(v["bytes_out"], 11);
+    assert!(v["duration_ms"].is_number() && v["ttfb_ms"].is_number());
+}
+
+#[tokio::test]
+async fn rust_log_overrides_the_configured_level() {
+    let mock = Mock::start(|_| async { json(200, "{}") }).await;
+    // The config silences access lines; RUST_LOG=info brings them back.
+    let level = "level = \"info,sluice::access=off\"";
+    let mut quiet = Process::start(&config(&mock.url(), level), &[("UP_KEY", KEY)]).await;
+    request(&quiet, "/a", "req-quiet").await;
+    quiet.stop().await;
+    assert!(!quiet.output().contains("req-quiet"), "{}", quiet.output());
+
+    let env = [("UP_KEY", KEY), ("RUST_LOG", "info")];
+    let mut loud = Process::start(&config(&mock.url(), level), &env).await;
+    request(&loud, "/a", "req-loud").await;
+    loud.stop().await;
+    assert!(loud.output().contains("req-loud"), "{}", loud.output());
+}
+
+#[tokio::test]
+async fn the_key_never_appears_in_any_output_even_at_trace() {
+    let mock = Mock::start(|_| async { json(200, r#"{"ok":true}"#) }).await;
+    let env = [("UP_KEY", KEY), ("RUST_LOG", "trace")];
+    let mut proxy = Process::start(&config(&mock.url(), ""), &env).await;
+    assert_eq!(
+        request(&proxy, "/v1/chat/completions", "req-trace").await,
+        200
+    );
+    assert_eq!(
+        mock.seen()[0].headers["authorization"],
+        format!("Bearer {KEY}")
+    );
+    // h2c client too, and a 404.
+    let req = Request::get(proxy.url("/v1/models"))
+        .body(Full::default())
+        .unwrap();
+    collect(send(&h2c_client(), req).await).await;
+    assert_eq!(proxy.stop().await, Some(0));
+    let out = proxy.output();
+    assert!(out.contains("req-trace"), "trace output was captured");
+    assert!(
+        !out.contains(KEY) && !out.contains("SECRET-never-log"),
+        "key leaked:\n{out}"
+    );
+}

@@ -1,0 +1,72 @@
+//! The official `openai` SDKs, Python and Node, through sluice to a mock:
+//! chat, streamed chat, embeddings, models, and a 404 from a missing route.
+//! `scripts/install-sdks.sh` installs them (the README's test command runs it).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::support::*;
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs an SDK script against a fresh mock and sluice; fails with its output.
+async fn run_script(program: PathBuf, script: &str) {
+    assert!(
+        program.exists() || program.components().count() == 1,
+        "{} is missing: run scripts/install-sdks.sh (the README's test command does)",
+        program.display()
+    );
+    let mock = openai::start().await;
+    let toml = one_route(&mock.url(), "api_key_env = \"UP_KEY\"");
+    let toml = toml.replace("name = \"all\"", "name = \"openai\"\npath_prefix = \"/v1\"");
+    let proxy = Sidecar::start(&toml, &[("UP_KEY", openai::UPSTREAM_KEY)]).await;
+    let child = tokio::process::Command::new(&program)
+        .arg(repo().join(script))
+        .env("SLUICE_BASE_URL", proxy.url("/v1"))
+        .env("SLUICE_UNROUTED_BASE_URL", proxy.url("/nothing-here/v1"))
+        .current_dir(repo())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), child)
+        .await
+        .expect("SDK script finished within 120 s")
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("all ok"),
+        "{script} failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    // Every call reached the mock with the injected key (401s would have failed above).
+    let paths: Vec<String> = mock
+        .seen()
+        .iter()
+        .map(|s| s.uri.path().to_owned())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "/v1/chat/completions",
+            "/v1/chat/completions",
+            "/v1/embeddings",
+            "/v1/models"
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_openai_sdk_end_to_end() {
+    run_script(repo().join(".venv/bin/python"), "tests/sdk/python/e2e.py").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_openai_sdk_end_to_end() {
+    assert!(
+        repo().join("tests/sdk/node/node_modules/openai").exists(),
+        "the openai npm package is missing: run scripts/install-sdks.sh"
+    );
+    run_script(PathBuf::from("node"), "tests/sdk/node/e2e.mjs").await;
+}
