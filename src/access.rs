@@ -38,7 +38,8 @@ pub struct AccessLog {
     /// The client's URI; only its path is logged (queries may carry secrets).
     pub uri: Uri,
     pub route: Option<Arc<Route>>,
-    pub status: StatusCode,
+    /// None until a response exists; logged as 499 (nginx's "client closed request").
+    pub status: Option<StatusCode>,
     pub attempts: u32,
     pub ttfb: Option<Duration>,
     pub bytes_out: u64,
@@ -55,7 +56,7 @@ impl AccessLog {
             method,
             uri,
             route: None,
-            status: StatusCode::OK,
+            status: None,
             attempts: 0,
             ttfb: None,
             bytes_out: 0,
@@ -77,7 +78,7 @@ impl Drop for AccessLog {
             path = self.uri.path(),
             route = route.map_or("-", |r| r.name.as_str()),
             upstream = route.map_or("-", |r| r.upstream.name.as_str()),
-            status = self.status.as_u16(),
+            status = self.status.map_or(499, |s| s.as_u16()),
             attempts = self.attempts,
             duration_ms = ms(self.start.elapsed()),
             ttfb_ms = self.ttfb.map(ms),

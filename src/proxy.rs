@@ -61,14 +61,14 @@ impl Proxy {
         let outcome = self.forward(req, &id, &mut log).instrument(span).await;
         let mut res = match outcome {
             Ok(res) => {
-                log.status = res.status();
+                log.status = Some(res.status());
                 res.map(|b| ResponseBody::upstream(b, log))
             }
             Err(e) => {
                 if e.fault() == Fault::Client {
                     tracing::debug!(parent: &log.span, code = e.code(), "rejected: {e}");
                 }
-                log.status = e.status();
+                log.status = Some(e.status());
                 log.error = Some(e.code());
                 e.into_response().map(|b| ResponseBody::full(b, log))
             }

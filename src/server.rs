@@ -22,6 +22,10 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::proxy::Proxy;
 
+/// Largest request head accepted (431 above), near Envoy's 60 KiB default;
+/// hyper alone would take ~400 KiB, far more than an API request needs.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+
 /// Listener settings from `[server]`.
 #[derive(Clone)]
 pub struct ServerOptions {
@@ -46,9 +50,11 @@ pub async fn serve(
     let mut h1 = http1::Builder::new();
     // Without a timer hyper silently ignores header_read_timeout.
     h1.timer(TokioTimer::new())
-        .header_read_timeout(opts.header_read_timeout);
+        .header_read_timeout(opts.header_read_timeout)
+        .max_header_size(MAX_HEAD_BYTES);
     let mut h2 = http2::Builder::new(TokioExecutor::new());
-    h2.timer(TokioTimer::new());
+    h2.timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEAD_BYTES as u32);
     let builders = Arc::new(Builders { h1, h2 });
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);

@@ -176,15 +176,15 @@ fn find_cause<'a, T: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> O
         if let Some(t) = e.downcast_ref::<T>() {
             return Some(t);
         }
-        if let Some(inner) = e
+        // hyper-rustls nests io::Errors two deep around the rustls error,
+        // and io::Error::source() skips the error it wraps.
+        next = match e
             .downcast_ref::<std::io::Error>()
             .and_then(|io| io.get_ref())
         {
-            if let Some(t) = inner.downcast_ref::<T>() {
-                return Some(t);
-            }
-        }
-        next = e.source();
+            Some(inner) => Some(inner as &(dyn StdError + 'static)),
+            None => e.source(),
+        };
     }
     None
 }

@@ -237,7 +237,11 @@ async fn a_hanging_connect_is_cut_by_connect_timeout() {
     let addr = listener.local_addr().unwrap();
     let mut fillers = Vec::new();
     loop {
-        let attempt = tokio::time::timeout(Duration::from_millis(300), tokio::net::TcpStream::connect(addr)).await;
+        let attempt = tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await;
         match attempt {
             Ok(Ok(s)) => fillers.push(s),
             _ => break,
@@ -250,6 +254,9 @@ async fn a_hanging_connect_is_cut_by_connect_timeout() {
     let (head, body) = get(&proxy.url("/v1/models")).await;
     assert_sluice_error(&head, &body, 502, "upstream_unavailable");
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(400) && took < Duration::from_secs(5), "took {took:?}");
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(5),
+        "took {took:?}"
+    );
     drop(listener);
 }

@@ -177,3 +177,34 @@ async fn the_key_never_appears_in_any_output_even_at_trace() {
         "key leaked:\n{out}"
     );
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_before_the_response_is_logged_as_499() {
+    let mock = Mock::start(|_| std::future::pending()).await;
+    let mut proxy = Process::start(&config(&mock.url(), ""), &[("UP_KEY", KEY)]).await;
+    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut conn,
+        b"GET /v1/models HTTP/1.1\r\nhost: x\r\nx-request-id: req-gone\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    // Wait until the upstream has the request, then leave.
+    while mock.seen().is_empty() {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    drop(conn);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !proxy.output().contains("req-gone") && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    proxy.stop().await;
+    let out = proxy.output();
+    let line = lines_with(&out, "req-gone")
+        .pop()
+        .unwrap_or_else(|| panic!("no access line:\n{out}"));
+    assert!(
+        line.contains("status=499") && line.contains("body=\"client_gone\""),
+        "{line}"
+    );
+}

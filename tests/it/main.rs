@@ -3,7 +3,10 @@
 mod config_cli;
 mod forwarding;
 mod logging;
+mod request_body;
+mod robustness;
 mod routing;
 mod sdk;
 mod streaming;
 mod support;
+mod tls;

@@ -1,7 +1,9 @@
 //! Test support: a mock upstream, sluice in-process or as a process, clients.
 
+pub mod certs;
 pub mod mock;
 pub mod openai;
+pub mod raw;
 
 use std::net::SocketAddr;
 use std::path::Path;

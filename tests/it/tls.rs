@@ -1,0 +1,264 @@
+//! TLS on both sides. Upstream: https to a mock whose certificate comes from
+//! a CA generated for the test, trusted through `ca_file` (h2 or HTTP/1.1 by
+//! ALPN) and refused without it (502, and a log line that says why).
+//! Listener: `[server] tls` serves h2 and HTTP/1.1 by ALPN.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, Version};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+
+use crate::support::certs::{Certs, ALPN_H1, ALPN_H2};
+use crate::support::{assert_sluice_error, get, json, one_route, run_cli, Mock, Process, Sidecar};
+
+/// A mock upstream over TLS with the test CA's leaf, offering `alpn`.
+async fn tls_mock(certs: &Certs, alpn: &[&[u8]]) -> Mock {
+    Mock::start_tls(
+        |_| async { json(200, r#"{"tls":true}"#) },
+        certs.server_config(alpn),
+    )
+    .await
+}
+
+fn https_url(mock: &Mock) -> String {
+    // 127.0.0.1: the leaf carries it as an IP SAN, so the name is verified too.
+    format!("https://{}", mock.addr)
+}
+
+fn ca_file_line(certs: &Certs) -> String {
+    format!("ca_file = \"{}\"", certs.ca_pem.display())
+}
+
+#[tokio::test]
+async fn upstream_https_with_ca_file_uses_h2_by_alpn() {
+    let certs = Certs::generate();
+    let mock = tls_mock(&certs, &[ALPN_H2, ALPN_H1]).await;
+    let sluice = Sidecar::start(&one_route(&https_url(&mock), &ca_file_line(&certs)), &[]).await;
+    let (head, body) = get(&sluice.url("/v1/models")).await;
+    assert_eq!(head.status(), 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(&body[..], br#"{"tls":true}"#);
+    let seen = mock.seen();
+    assert_eq!(seen.len(), 1);
+    // The mock offered h2 first and sluice's connector accepted it.
+    assert_eq!(seen[0].version, Version::HTTP_2, "upstream spoken over h2");
+    assert_eq!(seen[0].uri.path(), "/v1/models");
+}
+
+#[tokio::test]
+async fn upstream_https_with_http11_only_alpn_uses_http11() {
+    let certs = Certs::generate();
+    let mock = tls_mock(&certs, &[ALPN_H1]).await;
+    let sluice = Sidecar::start(&one_route(&https_url(&mock), &ca_file_line(&certs)), &[]).await;
+    let (head, body) = get(&sluice.url("/v1/models")).await;
+    assert_eq!(head.status(), 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(&body[..], br#"{"tls":true}"#);
+    assert_eq!(mock.seen()[0].version, Version::HTTP_11);
+
+    // A server that offers no ALPN at all: HTTP/1.1 as well.
+    let no_alpn = tls_mock(&certs, &[]).await;
+    let sluice = Sidecar::start(&one_route(&https_url(&no_alpn), &ca_file_line(&certs)), &[]).await;
+    let (head, _) = get(&sluice.url("/v1/models")).await;
+    assert_eq!(head.status(), 200);
+    assert_eq!(no_alpn.seen()[0].version, Version::HTTP_11);
+}
+
+/// Without ca_file the test CA is unknown: every attempt fails the
+/// handshake, the client gets 502 upstream_unavailable, and the log says
+/// the certificate is not trusted (the real binary, to read its stderr).
+/// (hyper-rustls nests the rustls error two io::Errors deep; the cause
+/// search must look through both.)
+#[tokio::test]
+async fn upstream_https_without_ca_file_is_502_and_logged_as_untrusted() {
+    let certs = Certs::generate();
+    let mock = tls_mock(&certs, &[ALPN_H2, ALPN_H1]).await;
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n\n{}",
+        one_route(&https_url(&mock), "")
+    );
+    let sluice = Process::start(&toml, &[]).await;
+    let (head, body) = get(&sluice.url("/v1/models")).await;
+    assert_sluice_error(&head, &body, 502, "upstream_unavailable");
+    assert!(
+        mock.seen().is_empty(),
+        "no request passed the failed handshake"
+    );
+
+    // The warning is written before the response, but reaches us through a
+    // pipe and a reader task: wait for it, within a bound.
+    let line = wait_for_log_line(&sluice, "certificate not trusted").await;
+    assert!(line.contains("WARN"), "{line}");
+    assert!(
+        line.contains("upstream TLS certificate not trusted"),
+        "{line}"
+    );
+    assert!(
+        line.contains("ca_file"),
+        "the line says how to fix it: {line}"
+    );
+    assert!(
+        line.contains("upstream=\"up\""),
+        "the line names the upstream: {line}"
+    );
+    // sluice has a message of its own for this case; the client should get it.
+    let message = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(message.contains("not trusted"), "{message}");
+}
+
+/// The first line of the process's output containing `needle`.
+async fn wait_for_log_line(p: &Process, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(line) = p.output().lines().find(|l| l.contains(needle)) {
+            return line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no log line with {needle:?}:\n{}",
+            p.output()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// sluice serving TLS with the test CA's leaf, in front of a plain mock.
+async fn tls_sidecar(certs: &Certs) -> (Mock, Sidecar) {
+    let mock =
+        Mock::start(
+            |req| async move { json(200, &format!(r#"{{"path":"{}"}}"#, req.uri().path())) },
+        )
+        .await;
+    let toml = format!(
+        "[server]\ntls = {{ cert = \"{}\", key = \"{}\" }}\n\n{}",
+        certs.cert_pem.display(),
+        certs.key_pem.display(),
+        one_route(&mock.url(), "")
+    );
+    (mock, Sidecar::start(&toml, &[]).await)
+}
+
+/// One GET over TLS to `sluice`, offering only `alpn`; returns the protocol
+/// the handshake chose and the response.
+async fn get_over_tls(
+    sluice: &Sidecar,
+    certs: &Certs,
+    alpn: &[u8],
+    path: &str,
+) -> (Vec<u8>, Response<()>, Bytes) {
+    let tcp = TcpStream::connect(sluice.addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(certs.client_config(&[alpn]));
+    let name = ServerName::try_from("localhost").unwrap();
+    let tls = tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp))
+        .await
+        .expect("handshake within 5 s")
+        .expect("handshake: sluice presents the configured certificate");
+    let negotiated = tls
+        .get_ref()
+        .1
+        .alpn_protocol()
+        .map(<[u8]>::to_vec)
+        .unwrap_or_default();
+    let io = TokioIo::new(tls);
+    let url = format!("https://localhost:{}{path}", sluice.addr.port());
+    let req = Request::get(url)
+        .header("host", "localhost")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let res = if negotiated == ALPN_H2 {
+        let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        send.send_request(req).await.unwrap()
+    } else {
+        let (mut send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        // HTTP/1.1 wants origin-form on the wire.
+        let (mut parts, body) = req.into_parts();
+        parts.uri = path.parse().unwrap();
+        send.send_request(Request::from_parts(parts, body))
+            .await
+            .unwrap()
+    };
+    let (parts, body) = res.into_parts();
+    let body = tokio::time::timeout(Duration::from_secs(5), body.collect())
+        .await
+        .unwrap()
+        .unwrap()
+        .to_bytes();
+    (negotiated, Response::from_parts(parts, ()), body)
+}
+
+#[tokio::test]
+async fn listener_tls_serves_h2_by_alpn() {
+    let certs = Certs::generate();
+    let (mock, sluice) = tls_sidecar(&certs).await;
+    let (alpn, head, body) = get_over_tls(&sluice, &certs, ALPN_H2, "/v1/h2").await;
+    assert_eq!(alpn, ALPN_H2, "sluice's listener accepted h2 by ALPN");
+    assert_eq!(head.version(), Version::HTTP_2);
+    assert_eq!(head.status(), 200);
+    assert_eq!(&body[..], br#"{"path":"/v1/h2"}"#);
+    assert_eq!(mock.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn listener_tls_serves_http11_by_alpn() {
+    let certs = Certs::generate();
+    let (mock, sluice) = tls_sidecar(&certs).await;
+    let (alpn, head, body) = get_over_tls(&sluice, &certs, ALPN_H1, "/v1/h1").await;
+    assert_eq!(alpn, ALPN_H1, "sluice's listener accepted http/1.1 by ALPN");
+    assert_eq!(head.version(), Version::HTTP_11);
+    assert_eq!(head.status(), 200);
+    assert_eq!(&body[..], br#"{"path":"/v1/h1"}"#);
+    assert_eq!(mock.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn check_names_a_bad_listener_cert_or_key() {
+    let certs = Certs::generate();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sluice.toml");
+    let write = |cert: &std::path::Path, key: &std::path::Path| {
+        let toml = format!(
+            "[server]\ntls = {{ cert = \"{}\", key = \"{}\" }}\n\n{}",
+            cert.display(),
+            key.display(),
+            one_route("http://127.0.0.1:9", "")
+        );
+        std::fs::write(&config, toml).unwrap();
+    };
+    let check = || run_cli(&["check", "--config", config.to_str().unwrap()], &[]);
+
+    // Control: the same config with good files passes, so the failures
+    // below are about the files and nothing else.
+    write(&certs.cert_pem, &certs.key_pem);
+    let (code, stdout, stderr) = check();
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert_eq!(stdout.trim(), "ok");
+
+    let missing = dir.path().join("missing.crt");
+    write(&missing, &certs.key_pem);
+    let (code, _, stderr) = check();
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("server.tls.cert"), "{stderr}");
+    assert!(
+        stderr.contains("missing.crt"),
+        "the message names the file: {stderr}"
+    );
+    assert!(
+        !stderr.contains("server.tls.key"),
+        "the key is fine: {stderr}"
+    );
+
+    // A certificate where the key should be: named as the key's problem.
+    write(&certs.cert_pem, &certs.cert_pem);
+    let (code, _, stderr) = check();
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("server.tls.key"), "{stderr}");
+}
