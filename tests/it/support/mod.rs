@@ -19,7 +19,7 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-pub use mock::{channel, full, json, read_body, Mock, MockBody};
+pub use mock::{channel, json, Mock, MockBody};
 
 /// A sluice served in this process on 127.0.0.1:0; stops when dropped.
 pub struct Sidecar {
