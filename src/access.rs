@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use http::{Method, StatusCode, Uri};
 
 use crate::config::Route;
+use crate::response::StreamFailure;
 
 /// How the response body ended, as far as the client is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,8 +16,8 @@ pub enum BodyEnd {
     /// Dropped before its end: the client went away (or the server stopped).
     Unfinished,
     Complete,
-    /// The upstream broke the body off; the client saw an abort.
-    UpstreamError,
+    /// Cut after the headers: an SSE error event, or an abort.
+    Failed(StreamFailure),
 }
 
 impl BodyEnd {
@@ -24,7 +25,7 @@ impl BodyEnd {
         match self {
             Self::Unfinished => "client_gone",
             Self::Complete => "complete",
-            Self::UpstreamError => "upstream_error",
+            Self::Failed(why) => why.code(),
         }
     }
 }
@@ -46,6 +47,8 @@ pub struct AccessLog {
     pub end: BodyEnd,
     /// sluice's own error code, when sluice answered.
     pub error: Option<&'static str>,
+    /// The retry budget refused a retry.
+    pub budget_exhausted: bool,
 }
 
 impl AccessLog {
@@ -62,6 +65,7 @@ impl AccessLog {
             bytes_out: 0,
             end: BodyEnd::Unfinished,
             error: None,
+            budget_exhausted: false,
         }
     }
 }
@@ -85,6 +89,7 @@ impl Drop for AccessLog {
             bytes_out = self.bytes_out,
             body = self.end.as_str(),
             error = self.error,
+            budget_exhausted = self.budget_exhausted,
             "request"
         );
     }

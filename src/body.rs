@@ -1,13 +1,6 @@
-//! Bodies on both sides of the proxy.
-//!
-//! Requests: up to `retry_buffer` bytes are collected so an attempt can be
-//! replayed; a larger body streams upstream as it arrives, its size checked
-//! against `max_request_body` frame by frame.
-//!
-//! Responses: the upstream's frames pass through untouched, one at a time,
-//! so hyper's backpressure reaches the upstream and memory stays at a few
-//! frames per stream. The wrapper only counts bytes and notes how the body
-//! ended, for the access log written when it is dropped.
+//! Request bodies: up to `retry_buffer` bytes are collected so an attempt can
+//! be replayed; a larger body streams upstream as it arrives, its size
+//! checked against `max_request_body` frame by frame.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -18,7 +11,6 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::access::{AccessLog, BodyEnd};
 use crate::error::ProxyError;
 
 /// Size limits for request bodies, from `[server]`.
@@ -176,80 +168,6 @@ impl Body for RequestBody {
                     }
                 }
             }
-        }
-    }
-}
-
-/// The response body sent to the client.
-#[derive(Debug)]
-pub struct ResponseBody {
-    inner: Inner,
-    log: AccessLog,
-}
-
-#[derive(Debug)]
-enum Inner {
-    Upstream(Incoming),
-    Full(Option<Bytes>),
-}
-
-impl ResponseBody {
-    pub fn upstream(body: Incoming, log: AccessLog) -> Self {
-        Self {
-            inner: Inner::Upstream(body),
-            log,
-        }
-    }
-
-    pub fn full(body: Bytes, log: AccessLog) -> Self {
-        Self {
-            inner: Inner::Full(Some(body)),
-            log,
-        }
-    }
-}
-
-impl Body for ResponseBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = self.get_mut();
-        let frame = match &mut this.inner {
-            Inner::Full(data) => data.take().map(|d| Ok(Frame::data(d))),
-            Inner::Upstream(body) => ready!(Pin::new(body).poll_frame(cx)),
-        };
-        match &frame {
-            Some(Ok(f)) => this.log.bytes_out += f.data_ref().map_or(0, |d| d.len() as u64),
-            Some(Err(_)) => this.log.end = BodyEnd::UpstreamError,
-            None => this.log.end = BodyEnd::Complete,
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.inner {
-            Inner::Full(d) => d.is_none(),
-            Inner::Upstream(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.inner {
-            Inner::Full(d) => SizeHint::with_exact(d.as_ref().map_or(0, |d| d.len() as u64)),
-            Inner::Upstream(b) => b.size_hint(),
-        }
-    }
-}
-
-impl Drop for ResponseBody {
-    fn drop(&mut self) {
-        // hyper may stop polling once is_end_stream() is true.
-        if self.log.end == BodyEnd::Unfinished && self.is_end_stream() {
-            self.log.end = BodyEnd::Complete;
         }
     }
 }

@@ -26,6 +26,10 @@ pub enum ProxyError {
     UntrustedCertificate,
     /// The connection closed before response headers.
     UpstreamReset,
+    /// `first_byte` passed on the last attempt.
+    UpstreamTimeout,
+    /// The route's `total` deadline passed before response headers.
+    DeadlineExceeded,
 }
 
 impl ProxyError {
@@ -37,6 +41,7 @@ impl ProxyError {
             Self::ConnectFailed | Self::UntrustedCertificate | Self::UpstreamReset => {
                 StatusCode::BAD_GATEWAY
             }
+            Self::UpstreamTimeout | Self::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -49,15 +54,19 @@ impl ProxyError {
             Self::ConnectFailed | Self::UntrustedCertificate | Self::UpstreamReset => {
                 "upstream_unavailable"
             }
+            Self::UpstreamTimeout => "upstream_timeout",
+            Self::DeadlineExceeded => "deadline_exceeded",
         }
     }
 
     pub fn fault(self) -> Fault {
         match self {
             Self::BadRequest | Self::RouteNotFound | Self::RequestTooLarge => Fault::Client,
-            Self::ConnectFailed | Self::UntrustedCertificate | Self::UpstreamReset => {
-                Fault::Upstream
-            }
+            Self::ConnectFailed
+            | Self::UntrustedCertificate
+            | Self::UpstreamReset
+            | Self::UpstreamTimeout
+            | Self::DeadlineExceeded => Fault::Upstream,
         }
     }
 
@@ -72,6 +81,12 @@ impl ProxyError {
             }
             Self::UpstreamReset => {
                 "sluice: upstream unavailable: connection closed before a response"
+            }
+            Self::UpstreamTimeout => {
+                "sluice: upstream timeout: no response headers within the route's first_byte timeout"
+            }
+            Self::DeadlineExceeded => {
+                "sluice: the route's total deadline passed before a response"
             }
         }
     }

@@ -26,6 +26,8 @@ pub mod config;
 pub mod error;
 pub mod logging;
 pub mod proxy;
+pub mod response;
+pub mod retry;
 pub mod route;
 pub mod server;
 pub mod upstream;

@@ -1,27 +1,55 @@
 //! The request story, one phase per call: identify, route, read the body,
-//! rewrite, send, respond. This is the only module that calls the others.
+//! rewrite, then a plain loop of attempts, then respond. This is the only
+//! module that calls the others.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, SystemTime};
 
-use http::{HeaderMap, HeaderValue, Method, Request, Response};
+use bytes::Bytes;
+use http::request::Parts;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::Body as _;
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::access::AccessLog;
-use crate::body::{BodyLimits, RequestBody, ResponseBody};
-use crate::config::Config;
+use crate::body::{BodyLimits, RequestBody};
+use crate::config::{Config, RetryPolicy, Route};
 use crate::error::{Fault, ProxyError};
+use crate::response::ResponseBody;
+use crate::retry::{self, Budget};
 use crate::route::RouteTable;
 use crate::upstream::{self, Upstream, X_REQUEST_ID};
+
+static X_SLUICE_ATTEMPTS: HeaderName = HeaderName::from_static("x-sluice-attempts");
+static X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
+/// How much of a 429 body is read to look for `insufficient_quota`.
+const PEEK_LIMIT: usize = 64 * 1024;
 
 /// Everything a request needs, built once per config.
 #[derive(Debug)]
 pub struct Proxy {
-    routes: RouteTable<Arc<Upstream>>,
+    routes: RouteTable<Target>,
     limits: BodyLimits,
+}
+
+/// What a route sends to, and its retry budget.
+#[derive(Debug)]
+struct Target {
+    upstream: Arc<Upstream>,
+    budget: Budget,
+}
+
+/// An upstream response on its way to the client.
+struct Forwarded {
+    res: Response<Incoming>,
+    /// Body bytes already read (a peeked 429), sent before the rest.
+    head: VecDeque<Bytes>,
 }
 
 impl Proxy {
@@ -36,8 +64,11 @@ impl Proxy {
             .routes
             .iter()
             .map(|r| {
-                let up = upstreams[r.upstream.name.as_str()].clone();
-                (r.clone(), up)
+                let target = Target {
+                    upstream: upstreams[r.upstream.name.as_str()].clone(),
+                    budget: Budget::new(r.retry.budget),
+                };
+                (r.clone(), target)
             })
             .collect();
         Self {
@@ -57,12 +88,28 @@ impl Proxy {
         let start = Instant::now();
         let id = request_id(req.headers());
         let span = tracing::info_span!("request", id = id.to_str().unwrap_or("-"));
-        let mut log = AccessLog::new(span.clone(), start, req.method().clone(), req.uri().clone());
-        let outcome = self.forward(req, &id, &mut log).instrument(span).await;
+        let mut log = AccessLog::new(
+            span.clone(),
+            start.into_std(),
+            req.method().clone(),
+            req.uri().clone(),
+        );
+        let outcome = self
+            .forward(req, &id, start, &mut log)
+            .instrument(span)
+            .await;
+        let (attempts, refused) = (log.attempts, log.budget_exhausted);
         let mut res = match outcome {
-            Ok(res) => {
+            Ok(Forwarded { res, head }) => {
                 log.status = Some(res.status());
-                res.map(|b| ResponseBody::upstream(b, log))
+                let route = log.route.clone().expect("a forwarded request has a route");
+                let (mut parts, body) = res.into_parts();
+                upstream::strip_hop_by_hop(&mut parts.headers);
+                let sse = is_sse(&parts.headers);
+                let deadline = route.timeouts.total.map(|t| start + t);
+                let body =
+                    ResponseBody::upstream(head, body, sse, route.timeouts.idle, deadline, log);
+                Response::from_parts(parts, body)
             }
             Err(e) => {
                 if e.fault() == Fault::Client {
@@ -73,7 +120,15 @@ impl Proxy {
                 e.into_response().map(|b| ResponseBody::full(b, log))
             }
         };
-        res.headers_mut().insert(X_REQUEST_ID.clone(), id);
+        let h = res.headers_mut();
+        h.insert(X_REQUEST_ID.clone(), id);
+        if attempts > 1 {
+            h.insert(X_SLUICE_ATTEMPTS.clone(), HeaderValue::from(attempts));
+        }
+        // The SDKs obey this, so their retries do not multiply ours.
+        if attempts > 1 || refused {
+            h.insert(X_SHOULD_RETRY.clone(), HeaderValue::from_static("false"));
+        }
         Ok(res)
     }
 
@@ -81,30 +136,208 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         id: &HeaderValue,
+        start: Instant,
         log: &mut AccessLog,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Forwarded, ProxyError> {
         let (mut parts, body) = req.into_parts();
         if parts.method == Method::CONNECT || !parts.uri.path().starts_with('/') {
             return Err(ProxyError::BadRequest);
         }
-        let (route, upstream) = self
+        let (route, target) = self
             .routes
             .find(&parts.method, parts.uri.path())
             .ok_or(ProxyError::RouteNotFound)?;
         log.route = Some(route.clone());
-        let body = RequestBody::read(body, self.limits).await?;
+        let deadline = route.timeouts.total.map(|t| start + t);
+        // Keep a replay copy only when the route retries.
+        let mut limits = self.limits;
+        if route.retry.attempts == 1 {
+            limits.retry_buffer = 0;
+        }
+        let body = until(deadline, RequestBody::read(body, limits)).await??;
         upstream::rewrite_request(&mut parts, route, id);
-        let sent = Instant::now();
-        log.attempts = 1;
-        let res = upstream
-            .send(Request::from_parts(parts, body))
+        target.budget.deposit();
+        self.attempts(route, target, parts, body, deadline, log)
             .await
-            .map_err(|e| upstream::classify(&e, &route.upstream.name))?;
-        log.ttfb = Some(sent.elapsed());
-        let (mut parts, body) = res.into_parts();
-        upstream::strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, body))
     }
+
+    /// Tries the upstream up to `attempts` times. A retry happens only before
+    /// anything reached the client; when a limit refuses one, the last
+    /// outcome stands.
+    async fn attempts(
+        &self,
+        route: &Route,
+        target: &Target,
+        parts: Parts,
+        body: RequestBody,
+        deadline: Option<Instant>,
+        log: &mut AccessLog,
+    ) -> Result<Forwarded, ProxyError> {
+        let policy = &route.retry;
+        let replay = match &body {
+            RequestBody::Full(b) if policy.attempts > 1 => Some(b.clone()),
+            _ => None,
+        };
+        let mut first_body = Some(body);
+        let mut rng = fastrand::Rng::new();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            log.attempts = attempt;
+            let body = match &replay {
+                Some(b) => RequestBody::Full(b.clone()),
+                None => first_body
+                    .take()
+                    .expect("a body that cannot be replayed is sent once"),
+            };
+            let sent = Instant::now();
+            let outcome = self
+                .attempt(route, target, request(&parts, body), deadline)
+                .await;
+            let can_retry = replay.is_some() && attempt < policy.attempts;
+            let (outcome, hint) = match outcome {
+                Ok(res) if can_retry && policy.on_status.contains(&res.status().as_u16()) => {
+                    log.ttfb = Some(sent.elapsed());
+                    let fwd = if res.status() == StatusCode::TOO_MANY_REQUESTS {
+                        let (fwd, quota) = peek_quota(res, sent + route.timeouts.first_byte).await;
+                        if quota {
+                            return Ok(fwd);
+                        }
+                        fwd
+                    } else {
+                        Forwarded {
+                            res,
+                            head: VecDeque::new(),
+                        }
+                    };
+                    let hint = policy
+                        .honor_retry_after
+                        .then(|| {
+                            retry::hint(fwd.res.headers(), fwd.res.status(), SystemTime::now())
+                        })
+                        .flatten();
+                    (Ok(fwd), hint)
+                }
+                Ok(res) => {
+                    log.ttfb = Some(sent.elapsed());
+                    return Ok(Forwarded {
+                        res,
+                        head: VecDeque::new(),
+                    });
+                }
+                Err(e) if can_retry && retryable(e, policy) => (Err(e), None),
+                Err(e) => return Err(e),
+            };
+            if hint.is_some_and(|h| h > policy.max_retry_after) {
+                return outcome;
+            }
+            let backoff = retry::backoff(
+                policy.backoff_base,
+                policy.backoff_max,
+                attempt - 1,
+                &mut rng,
+            );
+            let wait = backoff.max(hint.unwrap_or(Duration::ZERO));
+            if deadline.is_some_and(|d| Instant::now() + wait >= d) {
+                return outcome;
+            }
+            if !target.budget.try_withdraw() {
+                log.budget_exhausted = true;
+                return outcome;
+            }
+            let reason = match &outcome {
+                Ok(f) => f.res.status().as_str().to_owned(),
+                Err(e) => format!("{e:?}"),
+            };
+            tracing::debug!(attempt, ?wait, reason, "retrying");
+            // The response is dropped unread: it must never reach the client.
+            drop(outcome);
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// One attempt, bounded by `first_byte` and the total deadline.
+    async fn attempt(
+        &self,
+        route: &Route,
+        target: &Target,
+        req: Request<RequestBody>,
+        deadline: Option<Instant>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let first_byte = Instant::now() + route.timeouts.first_byte;
+        let limit = deadline.map_or(first_byte, |d| d.min(first_byte));
+        match tokio::time::timeout_at(limit, target.upstream.send(req)).await {
+            Ok(Ok(res)) => Ok(res),
+            Ok(Err(e)) => Err(upstream::classify(&e, &route.upstream.name)),
+            Err(_) if limit == first_byte => Err(ProxyError::UpstreamTimeout),
+            Err(_) => Err(ProxyError::DeadlineExceeded),
+        }
+    }
+}
+
+/// Which failures before response headers `retry_on` covers. An untrusted
+/// certificate and a client-side problem never get better by retrying.
+fn retryable(e: ProxyError, policy: &RetryPolicy) -> bool {
+    match e {
+        ProxyError::ConnectFailed => policy.on_connect_failure,
+        ProxyError::UpstreamReset => policy.on_reset,
+        ProxyError::UpstreamTimeout => policy.on_timeout,
+        _ => false,
+    }
+}
+
+/// A fresh request for one attempt (hyper consumes each).
+fn request(parts: &Parts, body: RequestBody) -> Request<RequestBody> {
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    req
+}
+
+/// Reads the start of a 429's body to see whether it is `insufficient_quota`;
+/// what was read is kept so the response can still pass on intact.
+async fn peek_quota(res: Response<Incoming>, until: Instant) -> (Forwarded, bool) {
+    let (parts, mut body) = res.into_parts();
+    let mut head = VecDeque::new();
+    let mut len = 0;
+    while len <= PEEK_LIMIT && !body.is_end_stream() {
+        match tokio::time::timeout_at(until, body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    len += data.len();
+                    head.push_back(data);
+                }
+            }
+            _ => break,
+        }
+    }
+    let whole: Vec<u8> = head.iter().flat_map(|b| b.iter().copied()).collect();
+    let quota = retry::is_insufficient_quota(&whole);
+    (
+        Forwarded {
+            res: Response::from_parts(parts, body),
+            head,
+        },
+        quota,
+    )
+}
+
+/// Runs `f`, bounded by the route's total deadline when it has one.
+async fn until<F: Future>(deadline: Option<Instant>, f: F) -> Result<F::Output, ProxyError> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, f)
+            .await
+            .map_err(|_| ProxyError::DeadlineExceeded),
+        None => Ok(f.await),
+    }
+}
+
+fn is_sse(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
 }
 
 /// The client's `x-request-id` when it is sane, else a new UUID.

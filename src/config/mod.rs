@@ -18,7 +18,7 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
 pub use error::{ConfigErrors, Problem};
-pub use raw::{AuthScheme, LogFormat};
+pub use raw::{AuthScheme, LogFormat, RetryOn};
 
 /// A checked configuration.
 #[derive(Debug)]
@@ -77,6 +77,47 @@ pub struct Route {
     pub methods: Vec<Method>,
     pub strip_prefix: bool,
     pub upstream: Arc<Upstream>,
+    pub timeouts: Timeouts,
+    pub retry: RetryPolicy,
+}
+
+/// `[routes.timeouts]`, resolved.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Per attempt: request sent to response headers.
+    pub first_byte: Duration,
+    /// Longest silence between response body frames.
+    pub idle: Duration,
+    /// The whole exchange; `None` when "0s".
+    pub total: Option<Duration>,
+}
+
+/// `[routes.retry]`, resolved.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Total tries including the first; 1 disables retries.
+    pub attempts: u32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub on_connect_failure: bool,
+    pub on_reset: bool,
+    pub on_timeout: bool,
+    /// Status codes that are retried.
+    pub on_status: Vec<u16>,
+    pub honor_retry_after: bool,
+    pub max_retry_after: Duration,
+    pub budget: BudgetConfig,
+}
+
+/// Retry budget parameters (Finagle/Linkerd style).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BudgetConfig {
+    /// Retries may be this fraction of requests ...
+    pub ratio: f64,
+    /// ... plus this many per second, always.
+    pub min_per_second: u32,
+    /// How long a request's deposit counts.
+    pub ttl: Duration,
 }
 
 impl Config {

@@ -156,6 +156,90 @@ pub struct RawRoute {
     pub strip_prefix: bool,
     /// Name of an `[upstreams.NAME]` table.
     pub upstream: String,
+    #[serde(default)]
+    pub timeouts: RawTimeouts,
+    #[serde(default)]
+    pub retry: RawRetry,
+}
+
+/// `[routes.timeouts]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTimeouts {
+    /// Per attempt: request sent to response headers.
+    pub first_byte: Dur,
+    /// Longest silence between response body chunks.
+    pub idle: Dur,
+    /// Whole exchange (attempts, backoff, streaming); "0s" = none.
+    pub total: Dur,
+}
+
+impl Default for RawTimeouts {
+    fn default() -> Self {
+        Self {
+            first_byte: Dur(Duration::from_secs(120)),
+            idle: Dur(Duration::from_secs(60)),
+            total: Dur(Duration::ZERO),
+        }
+    }
+}
+
+/// `[routes.retry]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRetry {
+    /// Total tries including the first; 1 disables retries.
+    pub attempts: u32,
+    /// Full jitter: sleep = rand(0, min(backoff_max, backoff_base * 2^n)).
+    pub backoff_base: Dur,
+    pub backoff_max: Dur,
+    /// "connect-failure", "reset", "timeout", and HTTP status codes.
+    pub retry_on: Vec<RetryOn>,
+    /// Wait at least as long as Retry-After / retry-after-ms ask.
+    pub honor_retry_after: bool,
+    /// A longer hint is not waited for: that response is returned.
+    pub max_retry_after: Dur,
+    /// Retries may be at most this fraction of requests over `budget_ttl` ...
+    pub budget_ratio: f64,
+    /// ... plus this many retries per second, always allowed.
+    pub budget_min_per_second: u32,
+    pub budget_ttl: Dur,
+}
+
+impl Default for RawRetry {
+    fn default() -> Self {
+        use RetryOn::{Status, Word};
+        Self {
+            attempts: 3,
+            backoff_base: Dur(Duration::from_millis(250)),
+            backoff_max: Dur(Duration::from_secs(8)),
+            retry_on: vec![
+                Word("connect-failure".into()),
+                Word("reset".into()),
+                Status(429),
+                Status(500),
+                Status(502),
+                Status(503),
+                Status(504),
+            ],
+            honor_retry_after: true,
+            max_retry_after: Dur(Duration::from_secs(20)),
+            budget_ratio: 0.2,
+            budget_min_per_second: 10,
+            budget_ttl: Dur(Duration::from_secs(10)),
+        }
+    }
+}
+
+/// One `retry_on` entry: a condition word or a status code.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(
+    untagged,
+    expecting = r#"a status code or one of "connect-failure", "reset", "timeout""#
+)]
+pub enum RetryOn {
+    Status(i64),
+    Word(String),
 }
 
 fn default_prefix() -> String {

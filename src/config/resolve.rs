@@ -5,12 +5,17 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 
-use super::raw::{AuthScheme, RawConfig, RawRoute, RawServer, RawUpstream};
-use super::{tls, Config, Log, Problem, Route, Server, Upstream};
+use super::raw::{
+    AuthScheme, RawConfig, RawRetry, RawRoute, RawServer, RawTimeouts, RawUpstream, RetryOn,
+};
+use super::{
+    tls, BudgetConfig, Config, Log, Problem, RetryPolicy, Route, Server, Timeouts, Upstream,
+};
 
 /// Headers a config may not set: they are the connection's, or sluice's own.
 const RESERVED_HEADERS: &[&str] = &[
@@ -300,6 +305,8 @@ fn routes(
                 )),
             }
         }
+        let timeouts = timeouts(&r.timeouts, &at("timeouts"), problems);
+        let retry = retry(&r.retry, &at("retry"), problems);
         let upstream = match upstreams.get(&r.upstream) {
             Some(u) => u.clone(),
             None => {
@@ -323,7 +330,76 @@ fn routes(
             methods,
             strip_prefix: r.strip_prefix,
             upstream,
+            timeouts,
+            retry,
         }));
     }
     out
+}
+
+fn timeouts(raw: &RawTimeouts, at: &str, problems: &mut Vec<Problem>) -> Timeouts {
+    for (key, d) in [("first_byte", raw.first_byte), ("idle", raw.idle)] {
+        if d.0.is_zero() {
+            problems.push(Problem::at(format!("{at}.{key}"), "must be greater than 0"));
+        }
+    }
+    Timeouts {
+        first_byte: raw.first_byte.0,
+        idle: raw.idle.0,
+        total: (!raw.total.0.is_zero()).then_some(raw.total.0),
+    }
+}
+
+fn retry(raw: &RawRetry, at: &str, problems: &mut Vec<Problem>) -> RetryPolicy {
+    let mut p = |key: &str, m: String| problems.push(Problem::at(format!("{at}.{key}"), m));
+    if !(1..=10).contains(&raw.attempts) {
+        p("attempts", "must be from 1 (no retries) to 10".into());
+    }
+    if raw.backoff_max.0 < raw.backoff_base.0 {
+        p("backoff_max", "must not be less than backoff_base".into());
+    }
+    if !(raw.budget_ratio > 0.0 && raw.budget_ratio <= 1000.0) {
+        p(
+            "budget_ratio",
+            "must be greater than 0 and at most 1000".into(),
+        );
+    }
+    if !(Duration::from_secs(1)..=Duration::from_secs(60)).contains(&raw.budget_ttl.0) {
+        p("budget_ttl", "must be from 1s to 60s".into());
+    }
+    let mut policy = RetryPolicy {
+        attempts: raw.attempts,
+        backoff_base: raw.backoff_base.0,
+        backoff_max: raw.backoff_max.0,
+        on_connect_failure: false,
+        on_reset: false,
+        on_timeout: false,
+        on_status: Vec::new(),
+        honor_retry_after: raw.honor_retry_after,
+        max_retry_after: raw.max_retry_after.0,
+        budget: BudgetConfig {
+            ratio: raw.budget_ratio,
+            min_per_second: raw.budget_min_per_second,
+            ttl: raw.budget_ttl.0,
+        },
+    };
+    for (i, on) in raw.retry_on.iter().enumerate() {
+        let key = format!("retry_on[{i}]");
+        match on {
+            RetryOn::Word(w) => match w.as_str() {
+                "connect-failure" => policy.on_connect_failure = true,
+                "reset" => policy.on_reset = true,
+                "timeout" => policy.on_timeout = true,
+                _ => p(
+                    &key,
+                    format!(
+                        r#"unknown condition "{w}": use "connect-failure", "reset", "timeout" or a status code"#
+                    ),
+                ),
+            },
+            RetryOn::Status(s) if (400..=599).contains(s) => policy.on_status.push(*s as u16),
+            RetryOn::Status(s) => p(&key, format!("{s} is not a 4xx or 5xx status code")),
+        }
+    }
+    policy
 }

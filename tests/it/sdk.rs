@@ -70,3 +70,30 @@ async fn node_openai_sdk_end_to_end() {
     );
     run_script(PathBuf::from("node"), "tests/sdk/node/e2e.mjs").await;
 }
+
+/// Runs one scenario of tests/sdk/python/resilience.py against `proxy`.
+pub async fn python_scenario(name: &str, proxy: &Sidecar) {
+    let python = repo().join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/install-sdks.sh",
+        python.display()
+    );
+    let child = tokio::process::Command::new(python)
+        .arg(repo().join("tests/sdk/python/resilience.py"))
+        .arg(name)
+        .env("SLUICE_BASE_URL", proxy.url("/v1"))
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), child)
+        .await
+        .expect("scenario finished within 60 s")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains(&format!("ok {name}")),
+        "{name} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
