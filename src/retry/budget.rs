@@ -104,11 +104,12 @@ impl Budget {
 
     /// Sum of the slots still inside the window.
     fn balance(&self, epoch: u64) -> i64 {
-        let oldest = epoch.saturating_sub(SLOTS as u64 - 1);
+        let tag = epoch & EPOCH_MASK;
         self.slots
             .iter()
             .map(|s| unpack(s.load(Relaxed)))
-            .filter(|(e, _)| (oldest..=epoch).any(|x| x & EPOCH_MASK == *e))
+            // Slots from the last SLOTS epochs (modulo the epoch's width).
+            .filter(|(e, _)| tag.wrapping_sub(*e) & EPOCH_MASK < SLOTS as u64)
             .map(|(_, v)| v)
             .sum()
     }

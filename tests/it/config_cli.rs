@@ -282,3 +282,44 @@ fn version_and_help() {
     assert_eq!(code, 0);
     assert!(out.contains("check") && out.contains("--config"));
 }
+
+#[test]
+fn retry_and_timeout_keys_are_checked() {
+    let toml = format!(
+        "{}\n[routes.timeouts]\nidle = \"0s\"\n[routes.retry]\nattempts = 0\nretry_on = [\"timeouts\", 200, 503]\nbudget_ratio = 0.0\nbackoff_base = \"2s\"\nbackoff_max = \"1s\"\nbudget_ttl = \"5m\"\n",
+        one_route("http://h", "")
+    );
+    let (code, _, err, _) = check(&toml, &[]);
+    assert_eq!(code, 1);
+    for expected in [
+        "routes[0].timeouts.idle: must be greater than 0",
+        "routes[0].retry.attempts: must be from 1 (no retries) to 10",
+        "routes[0].retry.retry_on[0]: unknown condition \"timeouts\"",
+        "routes[0].retry.retry_on[1]: 200 is not a 4xx or 5xx status code",
+        "routes[0].retry.budget_ratio: must be greater than 0",
+        "routes[0].retry.backoff_max: must not be less than backoff_base",
+        "routes[0].retry.budget_ttl: must be from 1s to 60s",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
+    // Every message is located on a line of the file.
+    assert!(
+        err.lines().filter(|l| l.contains("routes[0].")).all(|l| l
+            .split(':')
+            .nth(1)
+            .is_some_and(|n| n.parse::<u32>().is_ok())),
+        "{err}"
+    );
+    let (code, _, err, _) = check(
+        &format!(
+            "{}\n[routes.retry]\nretry_on = [true]\n",
+            one_route("http://h", "")
+        ),
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("routes[0].retry.retry_on[0]") && err.contains("a status code or one of"),
+        "{err}"
+    );
+}
