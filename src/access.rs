@@ -49,6 +49,8 @@ pub struct AccessLog {
     pub error: Option<&'static str>,
     /// The retry budget refused a retry.
     pub budget_exhausted: bool,
+    /// The upstream's own `x-request-id`, if it sent one.
+    pub upstream_request_id: Option<String>,
 }
 
 impl AccessLog {
@@ -66,6 +68,7 @@ impl AccessLog {
             end: BodyEnd::Unfinished,
             error: None,
             budget_exhausted: false,
+            upstream_request_id: None,
         }
     }
 }
@@ -90,6 +93,7 @@ impl Drop for AccessLog {
             body = self.end.as_str(),
             error = self.error,
             budget_exhausted = self.budget_exhausted,
+            upstream_request_id = self.upstream_request_id.as_deref(),
             "request"
         );
     }

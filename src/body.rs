@@ -4,7 +4,9 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
@@ -13,11 +15,17 @@ use hyper::body::Incoming;
 
 use crate::error::ProxyError;
 
-/// Size limits for request bodies, from `[server]`.
+/// How long sluice keeps reading (and discarding) a body it refused, so its
+/// answer is not lost to a TCP reset: nginx's lingering close.
+const LINGER: Duration = Duration::from_secs(5);
+
+/// Limits for request bodies, from `[server]`.
 #[derive(Debug, Clone, Copy)]
 pub struct BodyLimits {
     pub max_request_body: u64,
     pub retry_buffer: u64,
+    /// Longest silence from the client while its body is being collected.
+    pub read_timeout: Duration,
 }
 
 /// A request body as sent upstream.
@@ -35,40 +43,38 @@ pub struct Streaming {
     rest: Incoming,
     seen: u64,
     max: u64,
+    /// Why the stream broke, for the proxy to read: an HTTP/2 upstream turns
+    /// a body error into a stream reset, which hides its cause.
+    failure: Arc<OnceLock<ProxyError>>,
 }
 
-/// Why a request body could not be sent whole.
+/// The error a streaming body gives hyper; the cause is in the failure slot.
 #[derive(Debug)]
-pub enum RequestBodyError {
-    TooLarge,
-    Client(hyper::Error),
-}
+pub struct RequestBodyError(ProxyError);
 
 impl std::fmt::Display for RequestBodyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::TooLarge => f.write_str("request body is larger than max_request_body"),
-            Self::Client(e) => write!(f, "reading the client's request body: {e}"),
-        }
+        write!(f, "request body: {}", self.0)
     }
 }
 
-impl std::error::Error for RequestBodyError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            Self::TooLarge => None,
-            Self::Client(e) => Some(e),
-        }
-    }
-}
+impl std::error::Error for RequestBodyError {}
 
 impl RequestBody {
     /// Reads the client's body: whole if it fits `retry_buffer`, otherwise
     /// the part read so far plus the rest as a stream. A declared length over
     /// the limit is refused before a byte is read.
-    pub async fn read(mut body: Incoming, limits: BodyLimits) -> Result<Self, ProxyError> {
+    pub async fn read(
+        mut body: Incoming,
+        limits: BodyLimits,
+        expects_continue: bool,
+    ) -> Result<Self, ProxyError> {
         let declared = body.size_hint().exact();
         if declared.is_some_and(|n| n > limits.max_request_body) {
+            // A client waiting for 100-continue sends nothing more: no need to linger.
+            if !expects_continue {
+                linger(body);
+            }
             return Err(ProxyError::RequestTooLarge);
         }
         if declared == Some(0) {
@@ -77,7 +83,12 @@ impl RequestBody {
         let mut head = VecDeque::new();
         let mut seen = 0u64;
         if declared.is_none_or(|n| n <= limits.retry_buffer) {
-            while let Some(frame) = body.frame().await {
+            loop {
+                let frame = match tokio::time::timeout(limits.read_timeout, body.frame()).await {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break,
+                    Err(_) => return Err(ProxyError::RequestTimeout),
+                };
                 // A client that breaks its body off cannot get a useful answer.
                 let frame = frame.map_err(|_| ProxyError::BadRequest)?;
                 let Ok(data) = frame.into_data() else {
@@ -85,6 +96,7 @@ impl RequestBody {
                 };
                 seen += data.len() as u64;
                 if seen > limits.max_request_body {
+                    linger(body);
                     return Err(ProxyError::RequestTooLarge);
                 }
                 head.push_back(data);
@@ -101,8 +113,24 @@ impl RequestBody {
             rest: body,
             seen,
             max: limits.max_request_body,
+            failure: Arc::default(),
         }))
     }
+
+    /// Where a streaming body records why it broke; `None` for a whole body.
+    pub fn failure_slot(&self) -> Option<Arc<OnceLock<ProxyError>>> {
+        match self {
+            Self::Full(_) => None,
+            Self::Streaming(s) => Some(s.failure.clone()),
+        }
+    }
+}
+
+fn linger(mut body: Incoming) {
+    tokio::spawn(async move {
+        let drain = async { while let Some(Ok(_)) = body.frame().await {} };
+        let _ = tokio::time::timeout(LINGER, drain).await;
+    });
 }
 
 fn concat(mut chunks: VecDeque<Bytes>, len: u64) -> Option<Bytes> {
@@ -132,12 +160,16 @@ impl Body for RequestBody {
                     return Poll::Ready(Some(Ok(Frame::data(d))));
                 }
                 let frame = ready!(Pin::new(&mut s.rest).poll_frame(cx));
+                let fail = |why: ProxyError| {
+                    let _ = s.failure.set(why);
+                    RequestBodyError(why)
+                };
                 Poll::Ready(frame.map(|f| {
-                    let f = f.map_err(RequestBodyError::Client)?;
+                    let f = f.map_err(|_| fail(ProxyError::BadRequest))?;
                     if let Some(d) = f.data_ref() {
                         s.seen += d.len() as u64;
                         if s.seen > s.max {
-                            return Err(RequestBodyError::TooLarge);
+                            return Err(fail(ProxyError::RequestTooLarge));
                         }
                     }
                     Ok(f)

@@ -20,6 +20,8 @@ pub enum ProxyError {
     RouteNotFound,
     /// Body over `max_request_body`.
     RequestTooLarge,
+    /// The client went silent while sending its body.
+    RequestTimeout,
     /// Connect failed or refused.
     ConnectFailed,
     /// The upstream's TLS certificate is not trusted.
@@ -38,6 +40,7 @@ impl ProxyError {
             Self::BadRequest => StatusCode::BAD_REQUEST,
             Self::RouteNotFound => StatusCode::NOT_FOUND,
             Self::RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::ConnectFailed | Self::UntrustedCertificate | Self::UpstreamReset => {
                 StatusCode::BAD_GATEWAY
             }
@@ -51,6 +54,7 @@ impl ProxyError {
             Self::BadRequest => "bad_request",
             Self::RouteNotFound => "route_not_found",
             Self::RequestTooLarge => "request_too_large",
+            Self::RequestTimeout => "request_timeout",
             Self::ConnectFailed | Self::UntrustedCertificate | Self::UpstreamReset => {
                 "upstream_unavailable"
             }
@@ -61,7 +65,10 @@ impl ProxyError {
 
     pub fn fault(self) -> Fault {
         match self {
-            Self::BadRequest | Self::RouteNotFound | Self::RequestTooLarge => Fault::Client,
+            Self::BadRequest
+            | Self::RouteNotFound
+            | Self::RequestTooLarge
+            | Self::RequestTimeout => Fault::Client,
             Self::ConnectFailed
             | Self::UntrustedCertificate
             | Self::UpstreamReset
@@ -75,6 +82,7 @@ impl ProxyError {
             Self::BadRequest => "sluice: malformed request",
             Self::RouteNotFound => "sluice: no route matches this request (method and path)",
             Self::RequestTooLarge => "sluice: request body is larger than max_request_body",
+            Self::RequestTimeout => "sluice: the client stopped sending its request body",
             Self::ConnectFailed => "sluice: upstream unavailable: could not connect",
             Self::UntrustedCertificate => {
                 "sluice: upstream unavailable: its TLS certificate is not trusted"

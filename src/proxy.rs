@@ -28,6 +28,7 @@ use crate::upstream::{self, Upstream, X_REQUEST_ID};
 
 static X_SLUICE_ATTEMPTS: HeaderName = HeaderName::from_static("x-sluice-attempts");
 static X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
+static X_UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
 /// How much of a 429 body is read to look for `insufficient_quota`.
 const PEEK_LIMIT: usize = 64 * 1024;
 
@@ -76,6 +77,7 @@ impl Proxy {
             limits: BodyLimits {
                 max_request_body: config.server.max_request_body,
                 retry_buffer: config.server.retry_buffer,
+                read_timeout: config.server.header_read_timeout,
             },
         }
     }
@@ -105,6 +107,11 @@ impl Proxy {
                 let route = log.route.clone().expect("a forwarded request has a route");
                 let (mut parts, body) = res.into_parts();
                 upstream::strip_hop_by_hop(&mut parts.headers);
+                // The provider's own id (OpenAI's req_...) is what its support asks for.
+                if let Some(theirs) = parts.headers.remove(&X_REQUEST_ID) {
+                    log.upstream_request_id = theirs.to_str().ok().map(str::to_owned);
+                    parts.headers.insert(X_UPSTREAM_REQUEST_ID.clone(), theirs);
+                }
                 let sse = is_sse(&parts.headers);
                 let deadline = route.timeouts.total.map(|t| start + t);
                 let body =
@@ -140,7 +147,10 @@ impl Proxy {
         log: &mut AccessLog,
     ) -> Result<Forwarded, ProxyError> {
         let (mut parts, body) = req.into_parts();
-        if parts.method == Method::CONNECT || !parts.uri.path().starts_with('/') {
+        let path = parts.uri.path();
+        // Dot segments would let "/v1/chat/../files" match one route and
+        // reach another path upstream, with the provider key attached.
+        if parts.method == Method::CONNECT || !path.starts_with('/') || has_dot_segment(path) {
             return Err(ProxyError::BadRequest);
         }
         let (route, target) = self
@@ -154,7 +164,11 @@ impl Proxy {
         if route.retry.attempts == 1 {
             limits.retry_buffer = 0;
         }
-        let body = until(deadline, RequestBody::read(body, limits)).await??;
+        let expects_continue = parts
+            .headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        let body = until(deadline, RequestBody::read(body, limits, expects_continue)).await??;
         upstream::rewrite_request(&mut parts, route, id);
         target.budget.deposit();
         self.attempts(route, target, parts, body, deadline, log)
@@ -266,9 +280,13 @@ impl Proxy {
     ) -> Result<Response<Incoming>, ProxyError> {
         let first_byte = Instant::now() + route.timeouts.first_byte;
         let limit = deadline.map_or(first_byte, |d| d.min(first_byte));
+        let body_failure = req.body().failure_slot();
         match tokio::time::timeout_at(limit, target.upstream.send(req)).await {
             Ok(Ok(res)) => Ok(res),
-            Ok(Err(e)) => Err(upstream::classify(&e, &route.upstream.name)),
+            // When the client's body broke (too large, cut off), that is the cause.
+            Ok(Err(e)) => Err(body_failure
+                .and_then(|f| f.get().copied())
+                .unwrap_or_else(|| upstream::classify(&e, &route.upstream.name))),
             Err(_) if limit == first_byte => Err(ProxyError::UpstreamTimeout),
             Err(_) => Err(ProxyError::DeadlineExceeded),
         }
@@ -334,6 +352,28 @@ async fn until<F: Future>(deadline: Option<Instant>, f: F) -> Result<F::Output, 
     }
 }
 
+/// Whether a path has a "." or ".." segment, literal or percent-encoded.
+fn has_dot_segment(path: &str) -> bool {
+    path.split('/').any(|seg| {
+        let (mut dots, mut rest) = (0, seg.as_bytes());
+        while !rest.is_empty() {
+            if rest[0] == b'.' {
+                rest = &rest[1..];
+            } else if rest.len() >= 3
+                && rest[0] == b'%'
+                && rest[1] == b'2'
+                && rest[2] | 0x20 == b'e'
+            {
+                rest = &rest[3..];
+            } else {
+                return false;
+            }
+            dots += 1;
+        }
+        dots == 1 || dots == 2
+    })
+}
+
 fn is_sse(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
@@ -351,4 +391,33 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
     let mut buf = uuid::Uuid::encode_buffer();
     let s = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
     HeaderValue::from_str(s).expect("a UUID is a valid header value")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_dot_segment;
+
+    #[test]
+    fn dot_segments_are_found_raw_and_encoded() {
+        for bad in [
+            "/v1/../x",
+            "/v1/./x",
+            "/..",
+            "/v1/%2e%2e/x",
+            "/v1/%2E./x",
+            "/v1/.%2e",
+            "/a/%2e/b",
+        ] {
+            assert!(has_dot_segment(bad), "{bad}");
+        }
+        for ok in [
+            "/v1/chat/completions",
+            "/v1/files/file-abc.jsonl",
+            "/v1/...",
+            "/v1/.well-known",
+            "/",
+        ] {
+            assert!(!has_dot_segment(ok), "{ok}");
+        }
+    }
 }

@@ -53,8 +53,12 @@ pub async fn serve(
         .header_read_timeout(opts.header_read_timeout)
         .max_header_size(MAX_HEAD_BYTES);
     let mut h2 = http2::Builder::new(TokioExecutor::new());
+    // Pings find dead peers (an evicted pod, a dropped NAT entry) that would
+    // otherwise hold their streams forever.
     h2.timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEAD_BYTES as u32);
+        .max_header_list_size(MAX_HEAD_BYTES as u32)
+        .keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(20));
     let builders = Arc::new(Builders { h1, h2 });
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -63,9 +67,12 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    // Usually out of file descriptors: back off instead of spinning.
                     tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    // Out of descriptors or memory: back off instead of spinning.
+                    // Anything else concerns one connection only.
+                    if is_resource_exhaustion(&e) {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
                     continue;
                 }
             },
@@ -116,6 +123,11 @@ pub async fn serve(
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// ENFILE, EMFILE, ENOMEM, ENOBUFS (Linux numbering).
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(23 | 24 | 12 | 105))
+}
 
 async fn serve_conn<IO>(
     io: IO,

@@ -13,7 +13,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::body::{RequestBody, RequestBodyError};
+use crate::body::RequestBody;
 use crate::config::{self, Route};
 use crate::error::ProxyError;
 use crate::route::forwarded_path;
@@ -142,12 +142,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Maps a failed upstream exchange to what the client is told, and logs the
 /// cause (the chain of errors never holds a header value, so no key).
 pub fn classify(err: &hyper_util::client::legacy::Error, upstream: &str) -> ProxyError {
-    if let Some(body) = find_cause::<RequestBodyError>(err) {
-        return match body {
-            RequestBodyError::TooLarge => ProxyError::RequestTooLarge,
-            RequestBodyError::Client(_) => ProxyError::BadRequest,
-        };
-    }
     let chain = ErrorChain(err);
     if let Some(rustls::Error::InvalidCertificate(why)) = find_cause::<rustls::Error>(err) {
         tracing::warn!(

@@ -104,12 +104,12 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 fn span_of_path(root: &DeTable<'_>, root_span: Range<usize>, path: &str) -> Option<Range<usize>> {
     let mut segments = path_segments(path).into_iter();
     let first = segments.next()?;
-    let (_, mut value) = root.iter().find(|(k, _)| k.get_ref() == first)?;
+    let (_, mut value) = root.iter().find(|(k, _)| k.get_ref() == &first)?;
     let mut span = value.span();
     for seg in segments {
         let next = match seg.parse::<usize>() {
             Ok(i) => value.get_ref().get(i),
-            Err(_) => value.get_ref().get(seg),
+            Err(_) => value.get_ref().get(seg.as_str()),
         };
         match next {
             Some(v) => {
@@ -125,11 +125,27 @@ fn span_of_path(root: &DeTable<'_>, root_span: Range<usize>, path: &str) -> Opti
     Some(span)
 }
 
-/// `routes[2].retry.attempts` -> ["routes", "2", "retry", "attempts"].
-fn path_segments(path: &str) -> Vec<&str> {
-    path.split(['.', '[', ']'])
-        .filter(|s| !s.is_empty())
-        .collect()
+/// `routes[2].retry.attempts` -> ["routes", "2", "retry", "attempts"];
+/// a quoted segment (`upstreams."a.b".url`) keeps its dots.
+fn path_segments(path: &str) -> Vec<String> {
+    let (mut out, mut cur, mut quoted) = (Vec::new(), String::new(), false);
+    let mut chars = path.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => quoted = !quoted,
+            '\\' if quoted => cur.extend(chars.next()),
+            '.' | '[' | ']' if !quoted => {
+                if !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -155,6 +171,19 @@ mod tests {
         assert_eq!(
             errs.to_string(),
             "f.toml:6:12: routes[1].upstream: unknown upstream"
+        );
+    }
+
+    #[test]
+    fn quoted_segments_keep_their_dots() {
+        let segs = path_segments(r#"upstreams."azure.east".url"#);
+        assert_eq!(segs, ["upstreams", "azure.east", "url"]);
+        let text = "[upstreams.\"azure.east\"]\nurl = \"x\"\n";
+        let path = r#"upstreams."azure.east".url"#;
+        let errs = ConfigErrors::locate("f.toml", text, vec![Problem::at(path, "bad")]);
+        assert_eq!(
+            errs.to_string(),
+            r#"f.toml:2:7: upstreams."azure.east".url: bad"#
         );
     }
 }

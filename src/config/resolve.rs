@@ -28,7 +28,31 @@ const RESERVED_HEADERS: &[&str] = &[
     "upgrade",
     "host",
     "content-length",
+    "expect",
+    "x-request-id",
 ];
+
+/// Key headers: set through `api_key_env`/`api_key_file` and `auth`, never as plain config.
+const KEY_HEADERS: &[&str] = &[
+    "authorization",
+    "api-key",
+    "x-api-key",
+    "proxy-authorization",
+];
+
+/// Methods a route may list (CONNECT is refused anyway).
+const METHODS: &[&str] = &[
+    "GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE",
+];
+
+/// A name as a key-path segment: quoted when it holds a dot, as TOML would.
+fn seg(name: &str) -> String {
+    if name.contains(['.', '"', ' ']) {
+        format!("{name:?}")
+    } else {
+        name.to_owned()
+    }
+}
 
 pub fn resolve(
     raw: RawConfig,
@@ -135,7 +159,7 @@ fn upstream(
     env: &dyn Fn(&str) -> Option<String>,
     problems: &mut Vec<Problem>,
 ) -> Option<Upstream> {
-    let at = |key: &str| format!("upstreams.{name}.{key}");
+    let at = |key: &str| format!("upstreams.{}.{key}", seg(name));
     let before = problems.len();
     let url = parse_url(&raw.url).map_err(|m| problems.push(Problem::at(at("url"), m)));
     let key = api_key(name, raw, base, env, problems);
@@ -145,7 +169,7 @@ fn upstream(
             Ok((k, v)) => {
                 headers.insert(k, v);
             }
-            Err(m) => problems.push(Problem::at(format!("{}.{k}", at("headers")), m)),
+            Err(m) => problems.push(Problem::at(format!("{}.{}", at("headers"), seg(k)), m)),
         }
     }
     if raw.connect_timeout.0.is_zero() {
@@ -181,6 +205,14 @@ fn parse_url(url: &str) -> Result<(Scheme, Authority, String), String> {
         _ => return Err(bad("the scheme must be http:// or https://")),
     };
     let authority = uri.authority().cloned().ok_or_else(|| bad("no host"))?;
+    if authority.host().is_empty() {
+        return Err(bad("no host"));
+    }
+    // http accepts "host:80800" and then reports no port at all.
+    let after_host = &authority.as_str()[authority.host().len()..];
+    if after_host.starts_with(':') && authority.port_u16().is_none() {
+        return Err(bad("the port must be a number from 1 to 65535"));
+    }
     if authority.as_str().contains('@') {
         return Err(bad(
             "credentials in the url are not supported; use api_key_env",
@@ -202,7 +234,7 @@ fn api_key(
     env: &dyn Fn(&str) -> Option<String>,
     problems: &mut Vec<Problem>,
 ) -> Option<Option<(HeaderName, HeaderValue)>> {
-    let at = |key: &str| format!("upstreams.{name}.{key}");
+    let at = |key: &str| format!("upstreams.{}.{key}", seg(name));
     let (secret, source_path, source) = match (&raw.api_key_env, &raw.api_key_file) {
         (Some(_), Some(_)) => {
             let m = "set api_key_env or api_key_file, not both";
@@ -235,6 +267,13 @@ fn api_key(
     if secret.is_empty() {
         return fail(problems, format!("the key in {source} is empty"));
     }
+    let has_scheme = secret
+        .get(..7)
+        .is_some_and(|p| p.eq_ignore_ascii_case("bearer "));
+    if raw.auth == AuthScheme::Bearer && has_scheme {
+        let m = format!("the key in {source} starts with \"Bearer \": store the bare key, sluice adds the scheme");
+        return fail(problems, m);
+    }
     let (header, value) = match raw.auth {
         AuthScheme::None => {
             let m = format!(
@@ -266,6 +305,11 @@ fn extra_header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), St
             r#""{name}" is set by sluice or the connection; it cannot be configured"#
         ));
     }
+    if KEY_HEADERS.contains(&n.as_str()) {
+        return Err(format!(
+            r#""{name}" carries a key: use api_key_env or api_key_file with auth"#
+        ));
+    }
     let v = HeaderValue::from_str(value)
         .map_err(|_| format!(r#"the value of "{name}" is not a valid header value"#))?;
     Ok((n, v))
@@ -294,15 +338,22 @@ fn routes(
         }
         if !r.path_prefix.starts_with('/') {
             problems.push(Problem::at(at("path_prefix"), r#"must start with "/""#));
+        } else if r.path_prefix.contains(['?', '#'])
+            || http::uri::PathAndQuery::try_from(r.path_prefix.as_str()).is_err()
+        {
+            let m = "must be a plain path: no query, fragment, spaces or control characters";
+            problems.push(Problem::at(at("path_prefix"), m));
         }
         let mut methods = Vec::new();
         for (j, m) in r.methods.iter().enumerate() {
-            match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
-                Ok(m) => methods.push(m),
-                Err(_) => problems.push(Problem::at(
+            let upper = m.to_ascii_uppercase();
+            if METHODS.contains(&upper.as_str()) {
+                methods.push(Method::from_bytes(upper.as_bytes()).expect("a standard method"));
+            } else {
+                problems.push(Problem::at(
                     format!("routes[{i}].methods[{j}]"),
-                    format!(r#""{m}" is not an HTTP method"#),
-                )),
+                    format!(r#""{m}" is not one of {}"#, METHODS.join(", ")),
+                ));
             }
         }
         let timeouts = timeouts(&r.timeouts, &at("timeouts"), problems);

@@ -202,7 +202,7 @@ upstream = "a"
         ":6:7: upstreams.a.url: invalid url \"ftp://example.com\"",
         ":8:16: upstreams.a.api_key_file: set api_key_env or api_key_file, not both",
         ":12:15: routes[0].path_prefix: must start with \"/\"",
-        ":13:12: routes[0].methods[0]: \"GE T\" is not an HTTP method",
+        ":13:12: routes[0].methods[0]: \"GE T\" is not one of GET, HEAD, POST",
         ":14:12: routes[0].upstream: unknown upstream \"b\"",
         ":17:8: routes[1].name: duplicate route name \"r\"",
         "sluice: 7 error(s) in the config",
@@ -263,11 +263,19 @@ fn reserved_or_invalid_extra_headers_are_rejected() {
         ("Host", "cannot be configured"),
         ("transfer-encoding", "cannot be configured"),
         ("bad header", "not a valid header name"),
+        ("X-Api-Key", "carries a key"),
+        ("x-request-id", "cannot be configured"),
     ] {
         let toml = one_route("http://h", &format!("headers = {{ \"{h}\" = \"v\" }}"));
         let err = parse(&toml, &[]).unwrap_err().to_string();
+        // A name with a space is quoted in the key path, as TOML writes it.
+        let key = if h.contains(' ') {
+            format!("\"{h}\"")
+        } else {
+            h.to_owned()
+        };
         assert!(
-            err.contains(&format!("upstreams.up.headers.{h}")) && err.contains(why),
+            err.contains(&format!("upstreams.up.headers.{key}")) && err.contains(why),
             "{err}"
         );
     }
@@ -322,4 +330,40 @@ fn retry_and_timeout_keys_are_checked() {
         err.contains("routes[0].retry.retry_on[0]") && err.contains("a status code or one of"),
         "{err}"
     );
+}
+
+#[test]
+fn values_that_would_only_fail_at_runtime_are_caught() {
+    let secret = "Bearer sk-live-DO-NOT-PRINT";
+    let toml = r#"
+[upstreams."azure.east"]
+url = "http://127.0.0.1:80800"
+headers = { authorization = "Bearer x" }
+
+[upstreams.nohost]
+url = "http://:8080"
+
+[upstreams.k]
+url = "http://h"
+api_key_env = "K"
+
+[[routes]]
+name = "r"
+path_prefix = "/v1?x=1"
+methods = ["PSOT"]
+upstream = "k"
+"#;
+    let (code, _, err, _) = check(toml, &[("K", secret)]);
+    assert_eq!(code, 1);
+    for expected in [
+        r#":3:7: upstreams."azure.east".url: invalid url "http://127.0.0.1:80800": the port must be a number"#,
+        r#":4:29: upstreams."azure.east".headers.authorization: "authorization" carries a key"#,
+        r#"upstreams.nohost.url: invalid url "http://:8080": no host"#,
+        r#"upstreams.k.api_key_env: the key in environment variable K starts with "Bearer ""#,
+        "routes[0].path_prefix: must be a plain path",
+        r#"routes[0].methods[0]: "PSOT" is not one of GET"#,
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
+    assert!(!err.contains("DO-NOT-PRINT"), "{err}");
 }

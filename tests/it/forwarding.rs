@@ -260,3 +260,22 @@ async fn a_hanging_connect_is_cut_by_connect_timeout() {
     );
     drop(listener);
 }
+
+#[tokio::test]
+async fn the_providers_request_id_is_kept_as_x_upstream_request_id() {
+    let mock = Mock::start(|_| async {
+        let mut res = json(200, "{}");
+        res.headers_mut()
+            .insert("x-request-id", "req_provider_123".parse().unwrap());
+        res
+    })
+    .await;
+    let proxy = Sidecar::start(&one_route(&mock.url(), ""), &[]).await;
+    let req = Request::get(proxy.url("/v1/models"))
+        .header("x-request-id", "ours-1")
+        .body(Full::default())
+        .unwrap();
+    let (head, _) = collect(send(&client(), req).await).await;
+    assert_eq!(head.headers()["x-request-id"], "ours-1");
+    assert_eq!(head.headers()["x-upstream-request-id"], "req_provider_123");
+}

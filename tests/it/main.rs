@@ -8,6 +8,7 @@ mod retries;
 mod robustness;
 mod routing;
 mod sdk;
+mod shutdown;
 mod streaming;
 mod support;
 mod timeouts;

@@ -402,3 +402,52 @@ async fn streamed_body_of_exactly_max_passes() {
         "it was streamed"
     );
 }
+
+/// A client that uploads its whole (too large) body before reading still
+/// gets the 413: sluice keeps reading and discarding for a while (a
+/// lingering close) instead of resetting the connection under the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_uploads_everything_first_still_reads_its_413() {
+    let (handler, _done) = recording_mock(None);
+    let mock = Mock::start(handler).await;
+    let sluice = sidecar(&mock, "max_request_body = \"1KiB\"").await;
+    for _ in 0..5 {
+        let s = tokio::net::TcpStream::connect(sluice.addr).await.unwrap();
+        let (mut read, mut write) = s.into_split();
+        let writer = tokio::spawn(async move {
+            let head = "POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Length: 4194304\r\n\r\n";
+            write.write_all(head.as_bytes()).await.unwrap();
+            write.write_all(&pattern(4 << 20)).await.is_ok()
+        });
+        let (head, body) = read_reply(&mut read, BOUND).await.response();
+        assert_sluice_error(&head, &body, 413, "request_too_large");
+        assert!(
+            writer.await.unwrap(),
+            "the upload was cut off under the client"
+        );
+    }
+    assert!(mock.seen().is_empty());
+}
+
+/// A client that stops sending mid-body while sluice collects it gets 408
+/// within header_read_timeout of silence, instead of holding the request forever.
+#[tokio::test]
+async fn a_client_silent_mid_body_gets_408() {
+    let (handler, _done) = recording_mock(None);
+    let mock = Mock::start(handler).await;
+    let sluice = sidecar(&mock, "header_read_timeout = \"500ms\"").await;
+    let started = std::time::Instant::now();
+    let mut s = send_raw(
+        sluice.addr,
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"model\":",
+    )
+    .await;
+    let (head, body) = read_reply(&mut s, BOUND).await.response();
+    assert_sluice_error(&head, &body, 408, "request_timeout");
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(mock.seen().is_empty());
+}

@@ -107,3 +107,24 @@ async fn unmatched_request_is_404_route_not_found_and_nothing_is_sent() {
     assert!(head.headers().contains_key("x-request-id"));
     assert!(a.seen().is_empty() && b.seen().is_empty() && c.seen().is_empty());
 }
+
+#[tokio::test]
+async fn dot_segments_are_refused_before_routing() {
+    // "/v1/chat/../files" would match the POST-only chat route and reach
+    // /v1/files upstream with the route's key.
+    let (proxy, a, b, c) = three_routes().await;
+    for path in [
+        "/v1/chat/../files",
+        "/v1/chat/%2e%2e/files",
+        "/v1/chat/%2E./files",
+        "/groq/../x",
+        "/v1/./models",
+    ] {
+        let req = Request::post(proxy.url(path))
+            .body(Full::default())
+            .unwrap();
+        let (head, body) = collect(send(&client(), req).await).await;
+        assert_sluice_error(&head, &body, 400, "bad_request");
+    }
+    assert!(a.seen().is_empty() && b.seen().is_empty() && c.seen().is_empty());
+}

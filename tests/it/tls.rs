@@ -262,3 +262,42 @@ async fn check_names_a_bad_listener_cert_or_key() {
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("server.tls.key"), "{stderr}");
 }
+
+/// Over an HTTP/2 upstream a request body that crosses max_request_body
+/// while streaming becomes a stream reset upstream; the client must still be
+/// told 413 (its fault), not 502 (the upstream's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_an_h2_upstream_a_body_over_max_is_still_413() {
+    use tokio::io::AsyncWriteExt;
+    let certs = Certs::generate();
+    let mock = Mock::start_tls(
+        |req| async move {
+            let _ = crate::support::mock::read_body(req.into_body()).await;
+            json(200, "{}")
+        },
+        certs.server_config(&[ALPN_H2]),
+    )
+    .await;
+    let toml = format!(
+        "[server]\nretry_buffer = \"64KiB\"\nmax_request_body = \"256KiB\"\n{}",
+        one_route(&https_url(&mock), &ca_file_line(&certs))
+    );
+    let sluice = Sidecar::start(&toml, &[]).await;
+    let s = TcpStream::connect(sluice.addr).await.unwrap();
+    let (mut read, mut write) = s.into_split();
+    tokio::spawn(async move {
+        let head = "POST /v1/files HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
+        write.write_all(head.as_bytes()).await.unwrap();
+        for _ in 0..64 {
+            let c = crate::support::raw::chunk(&[b'x'; 16 * 1024]);
+            if write.write_all(&c).await.is_err() {
+                return;
+            }
+        }
+        let _ = write.write_all(b"0\r\n\r\n").await;
+    });
+    let reply = crate::support::raw::read_reply(&mut read, Duration::from_secs(10)).await;
+    let (head, body) = reply.response();
+    assert_sluice_error(&head, &body, 413, "request_too_large");
+    assert_eq!(mock.seen()[0].version, Version::HTTP_2);
+}

@@ -224,6 +224,27 @@ impl Process {
             .expect("VmRSS")
     }
 
+    /// Sends a signal ("TERM", "INT", ...) without waiting.
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.id().expect("running");
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits up to `bound` for the process to exit; its exit code.
+    pub async fn exit_within(&mut self, bound: Duration) -> Option<i32> {
+        let status = tokio::time::timeout(bound, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("sluice still running after {bound:?}"))
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        status.code()
+    }
+
     /// SIGTERM, then wait for exit; returns the exit code.
     pub async fn stop(&mut self) -> Option<i32> {
         let pid = self.child.id().expect("running");

@@ -1,0 +1,102 @@
+//! SIGTERM/SIGINT: stop accepting, let in-flight streams finish within
+//! shutdown_grace, exit 0; a second signal exits at once.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+
+use crate::support::*;
+
+/// An SSE upstream writing `n` events 100 ms apart, then ending.
+async fn events(n: usize) -> Mock {
+    Mock::start(move |_| async move {
+        let (tx, body) = channel();
+        tokio::spawn(async move {
+            for i in 0..n {
+                if tx
+                    .send(Bytes::from(format!("data: {i}\n\n")))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(body)
+            .unwrap()
+    })
+    .await
+}
+
+fn config(mock: &Mock, grace: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"{grace}\"\n{}",
+        one_route(&mock.url(), "")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_stream_in_flight_finish_then_exits_0() {
+    let mock = events(15).await;
+    let mut proxy = Process::start(&config(&mock, "30s"), &[]).await;
+    let res = send(
+        &client(),
+        Request::get(proxy.url("/v1/stream"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    let mut body = res.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"data: 0\n\n");
+    proxy.signal("TERM");
+    // New connections are refused while the stream drains.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        tokio::net::TcpStream::connect(proxy.addr).await.is_err(),
+        "still accepting"
+    );
+    let rest = body
+        .collect()
+        .await
+        .expect("the stream finished intact")
+        .to_bytes();
+    let expected: String = (1..15).map(|i| format!("data: {i}\n\n")).collect();
+    assert_eq!(String::from_utf8_lossy(&rest), expected);
+    assert_eq!(proxy.exit_within(Duration::from_secs(5)).await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_without_waiting_for_the_drain() {
+    let mock = events(10_000).await;
+    let mut proxy = Process::start(&config(&mock, "60s"), &[]).await;
+    let res = send(
+        &client(),
+        Request::get(proxy.url("/v1/stream"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    let mut body = res.into_body();
+    body.frame().await.unwrap().unwrap();
+    proxy.signal("INT");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        proxy.child.try_wait().unwrap().is_none(),
+        "the first signal only starts the drain"
+    );
+    let started = Instant::now();
+    proxy.signal("INT");
+    assert_eq!(proxy.exit_within(Duration::from_secs(5)).await, Some(1));
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(
+        proxy.output().contains("second signal"),
+        "{}",
+        proxy.output()
+    );
+}
