@@ -444,3 +444,31 @@ async fn a_connection_closed_before_headers_is_retried_as_reset() {
     assert_sluice_error(&head, &body, 502, "upstream_unavailable");
     assert_eq!(served.load(SeqCst), 1);
 }
+
+#[tokio::test]
+async fn no_retry_starts_whose_wait_would_cross_the_total_deadline() {
+    // Retry-After: 2 against total = 1s: waiting could only end past the
+    // deadline, so the 503 is returned at once rather than a 504 later.
+    let (mock, arrivals) = scripted(vec![
+        status(503, &[("retry-after", "2")], UNAVAILABLE),
+        status(200, &[], "{}"),
+    ])
+    .await;
+    let toml = format!(
+        "{}\n[routes.timeouts]\ntotal = \"1s\"\n",
+        route(&mock.url(), "")
+    );
+    let proxy = Sidecar::start(&toml, &[]).await;
+    let started = Instant::now();
+    let (head, body) = get(&proxy.url("/v1/models")).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(800),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        (head.status().as_u16(), &body[..]),
+        (503, UNAVAILABLE.as_bytes())
+    );
+    assert_eq!(arrivals.lock().unwrap().len(), 1);
+}
