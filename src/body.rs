@@ -133,6 +133,19 @@ fn linger(mut body: Incoming) {
     });
 }
 
+/// The size of `head` followed by a body with hint `rest`.
+pub fn prefixed_size_hint(head: &VecDeque<Bytes>, rest: SizeHint) -> SizeHint {
+    let head: u64 = head.iter().map(|d| d.len() as u64).sum();
+    match rest.exact() {
+        Some(n) => SizeHint::with_exact(head + n),
+        None => {
+            let mut h = SizeHint::new();
+            h.set_lower(head + rest.lower());
+            h
+        }
+    }
+}
+
 fn concat(mut chunks: VecDeque<Bytes>, len: u64) -> Option<Bytes> {
     match chunks.len() {
         0 => None,
@@ -188,18 +201,7 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Full(d) => SizeHint::with_exact(d.as_ref().map_or(0, |d| d.len() as u64)),
-            Self::Streaming(s) => {
-                let head: u64 = s.head.iter().map(|d| d.len() as u64).sum();
-                let rest = s.rest.size_hint();
-                match rest.exact() {
-                    Some(n) => SizeHint::with_exact(head + n),
-                    None => {
-                        let mut h = SizeHint::new();
-                        h.set_lower(head + rest.lower());
-                        h
-                    }
-                }
-            }
+            Self::Streaming(s) => prefixed_size_hint(&s.head, s.rest.size_hint()),
         }
     }
 }

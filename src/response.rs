@@ -21,6 +21,7 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use crate::access::{AccessLog, BodyEnd};
+use crate::body::prefixed_size_hint;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -251,18 +252,7 @@ impl Body for ResponseBody {
         match &self.inner {
             Inner::Done => SizeHint::with_exact(0),
             Inner::Full(d) => SizeHint::with_exact(d.as_ref().map_or(0, |d| d.len() as u64)),
-            Inner::Upstream { head, body } => {
-                let head: u64 = head.iter().map(|d| d.len() as u64).sum();
-                let hint = body.size_hint();
-                match hint.exact() {
-                    Some(n) => SizeHint::with_exact(head + n),
-                    None => {
-                        let mut h = SizeHint::new();
-                        h.set_lower(head + hint.lower());
-                        h
-                    }
-                }
-            }
+            Inner::Upstream { head, body } => prefixed_size_hint(head, body.size_hint()),
         }
     }
 }

@@ -4,8 +4,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 
 use crate::support::*;
 
@@ -25,10 +24,7 @@ async fn events(n: usize) -> Mock {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         });
-        Response::builder()
-            .header("content-type", "text/event-stream")
-            .body(body)
-            .unwrap()
+        sse(body)
     })
     .await
 }
@@ -44,13 +40,7 @@ fn config(mock: &Mock, grace: &str) -> String {
 async fn sigterm_lets_a_stream_in_flight_finish_then_exits_0() {
     let mock = events(15).await;
     let mut proxy = Process::start(&config(&mock, "30s"), &[]).await;
-    let res = send(
-        &client(),
-        Request::get(proxy.url("/v1/stream"))
-            .body(Full::default())
-            .unwrap(),
-    )
-    .await;
+    let res = open(&proxy.url("/v1/stream")).await;
     let mut body = res.into_body();
     let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
     assert_eq!(&first[..], b"data: 0\n\n");
@@ -75,13 +65,7 @@ async fn sigterm_lets_a_stream_in_flight_finish_then_exits_0() {
 async fn a_second_signal_exits_without_waiting_for_the_drain() {
     let mock = events(10_000).await;
     let mut proxy = Process::start(&config(&mock, "60s"), &[]).await;
-    let res = send(
-        &client(),
-        Request::get(proxy.url("/v1/stream"))
-            .body(Full::default())
-            .unwrap(),
-    )
-    .await;
+    let res = open(&proxy.url("/v1/stream")).await;
     let mut body = res.into_body();
     body.frame().await.unwrap().unwrap();
     proxy.signal("INT");

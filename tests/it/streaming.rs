@@ -14,13 +14,6 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::support::*;
 
-fn sse(body: MockBody) -> Response<MockBody> {
-    Response::builder()
-        .header("content-type", "text/event-stream")
-        .body(body)
-        .unwrap()
-}
-
 /// The next data frame of a response body, within 5 s.
 async fn next_frame(body: &mut hyper::body::Incoming) -> Bytes {
     loop {
@@ -55,13 +48,7 @@ async fn first_event_reaches_the_client_before_the_upstream_writes_the_second() 
     })
     .await;
     let proxy = Sidecar::start(&one_route(&mock.url(), ""), &[]).await;
-    let res = send(
-        &client(),
-        Request::get(proxy.url("/v1/stream"))
-            .body(Full::default())
-            .unwrap(),
-    )
-    .await;
+    let res = open(&proxy.url("/v1/stream")).await;
     assert_eq!(res.headers()["content-type"], "text/event-stream");
     let mut body = res.into_body();
     assert_eq!(&next_frame(&mut body).await[..], b"data: one\n\n");
@@ -92,13 +79,7 @@ async fn events_300ms_apart_arrive_as_they_are_written() {
     })
     .await;
     let proxy = Sidecar::start(&one_route(&mock.url(), ""), &[]).await;
-    let res = send(
-        &client(),
-        Request::get(proxy.url("/v1/stream"))
-            .body(Full::default())
-            .unwrap(),
-    )
-    .await;
+    let res = open(&proxy.url("/v1/stream")).await;
     let mut body = res.into_body();
     next_frame(&mut body).await;
     let first_received = Instant::now();
@@ -165,13 +146,7 @@ async fn a_gigabyte_passes_through_in_flat_memory() {
     assert_eq!(warm.len(), 1 << 20);
     let baseline = proxy.rss_kib();
 
-    let res = send(
-        &client(),
-        Request::get(proxy.url("/big"))
-            .body(Full::default())
-            .unwrap(),
-    )
-    .await;
+    let res = open(&proxy.url("/big")).await;
     let mut body = res.into_body();
     let (mut total, mut peak) = (0u64, baseline);
     let mut last_sample = Instant::now();

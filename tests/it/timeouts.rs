@@ -197,10 +197,7 @@ async fn total_deadline_mid_sse_ends_with_deadline_exceeded() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         });
-        Response::builder()
-            .header("content-type", "text/event-stream")
-            .body(body)
-            .unwrap()
+        sse(body)
     })
     .await;
     let proxy = Sidecar::start(

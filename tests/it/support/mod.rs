@@ -101,6 +101,19 @@ pub async fn send(client: &TestClient, req: Request<Full<Bytes>>) -> Response<In
         .expect("request failed")
 }
 
+/// `GET url`, the response with its body unread (for streams).
+pub async fn open(url: &str) -> Response<Incoming> {
+    send(&client(), Request::get(url).body(Full::default()).unwrap()).await
+}
+
+/// A `text/event-stream` response around `body`.
+pub fn sse(body: MockBody) -> Response<MockBody> {
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(body)
+        .unwrap()
+}
+
 /// `GET url`, the whole response.
 pub async fn get(url: &str) -> (Response<()>, Bytes) {
     let res = send(&client(), Request::get(url).body(Full::default()).unwrap()).await;
