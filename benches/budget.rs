@@ -9,7 +9,14 @@ use std::time::{Duration, Instant};
 use sluice::config::BudgetConfig;
 use sluice::retry::Budget;
 
-const N: u32 = 5_000_000;
+/// Iterations: the full run under `cargo bench`, a smoke run under `cargo test`.
+fn iterations() -> u32 {
+    if std::env::args().any(|a| a == "--bench") {
+        5_000_000
+    } else {
+        1_000
+    }
+}
 
 fn budget() -> Budget {
     Budget::new(BudgetConfig {
@@ -20,20 +27,21 @@ fn budget() -> Budget {
 }
 
 fn per_op(threads: u32, op: fn(&Budget)) -> f64 {
+    let n = iterations();
     let b = Arc::new(budget());
     let started = Instant::now();
     let handles: Vec<_> = (0..threads)
         .map(|_| {
             let b = b.clone();
             std::thread::spawn(move || {
-                for _ in 0..N {
+                for _ in 0..n {
                     op(black_box(&b));
                 }
             })
         })
         .collect();
     handles.into_iter().for_each(|h| h.join().unwrap());
-    started.elapsed().as_nanos() as f64 / f64::from(N)
+    started.elapsed().as_nanos() as f64 / f64::from(n)
 }
 
 fn main() {

@@ -51,6 +51,9 @@ pub struct AccessLog {
     pub budget_exhausted: bool,
     /// The upstream's own `x-request-id`, if it sent one.
     pub upstream_request_id: Option<String>,
+    /// The route's in-flight slot: released when this record drops, that
+    /// is when the response ends or the client leaves.
+    pub in_flight: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl AccessLog {
@@ -69,6 +72,7 @@ impl AccessLog {
             error: None,
             budget_exhausted: false,
             upstream_request_id: None,
+            in_flight: None,
         }
     }
 }

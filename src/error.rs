@@ -1,12 +1,17 @@
 //! Errors sluice answers itself. This is the one place that turns a failure
 //! into HTTP: OpenAI's error shape, so SDKs raise their usual exceptions.
 
+use std::time::Duration;
+
 use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, HeaderName, HeaderValue, Response, StatusCode};
+
+use crate::retry::format_go_duration;
 
 /// Who caused a failure: it decides the status family and the log level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
+    /// The request, or a limit the client ran into.
     Client,
     Upstream,
 }
@@ -22,6 +27,10 @@ pub enum ProxyError {
     RequestTooLarge,
     /// The client went silent while sending its body.
     RequestTimeout,
+    /// The route's (or client's) request rate is used up.
+    RateLimited { wait: Duration, limit: u32 },
+    /// `max_concurrent` requests in flight and no slot within `max_wait`.
+    ConcurrencyLimited,
     /// Connect failed or refused.
     ConnectFailed,
     /// The upstream's TLS certificate is not trusted.
@@ -34,86 +43,121 @@ pub enum ProxyError {
     DeadlineExceeded,
 }
 
+/// What a variant looks like on the wire.
+struct Shape {
+    status: StatusCode,
+    code: &'static str,
+    kind: &'static str,
+    message: &'static str,
+    fault: Fault,
+}
+
 impl ProxyError {
-    pub fn status(self) -> StatusCode {
-        match self {
-            Self::BadRequest => StatusCode::BAD_REQUEST,
-            Self::RouteNotFound => StatusCode::NOT_FOUND,
-            Self::RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::ConnectFailed | Self::UntrustedCertificate | Self::UpstreamReset => {
-                StatusCode::BAD_GATEWAY
-            }
-            Self::UpstreamTimeout | Self::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+    fn shape(self) -> Shape {
+        use Fault::{Client, Upstream};
+        let (status, code, kind, message, fault) = match self {
+            Self::BadRequest => (400, "bad_request", "invalid_request_error", "sluice: malformed request", Client),
+            Self::RouteNotFound => (
+                404,
+                "route_not_found",
+                "invalid_request_error",
+                "sluice: no route matches this request (method and path)",
+                Client,
+            ),
+            Self::RequestTooLarge => (
+                413,
+                "request_too_large",
+                "invalid_request_error",
+                "sluice: request body is larger than max_request_body",
+                Client,
+            ),
+            Self::RequestTimeout => (
+                408,
+                "request_timeout",
+                "invalid_request_error",
+                "sluice: the client stopped sending its request body",
+                Client,
+            ),
+            Self::RateLimited { .. } => (
+                429,
+                "rate_limit_exceeded",
+                "requests",
+                "sluice: rate limit reached for this route; retry after the time in retry-after",
+                Client,
+            ),
+            Self::ConcurrencyLimited => (
+                429,
+                "concurrency_limit_exceeded",
+                "requests",
+                "sluice: too many requests in flight for this route",
+                Client,
+            ),
+            Self::ConnectFailed => (
+                502,
+                "upstream_unavailable",
+                "proxy_error",
+                "sluice: upstream unavailable: could not connect",
+                Upstream,
+            ),
+            Self::UntrustedCertificate => (
+                502,
+                "upstream_unavailable",
+                "proxy_error",
+                "sluice: upstream unavailable: its TLS certificate is not trusted",
+                Upstream,
+            ),
+            Self::UpstreamReset => (
+                502,
+                "upstream_unavailable",
+                "proxy_error",
+                "sluice: upstream unavailable: connection closed before a response",
+                Upstream,
+            ),
+            Self::UpstreamTimeout => (
+                504,
+                "upstream_timeout",
+                "proxy_error",
+                "sluice: upstream timeout: no response headers within the route's first_byte timeout",
+                Upstream,
+            ),
+            Self::DeadlineExceeded => (
+                504,
+                "deadline_exceeded",
+                "proxy_error",
+                "sluice: the route's total deadline passed before a response",
+                Upstream,
+            ),
+        };
+        let status = StatusCode::from_u16(status).expect("a valid status");
+        Shape {
+            status,
+            code,
+            kind,
+            message,
+            fault,
         }
+    }
+
+    pub fn status(self) -> StatusCode {
+        self.shape().status
     }
 
     /// Stable code for the body, `x-sluice-error`, logs and metric labels.
     pub fn code(self) -> &'static str {
-        match self {
-            Self::BadRequest => "bad_request",
-            Self::RouteNotFound => "route_not_found",
-            Self::RequestTooLarge => "request_too_large",
-            Self::RequestTimeout => "request_timeout",
-            Self::ConnectFailed | Self::UntrustedCertificate | Self::UpstreamReset => {
-                "upstream_unavailable"
-            }
-            Self::UpstreamTimeout => "upstream_timeout",
-            Self::DeadlineExceeded => "deadline_exceeded",
-        }
+        self.shape().code
     }
 
     pub fn fault(self) -> Fault {
-        match self {
-            Self::BadRequest
-            | Self::RouteNotFound
-            | Self::RequestTooLarge
-            | Self::RequestTimeout => Fault::Client,
-            Self::ConnectFailed
-            | Self::UntrustedCertificate
-            | Self::UpstreamReset
-            | Self::UpstreamTimeout
-            | Self::DeadlineExceeded => Fault::Upstream,
-        }
-    }
-
-    fn message(self) -> &'static str {
-        match self {
-            Self::BadRequest => "sluice: malformed request",
-            Self::RouteNotFound => "sluice: no route matches this request (method and path)",
-            Self::RequestTooLarge => "sluice: request body is larger than max_request_body",
-            Self::RequestTimeout => "sluice: the client stopped sending its request body",
-            Self::ConnectFailed => "sluice: upstream unavailable: could not connect",
-            Self::UntrustedCertificate => {
-                "sluice: upstream unavailable: its TLS certificate is not trusted"
-            }
-            Self::UpstreamReset => {
-                "sluice: upstream unavailable: connection closed before a response"
-            }
-            Self::UpstreamTimeout => {
-                "sluice: upstream timeout: no response headers within the route's first_byte timeout"
-            }
-            Self::DeadlineExceeded => {
-                "sluice: the route's total deadline passed before a response"
-            }
-        }
-    }
-
-    fn error_type(self) -> &'static str {
-        match self.fault() {
-            Fault::Client => "invalid_request_error",
-            Fault::Upstream => "proxy_error",
-        }
+        self.shape().fault
     }
 
     /// The JSON body, `{"error":{...}}`. Every part is a constant of ours, so
     /// nothing needs escaping.
     pub fn body(self) -> Bytes {
+        let s = self.shape();
         Bytes::from(format!(
             r#"{{"error":{{"message":"{}","type":"{}","param":null,"code":"{}"}}}}"#,
-            self.message(),
-            self.error_type(),
-            self.code()
+            s.message, s.kind, s.code
         ))
     }
 
@@ -127,13 +171,32 @@ impl ProxyError {
             HeaderValue::from_static("application/json"),
         );
         h.insert("x-sluice-error", HeaderValue::from_static(self.code()));
+        match self {
+            // As OpenAI sends them, so SDKs back off for the right time.
+            Self::RateLimited { wait, limit } => {
+                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+                h.insert(X_LIMIT.clone(), HeaderValue::from(limit));
+                h.insert(X_REMAINING.clone(), HeaderValue::from_static("0"));
+                let reset = HeaderValue::from_str(&format_go_duration(wait)).expect("ASCII");
+                h.insert(X_RESET.clone(), reset);
+            }
+            Self::ConcurrencyLimited => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
+        }
         res
     }
 }
 
+static X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+static X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
+static X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+
 impl std::fmt::Display for ProxyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.message())
+        f.write_str(self.shape().message)
     }
 }
 
@@ -153,5 +216,25 @@ mod tests {
             text,
             r#"{"error":{"message":"sluice: no route matches this request (method and path)","type":"invalid_request_error","param":null,"code":"route_not_found"}}"#
         );
+    }
+
+    #[test]
+    fn rate_limited_carries_openai_headers_rounded_up() {
+        let e = ProxyError::RateLimited {
+            wait: Duration::from_millis(1200),
+            limit: 60,
+        };
+        let res = e.into_response();
+        assert_eq!(res.status(), 429);
+        let h = res.headers();
+        assert_eq!(h["retry-after"], "2");
+        assert_eq!(h["x-ratelimit-limit-requests"], "60");
+        assert_eq!(h["x-ratelimit-remaining-requests"], "0");
+        assert_eq!(h["x-ratelimit-reset-requests"], "1.2s");
+        let e = ProxyError::RateLimited {
+            wait: Duration::from_millis(80),
+            limit: 60,
+        };
+        assert_eq!(e.into_response().headers()["retry-after"], "1");
     }
 }

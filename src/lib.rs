@@ -24,6 +24,7 @@ pub mod access;
 pub mod body;
 pub mod config;
 pub mod error;
+pub mod limit;
 pub mod logging;
 pub mod proxy;
 pub mod response;

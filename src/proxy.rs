@@ -21,6 +21,7 @@ use crate::access::AccessLog;
 use crate::body::{BodyLimits, RequestBody};
 use crate::config::{Config, RetryPolicy, Route};
 use crate::error::{Fault, ProxyError};
+use crate::limit::Limiter;
 use crate::response::ResponseBody;
 use crate::retry::{self, Budget};
 use crate::route::RouteTable;
@@ -44,6 +45,7 @@ pub struct Proxy {
 struct Target {
     upstream: Arc<Upstream>,
     budget: Budget,
+    limiter: Option<Arc<Limiter>>,
 }
 
 /// An upstream response on its way to the client.
@@ -68,6 +70,7 @@ impl Proxy {
                 let target = Target {
                     upstream: upstreams[r.upstream.name.as_str()].clone(),
                     budget: Budget::new(r.retry.budget),
+                    limiter: r.rate_limit.as_ref().map(Limiter::new),
                 };
                 (r.clone(), target)
             })
@@ -159,6 +162,10 @@ impl Proxy {
             .ok_or(ProxyError::RouteNotFound)?;
         log.route = Some(route.clone());
         let deadline = route.timeouts.total.map(|t| start + t);
+        if let Some(limiter) = &target.limiter {
+            // Held until the response ends, whichever way it ends.
+            log.in_flight = limiter.admit(&parts.headers, deadline).await?;
+        }
         // Keep a replay copy only when the route retries.
         let mut limits = self.limits;
         if route.retry.attempts == 1 {

@@ -18,7 +18,7 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
 pub use error::{ConfigErrors, Problem};
-pub use raw::{AuthScheme, LogFormat, RetryOn};
+pub use raw::{AuthScheme, LogFormat, RateLimitPer, RetryOn};
 
 /// A checked configuration.
 #[derive(Debug)]
@@ -79,6 +79,20 @@ pub struct Route {
     pub upstream: Arc<Upstream>,
     pub timeouts: Timeouts,
     pub retry: RetryPolicy,
+    pub rate_limit: Option<RateLimitConfig>,
+}
+
+/// `[routes.rate_limit]`, resolved.
+#[derive(Debug, Clone)]
+pub struct RateLimitConfig {
+    /// 0: no rate limit, only the in-flight cap.
+    pub requests_per_minute: u32,
+    pub burst: u32,
+    pub per: RateLimitPer,
+    pub client_key_header: HeaderName,
+    pub max_wait: Duration,
+    /// 0: no cap.
+    pub max_concurrent: u32,
 }
 
 /// `[routes.timeouts]`, resolved.

@@ -160,6 +160,48 @@ pub struct RawRoute {
     pub timeouts: RawTimeouts,
     #[serde(default)]
     pub retry: RawRetry,
+    /// Absent: unlimited.
+    #[serde(default)]
+    pub rate_limit: Option<RawRateLimit>,
+}
+
+/// `[routes.rate_limit]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRateLimit {
+    /// GCRA rate; 0 = no rate limit (only `max_concurrent`).
+    pub requests_per_minute: u32,
+    /// Requests allowed at once from a full bucket.
+    pub burst: u32,
+    /// One bucket for the route, or one per client key.
+    pub per: RateLimitPer,
+    /// Header identifying a client for `per = "client"`; hashed, never logged.
+    pub client_key_header: String,
+    /// Wait up to this for a permit before answering 429.
+    pub max_wait: Dur,
+    /// Requests of this route in flight at once; 0 = no cap.
+    pub max_concurrent: u32,
+}
+
+impl Default for RawRateLimit {
+    fn default() -> Self {
+        Self {
+            requests_per_minute: 600,
+            burst: 60,
+            per: RateLimitPer::Route,
+            client_key_header: "authorization".into(),
+            max_wait: Dur(Duration::ZERO),
+            max_concurrent: 0,
+        }
+    }
+}
+
+/// `per = ...`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RateLimitPer {
+    Route,
+    Client,
 }
 
 /// `[routes.timeouts]`.

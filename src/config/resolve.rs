@@ -11,10 +11,12 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 
 use super::raw::{
-    AuthScheme, RawConfig, RawRetry, RawRoute, RawServer, RawTimeouts, RawUpstream, RetryOn,
+    AuthScheme, RawConfig, RawRateLimit, RawRetry, RawRoute, RawServer, RawTimeouts, RawUpstream,
+    RetryOn,
 };
 use super::{
-    tls, BudgetConfig, Config, Log, Problem, RetryPolicy, Route, Server, Timeouts, Upstream,
+    tls, BudgetConfig, Config, Log, Problem, RateLimitConfig, RetryPolicy, Route, Server, Timeouts,
+    Upstream,
 };
 
 /// Headers a config may not set: they are the connection's, or sluice's own.
@@ -358,6 +360,10 @@ fn routes(
         }
         let timeouts = timeouts(&r.timeouts, &at("timeouts"), problems);
         let retry = retry(&r.retry, &at("retry"), problems);
+        let rate_limit = r
+            .rate_limit
+            .as_ref()
+            .map(|l| rate_limit(l, &at("rate_limit"), problems));
         let upstream = match upstreams.get(&r.upstream) {
             Some(u) => u.clone(),
             None => {
@@ -383,6 +389,7 @@ fn routes(
             upstream,
             timeouts,
             retry,
+            rate_limit,
         }));
     }
     out
@@ -453,4 +460,32 @@ fn retry(raw: &RawRetry, at: &str, problems: &mut Vec<Problem>) -> RetryPolicy {
         }
     }
     policy
+}
+
+fn rate_limit(raw: &RawRateLimit, at: &str, problems: &mut Vec<Problem>) -> RateLimitConfig {
+    let mut p = |key: &str, m: &str| problems.push(Problem::at(format!("{at}.{key}"), m));
+    if raw.requests_per_minute > 0 && raw.burst == 0 {
+        p(
+            "burst",
+            "must be at least 1 when requests_per_minute is set",
+        );
+    }
+    if raw.requests_per_minute == 0 && raw.max_concurrent == 0 {
+        p(
+            "requests_per_minute",
+            "with max_concurrent = 0 too, this table limits nothing",
+        );
+    }
+    let header = HeaderName::from_bytes(raw.client_key_header.as_bytes());
+    if header.is_err() {
+        p("client_key_header", "not a valid header name");
+    }
+    RateLimitConfig {
+        requests_per_minute: raw.requests_per_minute,
+        burst: raw.burst,
+        per: raw.per,
+        client_key_header: header.unwrap_or(http::header::AUTHORIZATION),
+        max_wait: raw.max_wait.0,
+        max_concurrent: raw.max_concurrent,
+    }
 }

@@ -86,6 +86,19 @@ pub fn go_duration(s: &str) -> Option<Duration> {
     Duration::try_from_secs_f64(total).ok()
 }
 
+/// Formats a duration as OpenAI's rate-limit headers do: "120ms", "1.2s", "6m0s".
+pub fn format_go_duration(d: Duration) -> String {
+    let ms = d.as_millis() + u128::from(d.subsec_nanos() % 1_000_000 > 0);
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let (mins, secs) = (ms / 60_000, (ms % 60_000) as f64 / 1000.0);
+    match mins {
+        0 => format!("{secs}s"),
+        m => format!("{m}m{secs}s"),
+    }
+}
+
 /// Whether a 429's body says the account is out of quota: a billing state,
 /// not a transient limit, so retrying cannot help.
 pub fn is_insufficient_quota(body: &[u8]) -> bool {
@@ -169,6 +182,20 @@ mod tests {
         // Reset headers mean nothing on a 503.
         assert_eq!(hint(&openai, StatusCode::SERVICE_UNAVAILABLE, now), None);
         assert_eq!(hint(&h(&[("retry-after", "soon")]), s429, now), None);
+    }
+
+    #[test]
+    fn go_durations_format_and_parse_back() {
+        for (d, text) in [
+            (120, "120ms"),
+            (1200, "1.2s"),
+            (360_000, "6m0s"),
+            (61_500, "1m1.5s"),
+        ] {
+            let d = Duration::from_millis(d);
+            assert_eq!(format_go_duration(d), text);
+            assert_eq!(go_duration(text), Some(d));
+        }
     }
 
     #[test]

@@ -367,3 +367,40 @@ upstream = "k"
     }
     assert!(!err.contains("DO-NOT-PRINT"), "{err}");
 }
+
+#[test]
+fn rate_limit_keys_are_checked() {
+    let toml = format!(
+        "{}\n[routes.rate_limit]\nrequests_per_minute = 10\nburst = 0\nper = \"tenant\"\n",
+        one_route("http://h", "")
+    );
+    let (code, _, err, _) = check(&toml, &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(
+            "routes[0].rate_limit.per: unknown variant `tenant`, expected `route` or `client`"
+        ),
+        "{err}"
+    );
+    let toml = format!(
+        "{}\n[routes.rate_limit]\nburst = 0\nclient_key_header = \"bad header\"\n",
+        one_route("http://h", "")
+    );
+    let (code, _, err, _) = check(&toml, &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("routes[0].rate_limit.burst: must be at least 1"),
+        "{err}"
+    );
+    assert!(
+        err.contains("routes[0].rate_limit.client_key_header: not a valid header name"),
+        "{err}"
+    );
+    let toml = format!(
+        "{}\n[routes.rate_limit]\nrequests_per_minute = 0\n",
+        one_route("http://h", "")
+    );
+    let (code, _, err, _) = check(&toml, &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("this table limits nothing"), "{err}");
+}

@@ -2,6 +2,7 @@
 
 mod config_cli;
 mod forwarding;
+mod limits;
 mod logging;
 mod request_body;
 mod retries;

@@ -36,9 +36,23 @@ def retried_success() -> None:
     assert completion.choices[0].message.content == "recovered", completion
 
 
+def rate_limited_retry() -> None:
+    # The route allows one request per second: the second call gets a 429 with
+    # retry-after: 1, and the SDK (max_retries=2) waits and succeeds.
+    c = openai.OpenAI(api_key="sk-client", base_url=os.environ["SLUICE_BASE_URL"], max_retries=2, timeout=20.0)
+    for _ in range(2):
+        completion = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        assert completion.choices[0].message.content == "ok", completion
+
+
 def main() -> None:
     name = sys.argv[1]
-    {"idle_timeout_raises": idle_timeout_raises, "retried_success": retried_success}[name]()
+    scenarios = {
+        "idle_timeout_raises": idle_timeout_raises,
+        "retried_success": retried_success,
+        "rate_limited_retry": rate_limited_retry,
+    }
+    scenarios[name]()
     print(f"ok {name}")
 
 
