@@ -16,6 +16,7 @@
 //! - [`error`]: the errors sluice answers itself, in OpenAI's shape.
 //! - [`access`]: the one log line per request.
 //! - [`logging`]: text or JSON logs.
+//! - [`systemd`]: sd_notify states and the open-file limit.
 //!
 //! # Request flow
 //! `server -> proxy::Proxy::handle -> route -> body -> upstream -> body`
@@ -31,6 +32,7 @@ pub mod response;
 pub mod retry;
 pub mod route;
 pub mod server;
+pub mod systemd;
 pub mod upstream;
 
 use std::future::Future;
@@ -57,5 +59,6 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         let tls = if opts.tls.is_some() { "https" } else { "http" };
         tracing::info!(routes = config.routes.len(), "listening on {tls}://{addr}");
     }
+    systemd::ready();
     server::serve(listener, opts, proxy, shutdown).await;
 }

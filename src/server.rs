@@ -113,6 +113,7 @@ pub async fn serve(
         });
     }
     drop(listener);
+    crate::systemd::stopping();
     tracing::info!(connections = graceful.count(), "draining");
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("drained"),

@@ -288,6 +288,9 @@ fn default_prefix() -> String {
     "/".into()
 }
 
+/// The longest duration a config may hold.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// A duration written as a string with a unit: "250ms", "30s", "5m".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dur(pub Duration);
@@ -301,11 +304,18 @@ impl<'de> Deserialize<'de> for Dur {
                 f.write_str(r#"a duration string such as "250ms", "30s" or "5m""#)
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<Dur, E> {
-                humantime::parse_duration(s.trim()).map(Dur).map_err(|e| {
+                let d = humantime::parse_duration(s.trim()).map_err(|e| {
                     E::custom(format_args!(
                         r#"invalid duration "{s}": {e} (write e.g. "250ms", "30s", "5m")"#
                     ))
-                })
+                })?;
+                // Deadlines are instants plus these: keep them far from overflow.
+                if d > MAX_DURATION {
+                    return Err(E::custom(format_args!(
+                        r#"duration "{s}" is over 365 days"#
+                    )));
+                }
+                Ok(Dur(d))
             }
         }
         d.deserialize_str(V)

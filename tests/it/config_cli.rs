@@ -144,6 +144,17 @@ fn bad_duration_and_bad_size_are_located() {
         "{err}"
     );
 
+    let toml = format!(
+        "[server]\nshutdown_grace = \"500000000y\"\n{}",
+        one_route("http://h", "")
+    );
+    let (code, _, err, _) = check(&toml, &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(":2:18: server.shutdown_grace: duration \"500000000y\" is over 365 days"),
+        "{err}"
+    );
+
     let (code, _, err, _) = check("[upstreams.up]\nurl = \"http://h\"\nconnect_timeout = 10\n[[routes]]\nname = \"r\"\nupstream = \"up\"\n", &[]);
     assert_eq!(code, 1);
     assert!(err.contains(":3:19: upstreams.up.connect_timeout: invalid type: integer `10`, expected a duration string"), "{err}");

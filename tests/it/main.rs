@@ -12,5 +12,6 @@ mod sdk;
 mod shutdown;
 mod streaming;
 mod support;
+mod systemd;
 mod timeouts;
 mod tls;

@@ -163,9 +163,29 @@ pub struct Process {
 impl Process {
     /// Writes `toml` (which must set `listen = "127.0.0.1:0"`) and starts sluice.
     pub async fn start(toml: &str, env: &[(&str, &str)]) -> Process {
+        Self::start_with_soft_nofile(toml, env, None).await
+    }
+
+    /// As `start`, with the soft open-file limit lowered first (through the
+    /// shell's ulimit, then exec: the child is sluice itself).
+    pub async fn start_with_soft_nofile(
+        toml: &str,
+        env: &[(&str, &str)],
+        nofile: Option<u64>,
+    ) -> Process {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("sluice.toml"), toml).unwrap();
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        let mut cmd = match nofile {
+            None => tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice")),
+            Some(n) => {
+                let mut c = tokio::process::Command::new("bash");
+                c.arg("-c")
+                    .arg(format!("ulimit -Sn {n} && exec \"$0\" \"$@\""))
+                    .arg(env!("CARGO_BIN_EXE_sluice"));
+                c
+            }
+        };
+        let mut child = cmd
             .arg("--config")
             .arg(dir.path().join("sluice.toml"))
             .env_remove("RUST_LOG")

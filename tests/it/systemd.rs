@@ -1,0 +1,61 @@
+//! Under systemd: sd_notify states on a real NOTIFY_SOCKET, and the soft
+//! open-file limit raised to the hard one.
+
+use std::time::Duration;
+
+use tokio::net::UnixDatagram;
+
+use crate::support::*;
+
+fn config(mock: &Mock) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{}",
+        one_route(&mock.url(), "")
+    )
+}
+
+async fn next_message(socket: &UnixDatagram) -> String {
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), socket.recv(&mut buf))
+        .await
+        .expect("a notification within 10 s")
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test]
+async fn ready_once_listening_and_stopping_on_drain() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    let mock = Mock::start(|_| async { json(200, "{}") }).await;
+    let mut proxy =
+        Process::start(&config(&mock), &[("NOTIFY_SOCKET", path.to_str().unwrap())]).await;
+    assert_eq!(next_message(&socket).await.trim(), "READY=1");
+    // Ready means serving.
+    assert_eq!(get(&proxy.url("/v1/models")).await.0.status(), 200);
+    proxy.signal("TERM");
+    assert_eq!(next_message(&socket).await.trim(), "STOPPING=1");
+    assert_eq!(proxy.exit_within(Duration::from_secs(10)).await, Some(0));
+}
+
+#[tokio::test]
+async fn the_soft_open_file_limit_is_raised_to_the_hard_limit() {
+    let mock = Mock::start(|_| async { json(200, "{}") }).await;
+    let mut proxy = Process::start_with_soft_nofile(&config(&mock), &[], Some(256)).await;
+    let pid = proxy.child.id().unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let nums: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(nums[0], nums[1], "soft limit not raised: {line}");
+    assert_ne!(nums[0], "256", "{line}");
+    proxy.stop().await;
+    assert!(
+        proxy.output().contains(&format!("limit={}", nums[1])),
+        "{}",
+        proxy.output()
+    );
+}
