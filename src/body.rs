@@ -43,9 +43,17 @@ pub struct Streaming {
     rest: Incoming,
     seen: u64,
     max: u64,
-    /// Why the stream broke, for the proxy to read: an HTTP/2 upstream turns
-    /// a body error into a stream reset, which hides its cause.
-    failure: Arc<OnceLock<ProxyError>>,
+    state: Arc<StreamState>,
+}
+
+/// What the proxy watches of a streaming body while an attempt runs.
+#[derive(Debug, Default)]
+pub struct StreamState {
+    /// Why the stream broke: an HTTP/2 upstream turns a body error into a
+    /// stream reset, which hides its cause.
+    pub failure: OnceLock<ProxyError>,
+    /// Signalled once the whole body has gone upstream.
+    pub uploaded: tokio::sync::Notify,
 }
 
 /// The error a streaming body gives hyper; the cause is in the failure slot.
@@ -113,15 +121,15 @@ impl RequestBody {
             rest: body,
             seen,
             max: limits.max_request_body,
-            failure: Arc::default(),
+            state: Arc::default(),
         }))
     }
 
-    /// Where a streaming body records why it broke; `None` for a whole body.
-    pub fn failure_slot(&self) -> Option<Arc<OnceLock<ProxyError>>> {
+    /// A streaming body's state; `None` for a whole body.
+    pub fn stream_state(&self) -> Option<Arc<StreamState>> {
         match self {
             Self::Full(_) => None,
-            Self::Streaming(s) => Some(s.failure.clone()),
+            Self::Streaming(s) => Some(s.state.clone()),
         }
     }
 }
@@ -173,8 +181,13 @@ impl Body for RequestBody {
                     return Poll::Ready(Some(Ok(Frame::data(d))));
                 }
                 let frame = ready!(Pin::new(&mut s.rest).poll_frame(cx));
+                // hyper may stop polling once is_end_stream() is true: signal both ways.
+                if frame.is_none() || s.rest.is_end_stream() {
+                    s.state.uploaded.notify_one();
+                }
+                let state = &s.state;
                 let fail = |why: ProxyError| {
-                    let _ = s.failure.set(why);
+                    let _ = state.failure.set(why);
                     RequestBodyError(why)
                 };
                 Poll::Ready(frame.map(|f| {

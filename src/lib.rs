@@ -22,11 +22,13 @@
 //! `server -> proxy::Proxy::handle -> route -> body -> upstream -> body`
 
 pub mod access;
+pub mod admin;
 pub mod body;
 pub mod config;
 pub mod error;
 pub mod limit;
 pub mod logging;
+pub mod metrics;
 pub mod proxy;
 pub mod response;
 pub mod retry;

@@ -100,6 +100,22 @@ impl<C: Clock + Clone> Limiter<C> {
     ) -> Result<Option<OwnedSemaphorePermit>, ProxyError> {
         let give_up = Instant::now() + self.max_wait;
         let give_up = deadline.map_or(give_up, |d| d.min(give_up));
+        // The slot first: a request refused or cancelled for want of a
+        // slot must not also spend a rate token.
+        let slot = match &self.in_flight {
+            None => None,
+            Some(sem) => match sem.clone().try_acquire_owned() {
+                Ok(slot) => Some(slot),
+                Err(_) => match tokio::time::timeout_at(give_up, sem.clone().acquire_owned()).await
+                {
+                    Ok(Ok(slot)) => Some(slot),
+                    _ => {
+                        self.rejected.fetch_add(1, Relaxed);
+                        return Err(ProxyError::ConcurrencyLimited);
+                    }
+                },
+            },
+        };
         let key = self.client_key(headers);
         while let Err(wait) = self.check(key) {
             if Instant::now() + wait > give_up {
@@ -109,19 +125,7 @@ impl<C: Clock + Clone> Limiter<C> {
             }
             tokio::time::sleep(wait).await;
         }
-        let Some(sem) = &self.in_flight else {
-            return Ok(None);
-        };
-        if let Ok(slot) = sem.clone().try_acquire_owned() {
-            return Ok(Some(slot));
-        }
-        match tokio::time::timeout_at(give_up, sem.clone().acquire_owned()).await {
-            Ok(Ok(slot)) => Ok(Some(slot)),
-            _ => {
-                self.rejected.fetch_add(1, Relaxed);
-                Err(ProxyError::ConcurrencyLimited)
-            }
-        }
+        Ok(slot)
     }
 
     /// Takes one cell for `key`, or says how long until one is free.

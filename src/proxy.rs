@@ -219,25 +219,36 @@ impl Proxy {
             let (outcome, hint) = match outcome {
                 Ok(res) if can_retry && policy.on_status.contains(&res.status().as_u16()) => {
                     log.ttfb = Some(sent.elapsed());
-                    let fwd = if res.status() == StatusCode::TOO_MANY_REQUESTS {
-                        let (fwd, quota) = peek_quota(res, sent + route.timeouts.first_byte).await;
-                        if quota {
-                            return Ok(fwd);
-                        }
-                        fwd
+                    let peeked = if res.status() == StatusCode::TOO_MANY_REQUESTS {
+                        let first_byte = sent + route.timeouts.first_byte;
+                        peek_quota(res, deadline.map_or(first_byte, |d| d.min(first_byte))).await
                     } else {
-                        Forwarded {
-                            res,
-                            head: VecDeque::new(),
-                        }
+                        Ok((
+                            Forwarded {
+                                res,
+                                head: VecDeque::new(),
+                            },
+                            false,
+                        ))
                     };
-                    let hint = policy
-                        .honor_retry_after
-                        .then(|| {
-                            retry::hint(fwd.res.headers(), fwd.res.status(), SystemTime::now())
-                        })
-                        .flatten();
-                    (Ok(fwd), hint)
+                    match peeked {
+                        Ok((fwd, true)) => return Ok(fwd),
+                        Ok((fwd, false)) => {
+                            let hint = policy
+                                .honor_retry_after
+                                .then(|| {
+                                    retry::hint(
+                                        fwd.res.headers(),
+                                        fwd.res.status(),
+                                        SystemTime::now(),
+                                    )
+                                })
+                                .flatten();
+                            (Ok(fwd), hint)
+                        }
+                        Err(e) if retryable(e, policy) => (Err(e), None),
+                        Err(e) => return Err(e),
+                    }
                 }
                 Ok(res) => {
                     log.ttfb = Some(sent.elapsed());
@@ -285,17 +296,31 @@ impl Proxy {
         req: Request<RequestBody>,
         deadline: Option<Instant>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let first_byte = Instant::now() + route.timeouts.first_byte;
-        let limit = deadline.map_or(first_byte, |d| d.min(first_byte));
-        let body_failure = req.body().failure_slot();
-        match tokio::time::timeout_at(limit, target.upstream.send(req)).await {
-            Ok(Ok(res)) => Ok(res),
-            // When the client's body broke (too large, cut off), that is the cause.
-            Ok(Err(e)) => Err(body_failure
-                .and_then(|f| f.get().copied())
-                .unwrap_or_else(|| upstream::classify(&e, &route.upstream.name))),
-            Err(_) if limit == first_byte => Err(ProxyError::UpstreamTimeout),
-            Err(_) => Err(ProxyError::DeadlineExceeded),
+        let stream = req.body().stream_state();
+        // first_byte runs from the end of the upload: a slow client's large
+        // body is not the upstream being late.
+        let first_byte = async {
+            if let Some(s) = &stream {
+                s.uploaded.notified().await;
+            }
+            tokio::time::sleep(route.timeouts.first_byte).await;
+        };
+        let deadline_passes = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            res = target.upstream.send(req) => res.map_err(|e| {
+                // When the client's body broke (too large, cut off), that is the cause.
+                stream
+                    .as_ref()
+                    .and_then(|s| s.failure.get().copied())
+                    .unwrap_or_else(|| upstream::classify(&e, &route.upstream.name))
+            }),
+            () = first_byte => Err(ProxyError::UpstreamTimeout),
+            () = deadline_passes => Err(ProxyError::DeadlineExceeded),
         }
     }
 }
@@ -321,9 +346,14 @@ fn request(parts: &Parts, body: RequestBody) -> Request<RequestBody> {
     req
 }
 
-/// Reads the start of a 429's body to see whether it is `insufficient_quota`;
-/// what was read is kept so the response can still pass on intact.
-async fn peek_quota(res: Response<Incoming>, until: Instant) -> (Forwarded, bool) {
+/// Reads the start of a 429's body to see whether it is `insufficient_quota`
+/// (true: never retry it); what was read is kept so the response can still
+/// pass on intact. A body that breaks off is a reset: passed on, it would
+/// look complete.
+async fn peek_quota(
+    res: Response<Incoming>,
+    until: Instant,
+) -> Result<(Forwarded, bool), ProxyError> {
     let (parts, mut body) = res.into_parts();
     let mut head = VecDeque::new();
     let mut len = 0;
@@ -335,18 +365,24 @@ async fn peek_quota(res: Response<Incoming>, until: Instant) -> (Forwarded, bool
                     head.push_back(data);
                 }
             }
-            _ => break,
+            Ok(Some(Err(_))) => return Err(ProxyError::UpstreamReset),
+            // The end, or a stalled body: judge what arrived.
+            Ok(None) | Err(_) => break,
         }
     }
     let whole: Vec<u8> = head.iter().flat_map(|b| b.iter().copied()).collect();
-    let quota = retry::is_insufficient_quota(&whole);
-    (
+    let encoding = parts
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .map(HeaderValue::as_bytes);
+    let quota = retry::is_insufficient_quota(encoding, &whole);
+    Ok((
         Forwarded {
             res: Response::from_parts(parts, body),
             head,
         },
         quota,
-    )
+    ))
 }
 
 /// Runs `f`, bounded by the route's total deadline when it has one.

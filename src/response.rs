@@ -198,6 +198,12 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
+        // A fast upstream is never Pending: check the total deadline on every frame.
+        if let Some(t) = &this.timer {
+            if t.deadline.is_some_and(|d| Instant::now() >= d) {
+                return this.fail(StreamFailure::Deadline);
+            }
+        }
         let frame = match &mut this.inner {
             Inner::Done => return Poll::Ready(None),
             Inner::Full(data) => data.take().map(|d| Ok(Frame::data(d))),

@@ -416,11 +416,11 @@ fn retry(raw: &RawRetry, at: &str, problems: &mut Vec<Problem>) -> RetryPolicy {
     if raw.backoff_max.0 < raw.backoff_base.0 {
         p("backoff_max", "must not be less than backoff_base".into());
     }
-    if !(raw.budget_ratio > 0.0 && raw.budget_ratio <= 1000.0) {
-        p(
-            "budget_ratio",
-            "must be greater than 0 and at most 1000".into(),
-        );
+    if !(0.001..=1000.0).contains(&raw.budget_ratio) {
+        p("budget_ratio", "must be from 0.001 to 1000".into());
+    }
+    if raw.budget_min_per_second > 100_000 {
+        p("budget_min_per_second", "must be at most 100000".into());
     }
     if !(Duration::from_secs(1)..=Duration::from_secs(60)).contains(&raw.budget_ttl.0) {
         p("budget_ttl", "must be from 1s to 60s".into());

@@ -17,8 +17,9 @@ use crate::config::BudgetConfig;
 const SLOTS: usize = 10;
 /// Fixed-point scale: one deposit is `SCALE` units.
 const SCALE: i64 = 1000;
-/// Low bits of a slot hold its balance (signed), high bits its epoch.
-const VALUE_BITS: u32 = 40;
+/// Low bits of a slot hold its balance (signed; about two million deposits
+/// per slot), high bits its epoch (wrapping only after years).
+const VALUE_BITS: u32 = 32;
 const VALUE_MASK: u64 = (1 << VALUE_BITS) - 1;
 const EPOCH_MASK: u64 = (1 << (64 - VALUE_BITS)) - 1;
 
@@ -47,7 +48,8 @@ impl Budget {
             slot_ms: ttl_ms / SLOTS as u64,
             origin: Instant::now(),
             withdraw,
-            reserve: i64::from(config.min_per_second) * config.ttl.as_secs() as i64 * withdraw,
+            reserve: (i64::from(config.min_per_second) * config.ttl.as_millis() as i64 / 1000)
+                .saturating_mul(withdraw),
             exhausted: AtomicU64::new(0),
         }
     }

@@ -30,8 +30,9 @@ pub fn hint(headers: &HeaderMap, status: StatusCode, now: SystemTime) -> Option<
             .map(str::trim)
     };
     if let Some(ms) = text("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
-        if ms.is_finite() && ms >= 0.0 {
-            return Some(Duration::from_secs_f64(ms / 1000.0));
+        // try_from: an absurd value must not panic (panic = "abort" in release).
+        if let Ok(d) = Duration::try_from_secs_f64(ms / 1000.0) {
+            return Some(d);
         }
     }
     if let Some(v) = text("retry-after") {
@@ -100,8 +101,30 @@ pub fn format_go_duration(d: Duration) -> String {
 }
 
 /// Whether a 429's body says the account is out of quota: a billing state,
-/// not a transient limit, so retrying cannot help.
-pub fn is_insufficient_quota(body: &[u8]) -> bool {
+/// not a transient limit, so retrying cannot help. Bodies the SDKs asked to
+/// have compressed are decoded (gzip, deflate); one in an encoding sluice
+/// cannot read counts as quota too: not retrying is the safe side.
+pub fn is_insufficient_quota(encoding: Option<&[u8]>, body: &[u8]) -> bool {
+    use std::io::Read;
+    let mut decoded = Vec::new();
+    let body = match encoding.map(<[u8]>::to_ascii_lowercase).as_deref() {
+        None | Some(b"identity") => body,
+        Some(b"gzip") | Some(b"x-gzip") => {
+            let limited = flate2::read::GzDecoder::new(body).take(1 << 20);
+            match { limited }.read_to_end(&mut decoded) {
+                Ok(_) => &decoded,
+                Err(_) => return false,
+            }
+        }
+        Some(b"deflate") => {
+            let limited = flate2::read::ZlibDecoder::new(body).take(1 << 20);
+            match { limited }.read_to_end(&mut decoded) {
+                Ok(_) => &decoded,
+                Err(_) => return false,
+            }
+        }
+        Some(_) => return true,
+    };
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
         return false;
     };
@@ -182,6 +205,13 @@ mod tests {
         // Reset headers mean nothing on a 503.
         assert_eq!(hint(&openai, StatusCode::SERVICE_UNAVAILABLE, now), None);
         assert_eq!(hint(&h(&[("retry-after", "soon")]), s429, now), None);
+        for absurd in ["1e30", "-5", "NaN", "inf"] {
+            assert_eq!(
+                hint(&h(&[("retry-after-ms", absurd)]), s429, now),
+                None,
+                "{absurd}"
+            );
+        }
     }
 
     #[test]
@@ -213,9 +243,24 @@ mod tests {
     #[test]
     fn insufficient_quota_is_recognised() {
         let quota = br#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#;
-        assert!(is_insufficient_quota(quota));
+        assert!(is_insufficient_quota(None, quota));
         let limit = br#"{"error":{"message":"Rate limit reached","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#;
-        assert!(!is_insufficient_quota(limit));
-        assert!(!is_insufficient_quota(b"not json"));
+        assert!(!is_insufficient_quota(None, limit));
+        assert!(!is_insufficient_quota(None, b"not json"));
+        // Compressed as the SDKs' accept-encoding allows.
+        use std::io::Write;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(quota).unwrap();
+        assert!(is_insufficient_quota(Some(b"gzip"), &gz.finish().unwrap()));
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(limit).unwrap();
+        assert!(!is_insufficient_quota(Some(b"GZIP"), &gz.finish().unwrap()));
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        z.write_all(quota).unwrap();
+        assert!(is_insufficient_quota(
+            Some(b"deflate"),
+            &z.finish().unwrap()
+        ));
+        assert!(is_insufficient_quota(Some(b"br"), b"\x0b\x02"));
     }
 }

@@ -315,7 +315,7 @@ fn retry_and_timeout_keys_are_checked() {
         "routes[0].retry.attempts: must be from 1 (no retries) to 10",
         "routes[0].retry.retry_on[0]: unknown condition \"timeouts\"",
         "routes[0].retry.retry_on[1]: 200 is not a 4xx or 5xx status code",
-        "routes[0].retry.budget_ratio: must be greater than 0",
+        "routes[0].retry.budget_ratio: must be from 0.001 to 1000",
         "routes[0].retry.backoff_max: must not be less than backoff_base",
         "routes[0].retry.budget_ttl: must be from 1s to 60s",
     ] {

