@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use http::{Method, StatusCode, Uri};
 
 use crate::config::Route;
+use crate::metrics::RouteMetrics;
 use crate::response::StreamFailure;
 
 /// How the response body ended, as far as the client is concerned.
@@ -54,6 +55,8 @@ pub struct AccessLog {
     /// The route's in-flight slot: released when this record drops, that
     /// is when the response ends or the client leaves.
     pub in_flight: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The route's metric handles (or the unrouted ones).
+    pub metrics: Option<RouteMetrics>,
 }
 
 impl AccessLog {
@@ -73,12 +76,25 @@ impl AccessLog {
             budget_exhausted: false,
             upstream_request_id: None,
             in_flight: None,
+            metrics: None,
         }
     }
 }
 
 impl Drop for AccessLog {
     fn drop(&mut self) {
+        if let Some(m) = &self.metrics {
+            m.request(self.status.map_or(499, |s| s.as_u16()));
+            m.duration.observe(self.start.elapsed().as_secs_f64());
+            if self.route.is_some() {
+                m.in_flight.dec();
+            }
+            match self.end {
+                BodyEnd::Failed(why) => m.stream_abort(why.code()),
+                BodyEnd::Unfinished if self.status.is_some() => m.stream_abort("client_gone"),
+                _ => {}
+            }
+        }
         let route = self.route.as_deref();
         // Microsecond precision, printed as milliseconds.
         let ms = |d: Duration| d.as_micros() as f64 / 1000.0;

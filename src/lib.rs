@@ -40,13 +40,37 @@ pub mod upstream;
 use std::future::Future;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 
-pub use config::Config;
+pub use config::{Config, ConfigErrors};
 
-/// Serves `config` on an already bound `listener` until `shutdown`
-/// resolves, then drains. Tests bind port 0 and pass their own shutdown.
-pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+/// The sockets sluice serves, bound by the caller (tests bind port 0).
+pub struct Listeners {
+    pub data: TcpListener,
+    /// `None` when `admin_listen = ""`.
+    pub admin: Option<TcpListener>,
+}
+
+/// A config to switch to (or why the new file was refused), sent on SIGHUP.
+pub type Reload = Result<Config, ConfigErrors>;
+
+/// Serves `config` until `shutdown` resolves, then drains. Each message on
+/// `reloads` swaps the config for new requests; in-flight ones finish on the
+/// one they started with.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+    mut reloads: mpsc::UnboundedReceiver<Reload>,
+) {
+    let shared = Arc::new(proxy::Shared::default());
+    let metrics = shared.metrics.clone();
+    let health = Arc::new(admin::Health::default());
+    let proxy = Arc::new(ArcSwap::from_pointee(proxy::Proxy::new(
+        &config, &shared, None,
+    )));
     let opts = server::ServerOptions {
         header_read_timeout: config.server.header_read_timeout,
         shutdown_grace: config.server.shutdown_grace,
@@ -55,12 +79,51 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
             .tls
             .clone()
             .map(tokio_rustls::TlsAcceptor::from),
+        cutoff: shared.cutoff.clone(),
     };
-    let proxy = Arc::new(proxy::Proxy::new(&config));
-    if let Ok(addr) = listener.local_addr() {
+    if let Ok(addr) = listeners.data.local_addr() {
         let tls = if opts.tls.is_some() { "https" } else { "http" };
         tracing::info!(routes = config.routes.len(), "listening on {tls}://{addr}");
     }
+    let admin = listeners.admin.map(|l| {
+        if let Ok(addr) = l.local_addr() {
+            tracing::info!("admin listening on http://{addr}");
+        }
+        tokio::spawn(admin::serve(l, health.clone(), metrics.clone()))
+    });
+    let (swap, m, sh) = (proxy.clone(), metrics.clone(), shared.clone());
+    let sockets = (config.server.listen, config.server.admin_listen);
+    let reloader = tokio::spawn(async move {
+        while let Some(reload) = reloads.recv().await {
+            systemd::reloading();
+            match reload {
+                Ok(new) => {
+                    if (new.server.listen, new.server.admin_listen) != sockets {
+                        tracing::warn!("listen or admin_listen changed: that takes a restart; the sockets stay as they are");
+                    }
+                    let next = proxy::Proxy::new(&new, &sh, Some(&swap.load()));
+                    swap.store(Arc::new(next));
+                    m.reload(true);
+                    tracing::info!(routes = new.routes.len(), "config reloaded");
+                }
+                Err(errors) => {
+                    for line in errors.to_string().lines() {
+                        tracing::error!("reload refused, keeping the running config: {line}");
+                    }
+                    m.reload(false);
+                }
+            }
+            systemd::ready();
+        }
+    });
     systemd::ready();
-    server::serve(listener, opts, proxy, shutdown).await;
+    let draining = async {
+        shutdown.await;
+        health.start_draining();
+    };
+    server::serve(listeners.data, opts, proxy, draining).await;
+    reloader.abort();
+    if let Some(a) = admin {
+        a.abort();
+    }
 }

@@ -37,6 +37,7 @@ pub struct Limiter<C: Clock = DefaultClock> {
     /// Seeded per process: client keys are stored only as this hash.
     hasher: RandomState,
     requests_per_minute: u32,
+    config: RateLimitConfig,
     clock: C,
     /// Requests refused, for the metrics to report.
     pub rejected: AtomicU64,
@@ -85,6 +86,7 @@ impl<C: Clock + Clone> Limiter<C> {
             key_header: config.client_key_header.clone(),
             hasher: RandomState::new(),
             requests_per_minute: config.requests_per_minute,
+            config: config.clone(),
             clock,
             rejected: AtomicU64::new(0),
         }
@@ -152,6 +154,11 @@ impl<C: Clock + Clone> Limiter<C> {
             r.retain_recent();
             r.shrink_to_fit();
         }
+    }
+
+    /// The settings it was built with (an unchanged route keeps it on reload).
+    pub fn config(&self) -> &RateLimitConfig {
+        &self.config
     }
 
     /// Client keys tracked now.

@@ -55,17 +55,53 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let addr = config.server.listen;
-        let listener = match tokio::net::TcpListener::bind(addr).await {
+        let listeners = match bind(&config).await {
             Ok(l) => l,
             Err(e) => {
-                tracing::error!("cannot listen on {addr}: {e}");
+                tracing::error!("{e}");
                 return ExitCode::FAILURE;
             }
         };
-        sluice::run(config, listener, shutdown_signal()).await;
+        let (reload_tx, reloads) = tokio::sync::mpsc::unbounded_channel();
+        // Installed before READY=1: an early SIGHUP must not kill the process.
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+        let Ok(hup) = hup else {
+            tracing::error!("cannot install the SIGHUP handler");
+            return ExitCode::FAILURE;
+        };
+        tokio::spawn(reload_on_sighup(cli.config.clone(), hup, reload_tx));
+        sluice::run(config, listeners, shutdown_signal(), reloads).await;
         ExitCode::SUCCESS
     })
+}
+
+async fn bind(config: &Config) -> Result<sluice::Listeners, String> {
+    let listen = |addr| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))
+    };
+    let data = listen(config.server.listen).await?;
+    let admin = match config.server.admin_listen {
+        Some(addr) => Some(listen(addr).await?),
+        None => None,
+    };
+    Ok(sluice::Listeners { data, admin })
+}
+
+/// Re-reads the config file on each SIGHUP and hands the result to the server.
+async fn reload_on_sighup(
+    path: PathBuf,
+    mut hup: tokio::signal::unix::Signal,
+    tx: tokio::sync::mpsc::UnboundedSender<sluice::Reload>,
+) {
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading {}", path.display());
+        let loaded = Config::load(&path, &|name| std::env::var(name).ok());
+        if tx.send(loaded).is_err() {
+            return;
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT, starting the drain; a second signal

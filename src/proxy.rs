@@ -22,7 +22,8 @@ use crate::body::{BodyLimits, RequestBody};
 use crate::config::{Config, RetryPolicy, Route};
 use crate::error::{Fault, ProxyError};
 use crate::limit::Limiter;
-use crate::response::ResponseBody;
+use crate::metrics::{status_class, Metrics, RouteMetrics};
+use crate::response::{Cutoff, ResponseBody};
 use crate::retry::{self, Budget};
 use crate::route::RouteTable;
 use crate::upstream::{self, Upstream, X_REQUEST_ID};
@@ -37,15 +38,27 @@ const PEEK_LIMIT: usize = 64 * 1024;
 #[derive(Debug)]
 pub struct Proxy {
     routes: RouteTable<Target>,
+    /// Metrics of requests no route matched.
+    unrouted: RouteMetrics,
+    cutoff: Arc<Cutoff>,
     limits: BodyLimits,
+}
+
+/// Process-wide state that outlives any one config.
+#[derive(Debug, Default)]
+pub struct Shared {
+    pub metrics: Arc<Metrics>,
+    /// Fired when shutdown_grace runs out.
+    pub cutoff: Arc<Cutoff>,
 }
 
 /// What a route sends to, and its retry budget.
 #[derive(Debug)]
 struct Target {
     upstream: Arc<Upstream>,
-    budget: Budget,
+    budget: Arc<Budget>,
     limiter: Option<Arc<Limiter>>,
+    metrics: RouteMetrics,
 }
 
 /// An upstream response on its way to the client.
@@ -56,7 +69,11 @@ struct Forwarded {
 }
 
 impl Proxy {
-    pub fn new(config: &Config) -> Self {
+    /// Builds the request path for `config`. With `previous` (a reload), a
+    /// route of the same name and settings keeps its retry budget and rate
+    /// limiter state, so a reload does not hand out fresh bursts.
+    pub fn new(config: &Config, shared: &Shared, previous: Option<&Proxy>) -> Self {
+        let metrics = &shared.metrics;
         // One pool per upstream, shared by the routes that use it.
         let upstreams: BTreeMap<&str, Arc<Upstream>> = config
             .upstreams
@@ -67,16 +84,30 @@ impl Proxy {
             .routes
             .iter()
             .map(|r| {
+                let old = previous.and_then(|p| p.routes.named(&r.name));
+                let budget = match old {
+                    Some(t) if t.budget.config() == r.retry.budget => t.budget.clone(),
+                    _ => Arc::new(Budget::new(r.retry.budget)),
+                };
+                let limiter = match (old, &r.rate_limit) {
+                    (Some(t), Some(l)) if t.limiter.as_ref().is_some_and(|o| o.config() == l) => {
+                        t.limiter.clone()
+                    }
+                    (_, l) => l.as_ref().map(Limiter::new),
+                };
                 let target = Target {
                     upstream: upstreams[r.upstream.name.as_str()].clone(),
-                    budget: Budget::new(r.retry.budget),
-                    limiter: r.rate_limit.as_ref().map(Limiter::new),
+                    budget,
+                    limiter,
+                    metrics: metrics.route(&r.name, &r.upstream.name),
                 };
                 (r.clone(), target)
             })
             .collect();
         Self {
             routes: RouteTable::new(routes),
+            unrouted: metrics.route("-", "-"),
+            cutoff: shared.cutoff.clone(),
             limits: BodyLimits {
                 max_request_body: config.server.max_request_body,
                 retry_buffer: config.server.retry_buffer,
@@ -99,6 +130,7 @@ impl Proxy {
             req.method().clone(),
             req.uri().clone(),
         );
+        log.metrics = Some(self.unrouted.clone());
         let outcome = self
             .forward(req, &id, start, &mut log)
             .instrument(span)
@@ -117,8 +149,15 @@ impl Proxy {
                 }
                 let sse = is_sse(&parts.headers);
                 let deadline = route.timeouts.total.map(|t| start + t);
-                let body =
-                    ResponseBody::upstream(head, body, sse, route.timeouts.idle, deadline, log);
+                let body = ResponseBody::upstream(
+                    head,
+                    body,
+                    sse,
+                    route.timeouts.idle,
+                    deadline,
+                    &self.cutoff,
+                    log,
+                );
                 Response::from_parts(parts, body)
             }
             Err(e) => {
@@ -161,10 +200,17 @@ impl Proxy {
             .find(&parts.method, parts.uri.path())
             .ok_or(ProxyError::RouteNotFound)?;
         log.route = Some(route.clone());
+        target.metrics.in_flight.inc();
+        log.metrics = Some(target.metrics.clone());
         let deadline = route.timeouts.total.map(|t| start + t);
         if let Some(limiter) = &target.limiter {
             // Held until the response ends, whichever way it ends.
-            log.in_flight = limiter.admit(&parts.headers, deadline).await?;
+            log.in_flight = limiter
+                .admit(&parts.headers, deadline)
+                .await
+                .inspect_err(|_| {
+                    target.metrics.rate_limited.inc();
+                })?;
         }
         // Keep a replay copy only when the route retries.
         let mut limits = self.limits;
@@ -215,6 +261,14 @@ impl Proxy {
             let outcome = self
                 .attempt(route, target, request(&parts, body), deadline)
                 .await;
+            let m = &target.metrics;
+            match &outcome {
+                Ok(res) => {
+                    m.ttfb.observe(sent.elapsed().as_secs_f64());
+                    m.attempt(status_class(res.status().as_u16()));
+                }
+                Err(e) => m.attempt(failure_word(*e)),
+            }
             let can_retry = replay.is_some() && attempt < policy.attempts;
             let (outcome, hint) = match outcome {
                 Ok(res) if can_retry && policy.on_status.contains(&res.status().as_u16()) => {
@@ -275,12 +329,16 @@ impl Proxy {
             }
             if !target.budget.try_withdraw() {
                 log.budget_exhausted = true;
+                target.metrics.budget_exhausted.inc();
                 return outcome;
             }
             let reason = match &outcome {
-                Ok(f) => f.res.status().as_str().to_owned(),
-                Err(e) => format!("{e:?}"),
+                Ok(f) if f.res.status() == StatusCode::TOO_MANY_REQUESTS => "status_429",
+                Ok(f) if f.res.status().is_server_error() => "status_5xx",
+                Ok(_) => "status_4xx",
+                Err(e) => failure_word(*e),
             };
+            target.metrics.retry(reason);
             tracing::debug!(attempt, ?wait, reason, "retrying");
             // The response is dropped unread: it must never reach the client.
             drop(outcome);
@@ -333,6 +391,18 @@ fn retryable(e: ProxyError, policy: &RetryPolicy) -> bool {
         ProxyError::UpstreamReset => policy.on_reset,
         ProxyError::UpstreamTimeout => policy.on_timeout,
         _ => false,
+    }
+}
+
+/// A failed attempt as a fixed word for metric labels.
+fn failure_word(e: ProxyError) -> &'static str {
+    match e {
+        ProxyError::ConnectFailed => "connect_failure",
+        ProxyError::UntrustedCertificate => "tls_untrusted",
+        ProxyError::UpstreamReset => "reset",
+        ProxyError::UpstreamTimeout => "timeout",
+        ProxyError::DeadlineExceeded => "deadline",
+        _ => "client_error",
     }
 }
 

@@ -20,6 +20,12 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::futures::OwnedNotified;
+use tokio::sync::Notify;
+
 use crate::access::{AccessLog, BodyEnd};
 use crate::body::prefixed_size_hint;
 
@@ -78,6 +84,25 @@ impl std::fmt::Display for StreamFailure {
 
 impl std::error::Error for StreamFailure {}
 
+/// Fired when `shutdown_grace` runs out: every response still streaming
+/// ends the way a passed `total` deadline ends it.
+#[derive(Debug, Default)]
+pub struct Cutoff {
+    fired: AtomicBool,
+    notify: Arc<Notify>,
+}
+
+impl Cutoff {
+    pub fn fire(&self) {
+        self.fired.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    fn fired(&self) -> bool {
+        self.fired.load(Ordering::SeqCst)
+    }
+}
+
 /// The response body sent to the client.
 #[derive(Debug)]
 pub struct ResponseBody {
@@ -105,6 +130,9 @@ enum Inner {
 #[derive(Debug)]
 struct Timer {
     sleep: Pin<Box<Sleep>>,
+    cutoff: Arc<Cutoff>,
+    /// Registered with the cutoff while the body waits on the upstream.
+    cut: Pin<Box<OwnedNotified>>,
     idle: Duration,
     last_frame: Instant,
     deadline: Option<Instant>,
@@ -125,11 +153,14 @@ impl ResponseBody {
         sse: bool,
         idle: Duration,
         deadline: Option<Instant>,
+        cutoff: &Arc<Cutoff>,
         log: AccessLog,
     ) -> Self {
         let now = Instant::now();
         let mut timer = Timer {
             sleep: Box::pin(tokio::time::sleep_until(now)),
+            cut: Box::pin(cutoff.notify.clone().notified_owned()),
+            cutoff: cutoff.clone(),
             idle,
             last_frame: now,
             deadline,
@@ -172,6 +203,9 @@ impl ResponseBody {
 
     fn poll_timer(&mut self, cx: &mut Context<'_>) -> Option<StreamFailure> {
         let timer = self.timer.as_mut()?;
+        if timer.cut.as_mut().poll(cx).is_ready() || timer.cutoff.fired() {
+            return Some(StreamFailure::Deadline);
+        }
         loop {
             if timer.sleep.as_mut().poll(cx).is_pending() {
                 return None;
@@ -200,7 +234,7 @@ impl Body for ResponseBody {
         let this = self.get_mut();
         // A fast upstream is never Pending: check the total deadline on every frame.
         if let Some(t) = &this.timer {
-            if t.deadline.is_some_and(|d| Instant::now() >= d) {
+            if t.cutoff.fired() || t.deadline.is_some_and(|d| Instant::now() >= d) {
                 return this.fail(StreamFailure::Deadline);
             }
         }

@@ -18,6 +18,14 @@ impl<T> RouteTable<T> {
         Self { routes }
     }
 
+    /// The entry of the route called `name`.
+    pub fn named(&self, name: &str) -> Option<&T> {
+        self.routes
+            .iter()
+            .find(|(r, _)| r.name == name)
+            .map(|(_, t)| t)
+    }
+
     /// The first route whose prefix and methods match.
     pub fn find(&self, method: &Method, path: &str) -> Option<(&Arc<Route>, &T)> {
         self.routes

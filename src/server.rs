@@ -20,6 +20,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
+use arc_swap::ArcSwap;
+
 use crate::proxy::Proxy;
 
 /// Largest request head accepted (431 above), near Envoy's 60 KiB default;
@@ -32,6 +34,8 @@ pub struct ServerOptions {
     pub header_read_timeout: Duration,
     pub shutdown_grace: Duration,
     pub tls: Option<TlsAcceptor>,
+    /// Fired when the drain runs out of time.
+    pub cutoff: Arc<crate::response::Cutoff>,
 }
 
 /// Protocol builders, shared by every connection.
@@ -44,7 +48,7 @@ struct Builders {
 pub async fn serve(
     listener: TcpListener,
     opts: ServerOptions,
-    proxy: Arc<Proxy>,
+    proxy: Arc<ArcSwap<Proxy>>,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut h1 = http1::Builder::new();
@@ -115,10 +119,16 @@ pub async fn serve(
     drop(listener);
     crate::systemd::stopping();
     tracing::info!(connections = graceful.count(), "draining");
+    let drained = graceful.shutdown();
+    tokio::pin!(drained);
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("drained"),
+        () = &mut drained => tracing::info!("drained"),
         () = tokio::time::sleep(opts.shutdown_grace) => {
-            tracing::warn!("shutdown_grace elapsed; cutting the connections still open");
+            tracing::warn!("shutdown_grace elapsed; cutting the streams still open");
+            // SSE streams end with a deadline_exceeded event, others abort;
+            // give them a moment to go out, then stop regardless.
+            opts.cutoff.fire();
+            let _ = tokio::time::timeout(Duration::from_secs(1), &mut drained).await;
         }
     }
 }
@@ -134,14 +144,15 @@ async fn serve_conn<IO>(
     io: IO,
     h2: bool,
     builders: &Builders,
-    proxy: Arc<Proxy>,
+    proxy: Arc<ArcSwap<Proxy>>,
     watcher: hyper_util::server::graceful::Watcher,
 ) -> Result<(), BoxError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let io = TokioIo::new(io);
-    let svc = service_fn(move |req| proxy.clone().handle(req));
+    // Each request takes the config current when it arrives (one atomic load).
+    let svc = service_fn(move |req| proxy.load_full().handle(req));
     if h2 {
         watcher.watch(builders.h2.serve_connection(io, svc)).await?;
     } else {

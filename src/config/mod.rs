@@ -83,7 +83,7 @@ pub struct Route {
 }
 
 /// `[routes.rate_limit]`, resolved.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RateLimitConfig {
     /// 0: no rate limit, only the in-flight cap.
     pub requests_per_minute: u32,

@@ -1,5 +1,6 @@
 //! All integration tests in one binary (one link, shared support code).
 
+mod admin;
 mod config_cli;
 mod forwarding;
 mod limits;

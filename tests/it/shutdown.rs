@@ -84,3 +84,55 @@ async fn a_second_signal_exits_without_waiting_for_the_drain() {
         proxy.output()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_still_open_when_the_grace_ends_get_the_deadline_event() {
+    // One stream keeps talking, one has gone silent: both outlive a 1 s grace.
+    let mock = Mock::start(|req| async move {
+        let chatty = req.uri().path() == "/v1/chatty";
+        let (tx, body) = channel();
+        tokio::spawn(async move {
+            for i in 0.. {
+                if tx
+                    .send(Bytes::from(format!("data: {i}\n\n")))
+                    .await
+                    .is_err()
+                    || !chatty
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        });
+        sse(body)
+    })
+    .await;
+    let mut proxy = Process::start(&config(&mock, "1s"), &[]).await;
+    let mut bodies = Vec::new();
+    for path in ["/v1/chatty", "/v1/silent"] {
+        let mut body = open(&proxy.url(path)).await.into_body();
+        body.frame().await.unwrap().unwrap();
+        bodies.push(body);
+    }
+    let started = Instant::now();
+    proxy.signal("TERM");
+    for body in bodies {
+        let rest = tokio::time::timeout(Duration::from_secs(5), body.collect())
+            .await
+            .expect("cut within the grace plus a margin")
+            .expect("ended cleanly with the event, not aborted")
+            .to_bytes();
+        let text = String::from_utf8_lossy(&rest);
+        assert!(
+            text.ends_with("\"code\":\"deadline_exceeded\"}}\n\n"),
+            "{text}"
+        );
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(proxy.exit_within(Duration::from_secs(5)).await, Some(0));
+}

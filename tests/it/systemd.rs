@@ -59,3 +59,56 @@ async fn the_soft_open_file_limit_is_raised_to_the_hard_limit() {
         proxy.output()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_between_reloading_and_ready_and_refuses_a_bad_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    let first = Mock::start(|_| async { json(200, r#"{"from":"first"}"#) }).await;
+    let second = Mock::start(|_| async { json(200, r#"{"from":"second"}"#) }).await;
+    let mut proxy = Process::start(
+        &config(&first),
+        &[("NOTIFY_SOCKET", path.to_str().unwrap())],
+    )
+    .await;
+    assert_eq!(next_message(&socket).await.trim(), "READY=1");
+
+    let written = std::fs::read_to_string(proxy.config_path()).unwrap();
+    std::fs::write(
+        proxy.config_path(),
+        written.replace(&first.url(), &second.url()),
+    )
+    .unwrap();
+    proxy.signal("HUP");
+    assert_eq!(next_message(&socket).await.trim(), "RELOADING=1");
+    assert_eq!(next_message(&socket).await.trim(), "READY=1");
+    assert_eq!(
+        &get(&proxy.url("/v1/x")).await.1[..],
+        br#"{"from":"second"}"#
+    );
+
+    std::fs::write(
+        proxy.config_path(),
+        "[server]\nlisten = \"127.0.0.1:0\"\nbogus = 1\n",
+    )
+    .unwrap();
+    proxy.signal("HUP");
+    assert_eq!(next_message(&socket).await.trim(), "RELOADING=1");
+    assert_eq!(next_message(&socket).await.trim(), "READY=1");
+    assert_eq!(
+        &get(&proxy.url("/v1/x")).await.1[..],
+        br#"{"from":"second"}"#,
+        "the old config stays"
+    );
+    proxy.signal("TERM");
+    assert_eq!(next_message(&socket).await.trim(), "STOPPING=1");
+    assert_eq!(proxy.exit_within(Duration::from_secs(10)).await, Some(0));
+    let out = proxy.output();
+    assert!(out.contains("config reloaded"), "{out}");
+    assert!(
+        out.contains("reload refused, keeping the running config")
+            && out.contains("sluice.toml:3:1: server.bogus: unknown field"),
+        "{out}"
+    );
+}

@@ -21,14 +21,16 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 pub use mock::{channel, json, Mock, MockBody};
 
-/// A sluice served in this process on 127.0.0.1:0; stops when dropped.
+/// A sluice served in this process on 127.0.0.1:0 (admin too); stops when dropped.
 pub struct Sidecar {
     pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    reloads: tokio::sync::mpsc::UnboundedSender<sluice::Reload>,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
 impl Sidecar {
-    /// Starts sluice with `toml` (the `listen` key is ignored: the port is
+    /// Starts sluice with `toml` (the `listen` keys are ignored: ports are
     /// chosen here). `env` answers `api_key_env` look-ups.
     pub async fn start(toml: &str, env: &[(&str, &str)]) -> Sidecar {
         // Logs show with a failing test's output (RUST_LOG=debug for more).
@@ -40,17 +42,42 @@ impl Sidecar {
             .with_test_writer()
             .try_init();
         let config = parse(toml, env).unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let data = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (addr, admin_addr) = (data.local_addr().unwrap(), admin.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(sluice::run(config, listener, async {
-            let _ = stopped.await;
-        }));
-        Sidecar { addr, _stop: stop }
+        let (reloads, rx) = tokio::sync::mpsc::unbounded_channel();
+        let listeners = sluice::Listeners {
+            data,
+            admin: Some(admin),
+        };
+        tokio::spawn(sluice::run(
+            config,
+            listeners,
+            async {
+                let _ = stopped.await;
+            },
+            rx,
+        ));
+        Sidecar {
+            addr,
+            admin: admin_addr,
+            reloads,
+            _stop: stop,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    /// Hands sluice a new config, as SIGHUP does (`Err` for a refused file).
+    pub fn reload(&self, toml: &str, env: &[(&str, &str)]) {
+        self.reloads.send(parse(toml, env)).unwrap();
     }
 }
 
@@ -155,6 +182,8 @@ pub fn assert_sluice_error(head: &Response<()>, body: &[u8], status: u16, code: 
 /// temporary directory; its stderr is captured. Killed when dropped.
 pub struct Process {
     pub addr: SocketAddr,
+    /// The admin listener, when the config has one.
+    pub admin: Option<SocketAddr>,
     pub child: tokio::process::Child,
     _dir: tempfile::TempDir,
     output: Arc<Mutex<String>>,
@@ -174,7 +203,17 @@ impl Process {
         nofile: Option<u64>,
     ) -> Process {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("sluice.toml"), toml).unwrap();
+        // Parallel tests must not share the default admin port.
+        let toml = if toml.contains("admin_listen") {
+            toml.to_owned()
+        } else {
+            toml.replacen(
+                "listen = \"127.0.0.1:0\"",
+                "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"",
+                1,
+            )
+        };
+        std::fs::write(dir.path().join("sluice.toml"), &toml).unwrap();
         let mut cmd = match nofile {
             None => tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice")),
             Some(n) => {
@@ -200,9 +239,18 @@ impl Process {
         let mut tx = Some(tx);
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let out = output.clone();
+        let admin = Arc::new(Mutex::new(None));
+        let admin_out = admin.clone();
         tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(i) = line.find("listening on http") {
+                if let Some(i) = line.find("admin listening on http://") {
+                    let rest = &line[i + "admin listening on http://".len()..];
+                    let addr: String = rest
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || ".:[]".contains(*c))
+                        .collect();
+                    *admin_out.lock().unwrap() = addr.parse().ok();
+                } else if let Some(i) = line.find("listening on http") {
                     let rest = &line[i..];
                     let addr: Option<String> = rest.split("://").nth(1).map(|s| {
                         s.chars()
@@ -229,7 +277,16 @@ impl Process {
             .await
             .unwrap_or_else(|_| panic!("sluice did not start:\n{}", output.lock().unwrap()))
             .unwrap_or_else(|_| panic!("sluice exited:\n{}", output.lock().unwrap()));
+        // The admin line comes first; give the reader a moment if it lags.
+        for _ in 0..50 {
+            if admin.lock().unwrap().is_some() || !toml.contains("admin_listen = \"127.0.0.1:0\"") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let admin = *admin.lock().unwrap();
         Process {
+            admin,
             addr: addr.parse().unwrap(),
             child,
             _dir: dir,
@@ -239,6 +296,11 @@ impl Process {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    /// The config file sluice was started with (rewrite it, then SIGHUP).
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self._dir.path().join("sluice.toml")
     }
 
     /// Everything sluice wrote so far (stderr, then stdout once it closed).
