@@ -10,16 +10,21 @@
 //! - [`server`]: accept loop, optional TLS, HTTP/1.1 or h2c, bounded drain.
 //! - [`proxy`]: the request story; the only module that calls the others.
 //! - [`route`]: first-match routing on path prefix and method.
-//! - [`body`]: request bodies (buffered for replay up to a cap, or streamed)
-//!   and the response body wrapper (frames untouched, bytes counted).
+//! - [`limit`]: rate limits (governor) and the in-flight cap.
+//! - [`body`]: request bodies, buffered for replay up to a cap or streamed.
 //! - [`upstream`]: pooled rustls client, request rewrite, error causes.
+//! - [`retry`]: backoff, upstream wait hints, the retry budget.
+//! - [`response`]: the response body: frames untouched, idle/total
+//!   deadlines, the SSE error event.
 //! - [`error`]: the errors sluice answers itself, in OpenAI's shape.
-//! - [`access`]: the one log line per request.
+//! - [`access`]: the one log line (and metrics) per request.
+//! - [`admin`], [`metrics`]: /healthz /readyz /metrics.
 //! - [`logging`]: text or JSON logs.
 //! - [`systemd`]: sd_notify states and the open-file limit.
 //!
 //! # Request flow
-//! `server -> proxy::Proxy::handle -> route -> body -> upstream -> body`
+//! `server -> proxy::Proxy::handle -> route -> limit -> body -> upstream
+//! (attempts, under retry) -> response`
 
 pub mod access;
 pub mod admin;

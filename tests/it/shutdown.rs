@@ -38,7 +38,8 @@ fn config(mock: &Mock, grace: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_a_stream_in_flight_finish_then_exits_0() {
-    let mock = events(15).await;
+    // A 2 s stream: 20 events 100 ms apart.
+    let mock = events(20).await;
     let mut proxy = Process::start(&config(&mock, "30s"), &[]).await;
     let res = open(&proxy.url("/v1/stream")).await;
     let mut body = res.into_body();
@@ -56,7 +57,7 @@ async fn sigterm_lets_a_stream_in_flight_finish_then_exits_0() {
         .await
         .expect("the stream finished intact")
         .to_bytes();
-    let expected: String = (1..15).map(|i| format!("data: {i}\n\n")).collect();
+    let expected: String = (1..20).map(|i| format!("data: {i}\n\n")).collect();
     assert_eq!(String::from_utf8_lossy(&rest), expected);
     assert_eq!(proxy.exit_within(Duration::from_secs(5)).await, Some(0));
 }
