@@ -281,14 +281,20 @@ async fn the_slot_is_released_on_every_path() {
 
     // A client that leaves before the response headers.
     let proxy = Sidecar::start(&limited(&hang.url(), limit, ""), &[]).await;
+    // Counted before sending: the upstream may see the request at once.
+    let before = hang.seen().len();
     let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     tokio::io::AsyncWriteExt::write_all(&mut conn, b"GET /v1/x HTTP/1.1\r\nhost: x\r\n\r\n")
         .await
         .unwrap();
-    let before = hang.seen().len();
-    while hang.seen().len() == before {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let arrived = async {
+        while hang.seen().len() == before {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), arrived)
+        .await
+        .expect("the upstream got the request");
     drop(conn);
     // Admitted now means: no quick 429, the request waits on the silent upstream.
     let admitted = async {

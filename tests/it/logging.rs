@@ -190,9 +190,14 @@ async fn a_client_that_leaves_before_the_response_is_logged_as_499() {
     .await
     .unwrap();
     // Wait until the upstream has the request, then leave.
-    while mock.seen().is_empty() {
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let arrived = async {
+        while mock.seen().is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(5), arrived)
+        .await
+        .expect("the upstream got the request");
     drop(conn);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while !proxy.output().contains("req-gone") && std::time::Instant::now() < deadline {
