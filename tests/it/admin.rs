@@ -321,3 +321,36 @@ async fn reloads_under_load_cost_no_request() {
     assert_eq!(failed, 0);
     assert!(ok > 20, "the clients ran during the reloads: {ok}");
 }
+
+#[tokio::test]
+async fn an_unchanged_route_keeps_its_retry_budget_across_a_reload() {
+    // The budget allows one retry per second here (a floor of 1/s over 1 s,
+    // deposits worth almost nothing): the first request spends it.
+    let mock = Mock::start(|_| async { json(503, "{}") }).await;
+    let toml = format!(
+        "{}\n[routes.retry]\nattempts = 2\nbackoff_base = \"1ms\"\nbudget_ratio = 0.001\nbudget_min_per_second = 1\nbudget_ttl = \"1s\"\n",
+        one_route(&mock.url(), "")
+    );
+    let attempts = |head: &http::Response<()>| {
+        head.headers()
+            .get("x-sluice-attempts")
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    let proxy = Sidecar::start(&toml, &[]).await;
+    assert_eq!(
+        attempts(&get(&proxy.url("/v1/x")).await.0).as_deref(),
+        Some("2")
+    );
+    assert_eq!(
+        attempts(&get(&proxy.url("/v1/x")).await.0),
+        None,
+        "the budget is spent"
+    );
+    proxy.reload(&format!("{toml}\n# same route\n"), &[]);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        attempts(&get(&proxy.url("/v1/x")).await.0),
+        None,
+        "a reload must not refill the budget"
+    );
+}
