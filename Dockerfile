@@ -7,8 +7,9 @@
 #   docker run --rm -p 8080:8080 -p 9901:9901 -e OPENAI_API_KEY \
 #     -v "$PWD/sluice.toml:/etc/sluice/sluice.toml:ro" sluice:0.1.0
 #
-# Inside a container, set `listen = "0.0.0.0:8080"` in the mounted config to
-# reach sluice from outside it (as a Kubernetes sidecar, loopback is right:
+# Inside a container, set `listen = "0.0.0.0:8080"` (and, for -p 9901,
+# `admin_listen = "0.0.0.0:9901"`) in the mounted config to reach sluice
+# from outside it (as a Kubernetes sidecar, loopback is right:
 # see deploy/kubernetes/). The image ships no config: mount one.
 
 # Builder: Debian 12 (bookworm), the same glibc as the runtime image below.

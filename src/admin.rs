@@ -35,19 +35,28 @@ impl Health {
 
 /// Serves until the task is dropped.
 pub async fn serve(listener: TcpListener, health: Arc<Health>, metrics: Arc<Metrics>) {
+    // Probes and scrapes are short: one request per connection, headers
+    // within 5 s, so idle connections cannot pile up.
+    let mut http = http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(std::time::Duration::from_secs(5))
+        .keep_alive(false);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!("admin accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
         };
-        let (health, metrics) = (health.clone(), metrics.clone());
+        let (health, metrics, http) = (health.clone(), metrics.clone(), http.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let res = respond(&req, &health, &metrics);
                 async move { Ok::<_, Infallible>(res) }
             });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let _ = http.serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }

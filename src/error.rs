@@ -41,6 +41,9 @@ pub enum ProxyError {
     UpstreamTimeout,
     /// The route's `total` deadline passed before response headers.
     DeadlineExceeded,
+    /// Caught by the drain: arrived as it began, or still waiting when
+    /// `shutdown_grace` ran out.
+    ShuttingDown,
 }
 
 /// What a variant looks like on the wire.
@@ -127,6 +130,13 @@ impl ProxyError {
                 "sluice: the route's total deadline passed before a response",
                 Upstream,
             ),
+            Self::ShuttingDown => (
+                503,
+                "shutting_down",
+                "proxy_error",
+                "sluice: shutting down; retry on another instance",
+                Upstream,
+            ),
         };
         let status = StatusCode::from_u16(status).expect("a valid status");
         Shape {
@@ -183,6 +193,9 @@ impl ProxyError {
             }
             Self::ConcurrencyLimited => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            Self::ShuttingDown => {
+                h.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             _ => {}
         }

@@ -97,14 +97,17 @@ pub async fn run(
         tokio::spawn(admin::serve(l, health.clone(), metrics.clone()))
     });
     let (swap, m, sh) = (proxy.clone(), metrics.clone(), shared.clone());
-    let sockets = (config.server.listen, config.server.admin_listen);
+    let at_start = restart_only(&config);
     let reloader = tokio::spawn(async move {
         while let Some(reload) = reloads.recv().await {
             systemd::reloading();
             match reload {
                 Ok(new) => {
-                    if (new.server.listen, new.server.admin_listen) != sockets {
-                        tracing::warn!("listen or admin_listen changed: that takes a restart; the sockets stay as they are");
+                    if restart_only(&new) != at_start {
+                        tracing::warn!(
+                            "listen, admin_listen, tls, header_read_timeout, shutdown_grace or [log] changed: \
+                             those take a restart; the rest of the new config applies now"
+                        );
                     }
                     let next = proxy::Proxy::new(&new, &sh, Some(&swap.load()));
                     swap.store(Arc::new(next));
@@ -122,13 +125,30 @@ pub async fn run(
         }
     });
     systemd::ready();
+    let cutoff = shared.cutoff.clone();
     let draining = async {
         shutdown.await;
         health.start_draining();
+        cutoff.start_draining();
+        // No reload (nor its READY=1) after STOPPING=1.
+        reloader.abort();
     };
     server::serve(listeners.data, opts, proxy, draining).await;
-    reloader.abort();
     if let Some(a) = admin {
         a.abort();
     }
+}
+
+/// The settings read only at start; a reload that changes them says so.
+fn restart_only(c: &Config) -> impl PartialEq {
+    let s = &c.server;
+    let log = (c.log.level.clone(), c.log.format);
+    (
+        s.listen,
+        s.admin_listen,
+        s.tls.is_some(),
+        s.header_read_timeout,
+        s.shutdown_grace,
+        log,
+    )
 }

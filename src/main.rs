@@ -55,6 +55,18 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
+        // Handlers first: a signal before they exist would kill the process
+        // with no drain (or, for SIGHUP, at all).
+        use tokio::signal::unix::{signal, SignalKind};
+        let signals = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        );
+        let (Ok(term), Ok(int), Ok(hup)) = signals else {
+            eprintln!("sluice: cannot install signal handlers");
+            return ExitCode::FAILURE;
+        };
         let listeners = match bind(&config).await {
             Ok(l) => l,
             Err(e) => {
@@ -63,14 +75,8 @@ fn main() -> ExitCode {
             }
         };
         let (reload_tx, reloads) = tokio::sync::mpsc::unbounded_channel();
-        // Installed before READY=1: an early SIGHUP must not kill the process.
-        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
-        let Ok(hup) = hup else {
-            tracing::error!("cannot install the SIGHUP handler");
-            return ExitCode::FAILURE;
-        };
         tokio::spawn(reload_on_sighup(cli.config.clone(), hup, reload_tx));
-        sluice::run(config, listeners, shutdown_signal(), reloads).await;
+        sluice::run(config, listeners, shutdown_signal(term, int), reloads).await;
         ExitCode::SUCCESS
     })
 }
@@ -106,10 +112,10 @@ async fn reload_on_sighup(
 
 /// Resolves on SIGTERM or SIGINT, starting the drain; a second signal
 /// during the drain exits at once (an impatient Ctrl-C).
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+async fn shutdown_signal(
+    mut term: tokio::signal::unix::Signal,
+    mut int: tokio::signal::unix::Signal,
+) {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),

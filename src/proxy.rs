@@ -131,10 +131,16 @@ impl Proxy {
             req.uri().clone(),
         );
         log.metrics = Some(self.unrouted.clone());
-        let outcome = self
-            .forward(req, &id, start, &mut log)
-            .instrument(span)
-            .await;
+        let outcome = if self.cutoff.is_draining() {
+            Err(ProxyError::ShuttingDown)
+        } else {
+            // Still waiting for the upstream when the grace runs out: answer, not a reset.
+            let forward = self.forward(req, &id, start, &mut log).instrument(span);
+            tokio::select! {
+                res = forward => res,
+                () = self.cutoff.wait() => Err(ProxyError::ShuttingDown),
+            }
+        };
         let (attempts, refused) = (log.attempts, log.budget_exhausted);
         let mut res = match outcome {
             Ok(Forwarded { res, head }) => {

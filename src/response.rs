@@ -58,7 +58,7 @@ impl StreamFailure {
                 "\n\n"
             ),
             Self::Deadline => concat!(
-                r#"data: {"error":{"message":"sluice: the route's total deadline was reached mid-stream","#,
+                r#"data: {"error":{"message":"sluice: a deadline was reached mid-stream (the route's total, or the shutdown grace)","#,
                 r#""type":"proxy_error","param":null,"code":"deadline_exceeded"}}"#,
                 "\n\n"
             ),
@@ -90,9 +90,27 @@ impl std::error::Error for StreamFailure {}
 pub struct Cutoff {
     fired: AtomicBool,
     notify: Arc<Notify>,
+    draining: AtomicBool,
 }
 
 impl Cutoff {
+    /// The drain began: requests that still get through are answered 503.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once the cutoff has fired.
+    pub async fn wait(&self) {
+        let notified = self.notify.clone().notified_owned();
+        if !self.fired() {
+            notified.await;
+        }
+    }
+
     pub fn fire(&self) {
         self.fired.store(true, Ordering::SeqCst);
         self.notify.notify_waiters();

@@ -10,7 +10,11 @@ pub fn ready() {
 
 /// A reload started; `ready()` ends it.
 pub fn reloading() {
-    send(&[NotifyState::Reloading]);
+    // MONOTONIC_USEC lets Type=notify-reload units match the reload too.
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => send(&[NotifyState::Reloading, now]),
+        Err(_) => send(&[NotifyState::Reloading]),
+    }
 }
 
 /// The drain started.

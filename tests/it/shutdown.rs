@@ -137,3 +137,50 @@ async fn streams_still_open_when_the_grace_ends_get_the_deadline_event() {
     );
     assert_eq!(proxy.exit_within(Duration::from_secs(5)).await, Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_still_waiting_for_the_upstream_at_the_grace_end_gets_503() {
+    let hang = Mock::start(|_| std::future::pending()).await;
+    let mut proxy = Process::start(&config(&hang, "1s"), &[]).await;
+    let url = proxy.url("/v1/chat/completions");
+    let waiting = tokio::spawn(async move { get(&url).await });
+    let arrived = async {
+        while hang.seen().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), arrived)
+        .await
+        .expect("the upstream got the request");
+    proxy.signal("TERM");
+    let (head, body) = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("answered")
+        .unwrap();
+    assert_sluice_error(&head, &body, 503, "shutting_down");
+    assert_eq!(proxy.exit_within(Duration::from_secs(5)).await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_half_sent_when_the_drain_begins_gets_503_shutting_down() {
+    use tokio::io::AsyncWriteExt;
+    let mock = Mock::start(|_| async { json(200, "{}") }).await;
+    let mut proxy = Process::start(&config(&mock, "5s"), &[]).await;
+    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    conn.write_all(b"GET /v1/models HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    proxy.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    conn.write_all(b"\r\n").await.unwrap();
+    let reply = crate::support::raw::read_reply(&mut conn, Duration::from_secs(5)).await;
+    let (head, body) = reply.response();
+    assert_sluice_error(&head, &body, 503, "shutting_down");
+    assert_eq!(head.headers()["connection"], "close");
+    assert!(
+        mock.seen().is_empty(),
+        "nothing new is sent upstream while draining"
+    );
+    assert_eq!(proxy.exit_within(Duration::from_secs(5)).await, Some(0));
+}

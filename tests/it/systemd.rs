@@ -81,7 +81,7 @@ async fn sighup_reloads_between_reloading_and_ready_and_refuses_a_bad_file() {
     )
     .unwrap();
     proxy.signal("HUP");
-    assert_eq!(next_message(&socket).await.trim(), "RELOADING=1");
+    assert_reloading(&next_message(&socket).await);
     assert_eq!(next_message(&socket).await.trim(), "READY=1");
     assert_eq!(
         &get(&proxy.url("/v1/x")).await.1[..],
@@ -94,7 +94,7 @@ async fn sighup_reloads_between_reloading_and_ready_and_refuses_a_bad_file() {
     )
     .unwrap();
     proxy.signal("HUP");
-    assert_eq!(next_message(&socket).await.trim(), "RELOADING=1");
+    assert_reloading(&next_message(&socket).await);
     assert_eq!(next_message(&socket).await.trim(), "READY=1");
     assert_eq!(
         &get(&proxy.url("/v1/x")).await.1[..],
@@ -111,4 +111,12 @@ async fn sighup_reloads_between_reloading_and_ready_and_refuses_a_bad_file() {
             && out.contains("sluice.toml:3:1: server.bogus: unknown field"),
         "{out}"
     );
+}
+
+/// RELOADING=1 with the MONOTONIC_USEC that Type=notify-reload units need.
+fn assert_reloading(message: &str) {
+    let mut lines = message.lines();
+    assert_eq!(lines.next(), Some("RELOADING=1"), "{message}");
+    let usec = lines.next().and_then(|l| l.strip_prefix("MONOTONIC_USEC="));
+    assert!(usec.is_some_and(|u| u.parse::<u64>().is_ok()), "{message}");
 }
