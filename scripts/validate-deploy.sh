@@ -7,7 +7,7 @@
 #   - systemd/sluice.service with `systemd-analyze verify` (any message fails)
 #     and `systemd-analyze security --offline=yes` (exposure above 2.0 fails).
 # The linters live in .venv-deploy at the repo root (pinned, installed on
-# first use). Needs python3 and systemd-analyze (Debian: apt-get install systemd).
+# first use). Needs python3; installs systemd-analyze (Debian's systemd) if absent.
 # Prints one line per check and ends with "deploy checks: N passed, M failed".
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -33,7 +33,9 @@ if [[ "$(cat "$VENV/.pins" 2>/dev/null || true)" != "$pins" ]]; then
     printf '%s\n' "$pins" >"$VENV/.pins"
 fi
 if ! command -v systemd-analyze >/dev/null; then
-    echo "systemd-analyze not found: apt-get install systemd" >&2
+    # CI runs as root on Debian: install it rather than fail on a fresh machine.
+    echo "installing systemd (for systemd-analyze)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null
 fi
 
 # --- bookkeeping ---------------------------------------------------------------

@@ -19,6 +19,7 @@
 //! - [`error`]: the errors sluice answers itself, in OpenAI's shape.
 //! - [`access`]: the one log line (and metrics) per request.
 //! - [`admin`], [`metrics`]: /healthz /readyz /metrics.
+//! - [`cutoff`]: the drain as requests and streams see it.
 //! - [`logging`]: text or JSON logs.
 //! - [`systemd`]: sd_notify states and the open-file limit.
 //!
@@ -30,6 +31,7 @@ pub mod access;
 pub mod admin;
 pub mod body;
 pub mod config;
+pub mod cutoff;
 pub mod error;
 pub mod limit;
 pub mod logging;

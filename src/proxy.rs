@@ -20,10 +20,11 @@ use tracing::Instrument;
 use crate::access::AccessLog;
 use crate::body::{BodyLimits, RequestBody};
 use crate::config::{Config, RetryPolicy, Route};
+use crate::cutoff::Cutoff;
 use crate::error::{Fault, ProxyError};
 use crate::limit::Limiter;
 use crate::metrics::{status_class, Metrics, RouteMetrics};
-use crate::response::{Cutoff, ResponseBody};
+use crate::response::ResponseBody;
 use crate::retry::{self, Budget};
 use crate::route::RouteTable;
 use crate::upstream::{self, Upstream, X_REQUEST_ID};
@@ -247,26 +248,24 @@ impl Proxy {
         log: &mut AccessLog,
     ) -> Result<Forwarded, ProxyError> {
         let policy = &route.retry;
-        let replay = match &body {
-            RequestBody::Full(b) if policy.attempts > 1 => Some(b.clone()),
-            _ => None,
+        // A replayable request is copied per attempt; any other is moved, once.
+        let (replay, mut once) = match body {
+            RequestBody::Full(b) if policy.attempts > 1 => (Some((parts, b)), None),
+            body => (None, Some(Request::from_parts(parts, body))),
         };
-        let mut first_body = Some(body);
         let mut rng = fastrand::Rng::new();
         let mut attempt = 0;
         loop {
             attempt += 1;
             log.attempts = attempt;
-            let body = match &replay {
-                Some(b) => RequestBody::Full(b.clone()),
-                None => first_body
+            let req = match &replay {
+                Some((parts, b)) => request(parts, RequestBody::Full(b.clone())),
+                None => once
                     .take()
-                    .expect("a body that cannot be replayed is sent once"),
+                    .expect("a request that cannot be replayed is sent once"),
             };
             let sent = Instant::now();
-            let outcome = self
-                .attempt(route, target, request(&parts, body), deadline)
-                .await;
+            let outcome = self.attempt(route, target, req, deadline).await;
             let m = &target.metrics;
             match &outcome {
                 Ok(res) => {

@@ -20,14 +20,11 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-
-use tokio::sync::futures::OwnedNotified;
-use tokio::sync::Notify;
 
 use crate::access::{AccessLog, BodyEnd};
 use crate::body::prefixed_size_hint;
+use crate::cutoff::{Cutoff, CutoffWait};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -84,43 +81,6 @@ impl std::fmt::Display for StreamFailure {
 
 impl std::error::Error for StreamFailure {}
 
-/// Fired when `shutdown_grace` runs out: every response still streaming
-/// ends the way a passed `total` deadline ends it.
-#[derive(Debug, Default)]
-pub struct Cutoff {
-    fired: AtomicBool,
-    notify: Arc<Notify>,
-    draining: AtomicBool,
-}
-
-impl Cutoff {
-    /// The drain began: requests that still get through are answered 503.
-    pub fn start_draining(&self) {
-        self.draining.store(true, Ordering::SeqCst);
-    }
-
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::SeqCst)
-    }
-
-    /// Resolves once the cutoff has fired.
-    pub async fn wait(&self) {
-        let notified = self.notify.clone().notified_owned();
-        if !self.fired() {
-            notified.await;
-        }
-    }
-
-    pub fn fire(&self) {
-        self.fired.store(true, Ordering::SeqCst);
-        self.notify.notify_waiters();
-    }
-
-    fn fired(&self) -> bool {
-        self.fired.load(Ordering::SeqCst)
-    }
-}
-
 /// The response body sent to the client.
 #[derive(Debug)]
 pub struct ResponseBody {
@@ -148,9 +108,8 @@ enum Inner {
 #[derive(Debug)]
 struct Timer {
     sleep: Pin<Box<Sleep>>,
-    cutoff: Arc<Cutoff>,
-    /// Registered with the cutoff while the body waits on the upstream.
-    cut: Pin<Box<OwnedNotified>>,
+    /// The end of shutdown_grace.
+    cut: CutoffWait,
     idle: Duration,
     last_frame: Instant,
     deadline: Option<Instant>,
@@ -177,8 +136,7 @@ impl ResponseBody {
         let now = Instant::now();
         let mut timer = Timer {
             sleep: Box::pin(tokio::time::sleep_until(now)),
-            cut: Box::pin(cutoff.notify.clone().notified_owned()),
-            cutoff: cutoff.clone(),
+            cut: cutoff.wait(),
             idle,
             last_frame: now,
             deadline,
@@ -221,7 +179,7 @@ impl ResponseBody {
 
     fn poll_timer(&mut self, cx: &mut Context<'_>) -> Option<StreamFailure> {
         let timer = self.timer.as_mut()?;
-        if timer.cut.as_mut().poll(cx).is_ready() || timer.cutoff.fired() {
+        if Pin::new(&mut timer.cut).poll(cx).is_ready() {
             return Some(StreamFailure::Deadline);
         }
         loop {
@@ -252,7 +210,7 @@ impl Body for ResponseBody {
         let this = self.get_mut();
         // A fast upstream is never Pending: check the total deadline on every frame.
         if let Some(t) = &this.timer {
-            if t.cutoff.fired() || t.deadline.is_some_and(|d| Instant::now() >= d) {
+            if t.cut.fired() || t.deadline.is_some_and(|d| Instant::now() >= d) {
                 return this.fail(StreamFailure::Deadline);
             }
         }

@@ -35,7 +35,7 @@ pub struct ServerOptions {
     pub shutdown_grace: Duration,
     pub tls: Option<TlsAcceptor>,
     /// Fired when the drain runs out of time.
-    pub cutoff: Arc<crate::response::Cutoff>,
+    pub cutoff: Arc<crate::cutoff::Cutoff>,
 }
 
 /// Protocol builders, shared by every connection.
