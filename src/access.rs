@@ -1,11 +1,25 @@
 //! The access log: one info line per request, written when the response body
 //! is dropped (so it knows how many bytes went out and how the body ended).
 //! It carries no header values and no body, so no key can reach it.
+//!
+//! The line is the one tracing-subscriber's formatter would write for an
+//! info event in the request span, built here by hand: on the proxy's hot
+//! path the generic formatter cost more than a quarter of all instructions
+//! per request (see BENCHMARKS.md). Filtering still goes through tracing
+//! (`RUST_LOG=sluice::access=off` silences it); other events are untouched.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::{Method, StatusCode, Uri};
+use std::cell::RefCell;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::sync::OnceLock;
+use std::time::SystemTime;
+
+use http::{HeaderValue, Method, StatusCode, Uri};
+
+use crate::config::LogFormat;
 
 use crate::config::Route;
 use crate::metrics::RouteMetrics;
@@ -31,10 +45,32 @@ impl BodyEnd {
     }
 }
 
+/// The request's tracing span, made on first use. Most requests log
+/// nothing but their access line, which names the id itself, and a span
+/// per request (made, entered and left on every poll) cost about a tenth of
+/// the proxy's instructions.
+#[derive(Debug)]
+pub struct RequestSpan {
+    id: HeaderValue,
+    span: OnceLock<tracing::Span>,
+}
+
+impl RequestSpan {
+    /// The span to give as `parent:` to an event about this request.
+    pub fn get(&self) -> &tracing::Span {
+        self.span
+            .get_or_init(|| tracing::info_span!("request", id = self.id()))
+    }
+
+    pub fn id(&self) -> &str {
+        self.id.to_str().unwrap_or("-")
+    }
+}
+
 /// What one request did; logged on drop.
 #[derive(Debug)]
 pub struct AccessLog {
-    pub span: tracing::Span,
+    pub span: RequestSpan,
     pub start: Instant,
     pub method: Method,
     /// The client's URI; only its path is logged (queries may carry secrets).
@@ -56,13 +92,16 @@ pub struct AccessLog {
     /// is when the response ends or the client leaves.
     pub in_flight: Option<tokio::sync::OwnedSemaphorePermit>,
     /// The route's metric handles (or the unrouted ones).
-    pub metrics: Option<RouteMetrics>,
+    pub metrics: Option<Arc<RouteMetrics>>,
 }
 
 impl AccessLog {
-    pub fn new(span: tracing::Span, start: Instant, method: Method, uri: Uri) -> Self {
+    pub fn new(id: HeaderValue, start: Instant, method: Method, uri: Uri) -> Self {
         Self {
-            span,
+            span: RequestSpan {
+                id,
+                span: OnceLock::new(),
+            },
             start,
             method,
             uri,
@@ -95,19 +134,56 @@ impl Drop for AccessLog {
                 _ => {}
             }
         }
-        let route = self.route.as_deref();
-        // Microsecond precision, printed as milliseconds.
+        if tracing::enabled!(target: "sluice::access", tracing::Level::INFO) {
+            self.write_line();
+        }
+    }
+}
+
+/// The `[log] format` the access line is written in.
+static FORMAT: OnceLock<LogFormat> = OnceLock::new();
+
+pub fn set_format(format: LogFormat) {
+    let _ = FORMAT.set(format);
+}
+
+thread_local! {
+    /// One reusable line buffer per worker thread.
+    static LINE: RefCell<String> = RefCell::new(String::with_capacity(512));
+}
+
+impl AccessLog {
+    fn write_line(&self) {
+        let Some(&format) = FORMAT.get() else {
+            // No `logging::init` (sluice as a library, or the in-process
+            // tests): an ordinary event for whatever subscriber there is.
+            return self.event();
+        };
+        LINE.with_borrow_mut(|line| {
+            line.clear();
+            match format {
+                LogFormat::Json => self.json(line),
+                LogFormat::Text => self.text(line),
+            }
+            line.push('\n');
+            // One write per line, as the tracing formatter does.
+            let _ = std::io::stderr().lock().write_all(line.as_bytes());
+        });
+    }
+
+    fn event(&self) {
+        let f = self.fields();
         let ms = |d: Duration| d.as_micros() as f64 / 1000.0;
         tracing::info!(
             target: "sluice::access",
-            parent: &self.span,
+            parent: self.span.get(),
             method = %self.method,
-            path = self.uri.path(),
-            route = route.map_or("-", |r| r.name.as_str()),
-            upstream = route.map_or("-", |r| r.upstream.name.as_str()),
-            status = self.status.map_or(499, |s| s.as_u16()),
+            path = f.path,
+            route = f.route,
+            upstream = f.upstream,
+            status = f.status,
             attempts = self.attempts,
-            duration_ms = ms(self.start.elapsed()),
+            duration_ms = ms(f.duration),
             ttfb_ms = self.ttfb.map(ms),
             bytes_out = self.bytes_out,
             body = self.end.as_str(),
@@ -116,5 +192,217 @@ impl Drop for AccessLog {
             upstream_request_id = self.upstream_request_id.as_deref(),
             "request"
         );
+    }
+
+    fn fields(&self) -> Fields<'_> {
+        let route = self.route.as_deref();
+        Fields {
+            id: self.span.id(),
+            path: self.uri.path(),
+            route: route.map_or("-", |r| r.name.as_str()),
+            upstream: route.map_or("-", |r| r.upstream.name.as_str()),
+            status: self.status.map_or(499, |s| s.as_u16()),
+            duration: self.start.elapsed(),
+        }
+    }
+
+    /// `2026-01-01T00:00:00.000000Z  INFO request{id="..."}: sluice::access: request k=v ...`
+    fn text(&self, out: &mut String) {
+        let f = self.fields();
+        timestamp(out, SystemTime::now());
+        out.push_str("  INFO request{id=");
+        debug_str(out, f.id);
+        out.push_str("}: sluice::access: request method=");
+        out.push_str(self.method.as_str());
+        out.push_str(" path=");
+        debug_str(out, f.path);
+        out.push_str(" route=");
+        debug_str(out, f.route);
+        out.push_str(" upstream=");
+        debug_str(out, f.upstream);
+        let _ = write!(
+            out,
+            " status={} attempts={} duration_ms=",
+            f.status, self.attempts
+        );
+        millis(out, f.duration);
+        if let Some(t) = self.ttfb {
+            out.push_str(" ttfb_ms=");
+            millis(out, t);
+        }
+        let _ = write!(
+            out,
+            " bytes_out={} body=\"{}\"",
+            self.bytes_out,
+            self.end.as_str()
+        );
+        if let Some(e) = self.error {
+            let _ = write!(out, " error=\"{e}\"");
+        }
+        let _ = write!(out, " budget_exhausted={}", self.budget_exhausted);
+        if let Some(id) = &self.upstream_request_id {
+            out.push_str(" upstream_request_id=");
+            debug_str(out, id);
+        }
+    }
+
+    /// The same fields as tracing-subscriber's flattened JSON.
+    fn json(&self, out: &mut String) {
+        let f = self.fields();
+        out.push_str("{\"timestamp\":\"");
+        timestamp(out, SystemTime::now());
+        out.push_str("\",\"level\":\"INFO\",\"message\":\"request\",\"method\":");
+        json_str(out, self.method.as_str());
+        out.push_str(",\"path\":");
+        json_str(out, f.path);
+        out.push_str(",\"route\":");
+        json_str(out, f.route);
+        out.push_str(",\"upstream\":");
+        json_str(out, f.upstream);
+        let _ = write!(
+            out,
+            ",\"status\":{},\"attempts\":{},\"duration_ms\":",
+            f.status, self.attempts
+        );
+        millis(out, f.duration);
+        if let Some(t) = self.ttfb {
+            out.push_str(",\"ttfb_ms\":");
+            millis(out, t);
+        }
+        let _ = write!(
+            out,
+            ",\"bytes_out\":{},\"body\":\"{}\"",
+            self.bytes_out,
+            self.end.as_str()
+        );
+        if let Some(e) = self.error {
+            let _ = write!(out, ",\"error\":\"{e}\"");
+        }
+        let _ = write!(out, ",\"budget_exhausted\":{}", self.budget_exhausted);
+        if let Some(id) = &self.upstream_request_id {
+            out.push_str(",\"upstream_request_id\":");
+            json_str(out, id);
+        }
+        out.push_str(",\"target\":\"sluice::access\",\"span\":{\"id\":");
+        json_str(out, f.id);
+        out.push_str(",\"name\":\"request\"},\"spans\":[]}");
+    }
+}
+
+struct Fields<'a> {
+    id: &'a str,
+    path: &'a str,
+    route: &'a str,
+    upstream: &'a str,
+    status: u16,
+    duration: Duration,
+}
+
+/// Milliseconds with microsecond precision, as a float would print:
+/// `88.195`, `0.5`, `12.0`.
+fn millis(out: &mut String, d: Duration) {
+    let us = d.as_micros();
+    let _ = write!(out, "{}.", us / 1000);
+    let digits = [(us / 100 % 10) as u8, (us / 10 % 10) as u8, (us % 10) as u8];
+    let last = digits.iter().rposition(|&d| d != 0).unwrap_or(0);
+    for d in &digits[..=last] {
+        out.push(char::from(b'0' + d));
+    }
+}
+
+/// RFC 3339 UTC with microseconds, as tracing-subscriber writes it.
+fn timestamp(out: &mut String, t: SystemTime) {
+    let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Days to a civil date (Howard Hinnant's algorithm, for days >= 0).
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    let _ = write!(
+        out,
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        since.subsec_micros()
+    );
+}
+
+/// A string as `{:?}` prints it, without the formatting machinery for the
+/// common case of nothing to escape.
+fn debug_str(out: &mut String, s: &str) {
+    if s.bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    } else {
+        let _ = write!(out, "{s:?}");
+    }
+}
+
+fn json_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        let mut s = String::new();
+        let t = SystemTime::UNIX_EPOCH + Duration::from_micros(1_763_790_130_071_632);
+        timestamp(&mut s, t);
+        assert_eq!(s, "2025-11-22T05:42:10.071632Z");
+        s.clear();
+        timestamp(
+            &mut s,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400),
+        );
+        assert_eq!(s, "2000-02-29T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn millis_print_like_floats() {
+        let p = |us| {
+            let mut s = String::new();
+            millis(&mut s, Duration::from_micros(us));
+            s
+        };
+        assert_eq!(p(88_195), "88.195");
+        assert_eq!(p(101_740), "101.74");
+        assert_eq!(p(12_000), "12.0");
+        assert_eq!(p(7), "0.007");
+    }
+
+    #[test]
+    fn strings_are_escaped() {
+        let mut s = String::new();
+        debug_str(&mut s, "a\"b\n");
+        json_str(&mut s, "a\"b\\\u{1}é");
+        assert_eq!(s, r#""a\"b\n""a\"b\\\u0001é""#);
     }
 }

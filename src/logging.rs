@@ -7,6 +7,7 @@ use crate::config::{Log, LogFormat};
 
 /// Installs the global subscriber. Call once, before serving.
 pub fn init(log: &Log) {
+    crate::access::set_format(log.format);
     let filter = match std::env::var("RUST_LOG") {
         Ok(v) if !v.trim().is_empty() => EnvFilter::try_new(&v).unwrap_or_else(|e| {
             eprintln!("sluice: ignoring invalid RUST_LOG ({e}); using [log] level");

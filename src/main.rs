@@ -44,10 +44,16 @@ fn main() -> ExitCode {
     }
     sluice::logging::init(&config.log);
     sluice::systemd::raise_open_file_limit();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // One CPU (pinned, or a 1-CPU cgroup quota: a typical sidecar) gets a
+    // single-threaded runtime: no work-stealing, no cross-thread wakeups.
+    // More CPUs get one worker each.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut builder = if cpus == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("sluice: cannot start the runtime: {e}");

@@ -4,7 +4,7 @@
 //! Per-route handles are built at config load, so a request records its
 //! metrics without building label sets for the fixed labels.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -156,12 +156,14 @@ impl Metrics {
     }
 
     /// Handles for one route (or for requests no route matched, as `-`).
-    pub fn route(self: &Arc<Self>, route: &str, upstream: &str) -> RouteMetrics {
+    pub fn route(self: &Arc<Self>, route: &str, upstream: &str) -> Arc<RouteMetrics> {
         let (route, upstream) = (Arc::new(route.to_owned()), Arc::new(upstream.to_owned()));
         let label = RouteLabel {
             route: route.clone(),
         };
-        RouteMetrics {
+        Arc::new(RouteMetrics {
+            ok_request: OnceLock::new(),
+            ok_attempt: OnceLock::new(),
             duration: self.duration.get_or_create(&label).clone(),
             ttfb: self
                 .ttfb
@@ -176,16 +178,21 @@ impl Metrics {
             route,
             upstream,
             all: self.clone(),
-        }
+        })
     }
 }
 
 /// One route's metric handles.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct RouteMetrics {
     route: Arc<String>,
     upstream: Arc<String>,
     all: Arc<Metrics>,
+    /// The series of the common outcome (status 200, attempt 2xx), kept
+    /// once looked up: a Family lookup takes a lock and hashes the labels.
+    /// Not made up front, so a series appears only once it has counted.
+    ok_request: OnceLock<Counter>,
+    ok_attempt: OnceLock<Counter>,
     pub duration: Histogram,
     pub ttfb: Histogram,
     pub in_flight: Gauge,
@@ -195,21 +202,35 @@ pub struct RouteMetrics {
 
 impl RouteMetrics {
     pub fn request(&self, status: u16) {
-        let labels = StatusLabels {
-            route: self.route.clone(),
-            status,
+        let series = || {
+            let labels = StatusLabels {
+                route: self.route.clone(),
+                status,
+            };
+            self.all.requests.get_or_create(&labels).clone()
         };
-        self.all.requests.get_or_create(&labels).inc();
+        if status == 200 {
+            self.ok_request.get_or_init(series).inc();
+        } else {
+            series().inc();
+        }
     }
 
     /// `outcome`: "2xx".."5xx" or a failure code.
     pub fn attempt(&self, outcome: &'static str) {
-        let labels = OutcomeLabels {
-            route: self.route.clone(),
-            upstream: self.upstream.clone(),
-            outcome,
+        let series = || {
+            let labels = OutcomeLabels {
+                route: self.route.clone(),
+                upstream: self.upstream.clone(),
+                outcome,
+            };
+            self.all.attempts.get_or_create(&labels).clone()
         };
-        self.all.attempts.get_or_create(&labels).inc();
+        if outcome == "2xx" {
+            self.ok_attempt.get_or_init(series).inc();
+        } else {
+            series().inc();
+        }
     }
 
     pub fn retry(&self, reason: &'static str) {

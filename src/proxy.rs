@@ -15,9 +15,8 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
-use tracing::Instrument;
 
-use crate::access::AccessLog;
+use crate::access::{AccessLog, RequestSpan};
 use crate::body::{BodyLimits, RequestBody};
 use crate::config::{Config, RetryPolicy, Route};
 use crate::cutoff::Cutoff;
@@ -40,7 +39,7 @@ const PEEK_LIMIT: usize = 64 * 1024;
 pub struct Proxy {
     routes: RouteTable<Target>,
     /// Metrics of requests no route matched.
-    unrouted: RouteMetrics,
+    unrouted: Arc<RouteMetrics>,
     cutoff: Arc<Cutoff>,
     limits: BodyLimits,
 }
@@ -59,7 +58,7 @@ struct Target {
     upstream: Arc<Upstream>,
     budget: Arc<Budget>,
     limiter: Option<Arc<Limiter>>,
-    metrics: RouteMetrics,
+    metrics: Arc<RouteMetrics>,
 }
 
 /// An upstream response on its way to the client.
@@ -124,9 +123,8 @@ impl Proxy {
     ) -> Result<Response<ResponseBody>, Infallible> {
         let start = Instant::now();
         let id = request_id(req.headers());
-        let span = tracing::info_span!("request", id = id.to_str().unwrap_or("-"));
         let mut log = AccessLog::new(
-            span.clone(),
+            id.clone(),
             start.into_std(),
             req.method().clone(),
             req.uri().clone(),
@@ -136,7 +134,7 @@ impl Proxy {
             Err(ProxyError::ShuttingDown)
         } else {
             // Still waiting for the upstream when the grace runs out: answer, not a reset.
-            let forward = self.forward(req, &id, start, &mut log).instrument(span);
+            let forward = self.forward(req, &id, start, &mut log);
             tokio::select! {
                 res = forward => res,
                 () = self.cutoff.wait() => Err(ProxyError::ShuttingDown),
@@ -169,7 +167,7 @@ impl Proxy {
             }
             Err(e) => {
                 if e.fault() == Fault::Client {
-                    tracing::debug!(parent: &log.span, code = e.code(), "rejected: {e}");
+                    tracing::debug!(parent: log.span.get(), code = e.code(), "rejected: {e}");
                 }
                 log.status = Some(e.status());
                 log.error = Some(e.code());
@@ -265,7 +263,7 @@ impl Proxy {
                     .expect("a request that cannot be replayed is sent once"),
             };
             let sent = Instant::now();
-            let outcome = self.attempt(route, target, req, deadline).await;
+            let outcome = self.attempt(route, target, req, deadline, &log.span).await;
             let m = &target.metrics;
             match &outcome {
                 Ok(res) => {
@@ -344,7 +342,7 @@ impl Proxy {
                 Err(e) => failure_word(*e),
             };
             target.metrics.retry(reason);
-            tracing::debug!(attempt, ?wait, reason, "retrying");
+            tracing::debug!(parent: log.span.get(), attempt, ?wait, reason, "retrying");
             // The response is dropped unread: it must never reach the client.
             drop(outcome);
             tokio::time::sleep(wait).await;
@@ -358,6 +356,7 @@ impl Proxy {
         target: &Target,
         req: Request<RequestBody>,
         deadline: Option<Instant>,
+        span: &RequestSpan,
     ) -> Result<Response<Incoming>, ProxyError> {
         let stream = req.body().stream_state();
         // first_byte runs from the end of the upload: a slow client's large
@@ -380,7 +379,7 @@ impl Proxy {
                 stream
                     .as_ref()
                     .and_then(|s| s.failure.get().copied())
-                    .unwrap_or_else(|| upstream::classify(&e, &route.upstream.name))
+                    .unwrap_or_else(|| upstream::classify(&e, &route.upstream.name, span))
             }),
             () = first_byte => Err(ProxyError::UpstreamTimeout),
             () = deadline_passes => Err(ProxyError::DeadlineExceeded),
@@ -472,6 +471,9 @@ async fn until<F: Future>(deadline: Option<Instant>, f: F) -> Result<F::Output, 
 
 /// Whether a path has a "." or ".." segment, literal or percent-encoded.
 fn has_dot_segment(path: &str) -> bool {
+    if !path.bytes().any(|b| b == b'.' || b == b'%') {
+        return false;
+    }
     path.split('/').any(|seg| {
         let (mut dots, mut rest) = (0, seg.as_bytes());
         while !rest.is_empty() {

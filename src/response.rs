@@ -244,7 +244,7 @@ impl Body for ResponseBody {
                 Poll::Ready(Some(Ok(f)))
             }
             Some(Err(e)) => {
-                tracing::warn!(parent: &this.log.span, "upstream body broke off: {e}");
+                tracing::warn!(parent: this.log.span.get(), "upstream body broke off: {e}");
                 this.fail(StreamFailure::UpstreamReset)
             }
             None => {

@@ -98,7 +98,9 @@ pub async fn serve(
                     match tls {
                         Ok(tls) => {
                             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                            serve_conn(tls, h2, &builders, proxy, watcher).await
+                            // Boxed: a TLS connection's state is several KiB, and
+                            // inline it would size every plaintext connection's task too.
+                            Box::pin(serve_conn(tls, h2, &builders, proxy, watcher)).await
                         }
                         Err(e) => Err(e.into()),
                     }
@@ -152,7 +154,10 @@ where
 {
     let io = TokioIo::new(io);
     // Each request takes the config current when it arrives (one atomic load).
-    let svc = service_fn(move |req| proxy.load_full().handle(req));
+    // The request's future is boxed: hyper keeps a slot of the future's size
+    // for the connection's whole life, and unboxed that is ~4 KiB held by
+    // every open stream long after its request phase ended.
+    let svc = service_fn(move |req| Box::pin(proxy.load_full().handle(req)));
     if h2 {
         watcher.watch(builders.h2.serve_connection(io, svc)).await?;
     } else {

@@ -98,6 +98,14 @@ pub fn rewrite_request(parts: &mut Parts, route: &Route, request_id: &HeaderValu
 fn upstream_uri(uri: &Uri, route: &Route) -> Uri {
     let up = &route.upstream;
     let path = forwarded_path(route, uri.path());
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(up.scheme.clone());
+    parts.authority = Some(up.authority.clone());
+    if up.base_path.is_empty() && path.len() == uri.path().len() && !path.is_empty() {
+        // Forwarded as is: share the client's bytes instead of rebuilding them.
+        parts.path_and_query = uri.path_and_query().cloned();
+        return Uri::from_parts(parts).expect("complete upstream URI");
+    }
     let query = uri.query();
     let mut pq =
         String::with_capacity(up.base_path.len() + path.len() + 2 + query.map_or(0, str::len));
@@ -110,9 +118,6 @@ fn upstream_uri(uri: &Uri, route: &Route) -> Uri {
         pq.push('?');
         pq.push_str(q);
     }
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(up.scheme.clone());
-    parts.authority = Some(up.authority.clone());
     // The pieces come from a valid URI and a checked base path.
     parts.path_and_query = Some(PathAndQuery::try_from(pq).expect("valid path and query"));
     Uri::from_parts(parts).expect("complete upstream URI")
@@ -134,27 +139,37 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    // Most messages carry none of these (a response at most `connection`,
+    // handled above): look before paying for eight hashed removals.
+    if headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        for name in &HOP_BY_HOP {
+            headers.remove(name);
+        }
     }
 }
 
 /// Maps a failed upstream exchange to what the client is told, and logs the
 /// cause (the chain of errors never holds a header value, so no key).
-pub fn classify(err: &hyper_util::client::legacy::Error, upstream: &str) -> ProxyError {
+pub fn classify(
+    err: &hyper_util::client::legacy::Error,
+    upstream: &str,
+    span: &crate::access::RequestSpan,
+) -> ProxyError {
     let chain = ErrorChain(err);
     if let Some(rustls::Error::InvalidCertificate(why)) = find_cause::<rustls::Error>(err) {
         tracing::warn!(
+            parent: span.get(),
             upstream,
             "upstream TLS certificate not trusted ({why:?}): add its CA with ca_file; {chain}"
         );
         return ProxyError::UntrustedCertificate;
     }
     if err.is_connect() {
-        tracing::warn!(upstream, "upstream connect failed: {chain}");
+        tracing::warn!(parent: span.get(), upstream, "upstream connect failed: {chain}");
         ProxyError::ConnectFailed
     } else {
         tracing::warn!(
+            parent: span.get(),
             upstream,
             "upstream closed the connection before a response: {chain}"
         );

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The benchmark in one command: nginx from Debian if missing, a release
+# build, then the full run (about 10 minutes, 5 of them the soak). The
+# results replace the generated section of BENCHMARKS.md; the raw figures
+# go to target/bench-results.json. Extra arguments go to sluice-bench
+# (e.g. --soak 0, --seconds 5, --no-nginx; see --help).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bench/install-nginx.sh || echo "running without nginx" >&2
+cargo build --release --locked -p sluice -p sluice-bench
+exec target/release/sluice-bench --out BENCHMARKS.md --json target/bench-results.json "$@"

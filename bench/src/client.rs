@@ -1,0 +1,213 @@
+//! A minimal HTTP/1.1 keep-alive client on a raw socket, cheap enough that
+//! the load generator is not what is measured: one write per request, a read
+//! loop, and the body handed over as it arrives (chunked or sized).
+
+use std::io;
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub struct Conn {
+    addr: SocketAddr,
+    stream: Option<TcpStream>,
+    buf: Vec<u8>,
+}
+
+enum Framing {
+    Length(usize),
+    Chunked,
+    Close,
+}
+
+impl Conn {
+    pub fn new(addr: SocketAddr) -> Self {
+        Conn {
+            addr,
+            stream: None,
+            buf: Vec::with_capacity(8192),
+        }
+    }
+
+    /// Sends `request` (a whole HTTP/1.1 request) and reads the response,
+    /// handing each piece of body to `on_data` as soon as it is read.
+    /// Returns the status. Any error leaves the connection closed, so the
+    /// next call reconnects.
+    pub async fn exchange(
+        &mut self,
+        request: &[u8],
+        on_data: impl FnMut(&[u8]),
+    ) -> io::Result<u16> {
+        let result = self.exchange_inner(request, on_data).await;
+        if result.is_err() {
+            self.stream = None;
+        }
+        result
+    }
+
+    async fn exchange_inner(
+        &mut self,
+        request: &[u8],
+        mut on_data: impl FnMut(&[u8]),
+    ) -> io::Result<u16> {
+        if self.stream.is_none() {
+            let s = TcpStream::connect(self.addr).await?;
+            s.set_nodelay(true)?;
+            self.stream = Some(s);
+            self.buf.clear();
+        }
+        self.stream_mut().write_all(request).await?;
+        let (status, framing, keep_alive) = loop {
+            if let Some((len, head)) = parse_head(&self.buf)? {
+                self.buf.drain(..len);
+                break head;
+            }
+            if self.read_more().await? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        };
+        match framing {
+            Framing::Length(mut left) => {
+                while left > 0 {
+                    if self.buf.is_empty() && self.read_more().await? == 0 {
+                        return Err(io::ErrorKind::UnexpectedEof.into());
+                    }
+                    let n = left.min(self.buf.len());
+                    on_data(&self.buf[..n]);
+                    self.buf.drain(..n);
+                    left -= n;
+                }
+            }
+            Framing::Chunked => self.read_chunked(&mut on_data).await?,
+            Framing::Close => {
+                loop {
+                    if !self.buf.is_empty() {
+                        on_data(&self.buf);
+                        self.buf.clear();
+                    }
+                    if self.read_more().await? == 0 {
+                        break;
+                    }
+                }
+                self.stream = None;
+            }
+        }
+        if !keep_alive {
+            self.stream = None;
+        }
+        Ok(status)
+    }
+
+    fn stream_mut(&mut self) -> &mut TcpStream {
+        self.stream.as_mut().expect("connected")
+    }
+
+    async fn read_more(&mut self) -> io::Result<usize> {
+        if self.buf.capacity() - self.buf.len() < 4096 {
+            self.buf.reserve(8192);
+        }
+        let stream = self.stream.as_mut().expect("connected");
+        stream.read_buf(&mut self.buf).await
+    }
+
+    async fn fill_line(&mut self) -> io::Result<usize> {
+        loop {
+            if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                return Ok(i);
+            }
+            if self.read_more().await? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+
+    async fn read_chunked(&mut self, on_data: &mut impl FnMut(&[u8])) -> io::Result<()> {
+        loop {
+            let line = self.fill_line().await?;
+            let size = std::str::from_utf8(&self.buf[..line])
+                .ok()
+                .and_then(|l| usize::from_str_radix(l.split(';').next()?.trim(), 16).ok())
+                .ok_or_else(|| io::Error::other("bad chunk size"))?;
+            self.buf.drain(..line + 2);
+            if size == 0 {
+                // Trailers, up to the empty line.
+                loop {
+                    let line = self.fill_line().await?;
+                    self.buf.drain(..line + 2);
+                    if line == 0 {
+                        return Ok(());
+                    }
+                }
+            }
+            let mut left = size;
+            while left > 0 {
+                if self.buf.is_empty() && self.read_more().await? == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                let n = left.min(self.buf.len());
+                on_data(&self.buf[..n]);
+                self.buf.drain(..n);
+                left -= n;
+            }
+            while self.buf.len() < 2 {
+                if self.read_more().await? == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+            self.buf.drain(..2);
+        }
+    }
+}
+
+type Head = (u16, Framing, bool);
+
+fn parse_head(buf: &[u8]) -> io::Result<Option<(usize, Head)>> {
+    let mut headers = [httparse::EMPTY_HEADER; 48];
+    let mut res = httparse::Response::new(&mut headers);
+    let len = match res.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(io::Error::other(e)),
+    };
+    let status = res.code.unwrap_or(0);
+    let mut framing = Framing::Close;
+    let mut keep_alive = res.version == Some(1);
+    for h in res.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let n = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or_else(|| io::Error::other("bad content-length"))?;
+            framing = Framing::Length(n);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            if h.value.eq_ignore_ascii_case(b"chunked") {
+                framing = Framing::Chunked;
+            }
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            keep_alive = !h.value.eq_ignore_ascii_case(b"close");
+        }
+    }
+    if status == 204 || status == 304 || (100..200).contains(&status) {
+        framing = Framing::Length(0);
+    }
+    Ok(Some((len, (status, framing, keep_alive))))
+}
+
+/// A chat request as an OpenAI SDK sends it; `stream` asks the mock for an
+/// SSE stream of that many chunks, `interval_ms` apart (0 = until closed).
+pub fn chat_request(addr: SocketAddr, stream: Option<(u64, u64)>) -> Vec<u8> {
+    let (query, flag) = match stream {
+        Some((n, ms)) => (format!("?stream={n}&interval_ms={ms}"), r#","stream":true"#),
+        None => (String::new(), ""),
+    };
+    let body = format!(
+        r#"{{"model":"gpt-4o-mini","messages":[{{"role":"system","content":"You are a helpful assistant."}},{{"role":"user","content":"Say this is a test, in one short sentence please."}}],"max_tokens":64{flag}}}"#
+    );
+    format!(
+        "POST /v1/chat/completions{query} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
+         accept: application/json\r\nuser-agent: sluice-bench\r\nauthorization: Bearer sk-client\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}

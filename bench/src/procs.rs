@@ -1,0 +1,319 @@
+//! The processes under test: starting them pinned to a CPU, reading their
+//! CPU time and memory from /proc, and stopping them.
+
+use std::fs;
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running process tree (nginx's master and worker count together).
+pub struct Proc {
+    pub name: &'static str,
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+/// The CPUs to pin to: the proxy on one, the load and mock on the other.
+/// `None` where there are fewer than two or taskset is missing.
+pub fn cpus() -> Option<(usize, usize)> {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let taskset = Command::new("taskset")
+        .arg("-V")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    (n >= 2 && taskset).then_some((0, 1))
+}
+
+/// Pins this process (before it starts any thread) to `cpu`.
+pub fn pin_self(cpu: usize) -> io::Result<()> {
+    let status = Command::new("taskset")
+        .args([
+            "-a",
+            "-p",
+            "-c",
+            &cpu.to_string(),
+            &std::process::id().to_string(),
+        ])
+        .stdout(Stdio::null())
+        .status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other("taskset failed"))
+    }
+}
+
+/// A loopback port free at the time of asking.
+pub fn free_addr() -> io::Result<SocketAddr> {
+    TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
+pub struct Spawn<'a> {
+    pub name: &'static str,
+    pub program: &'a Path,
+    pub args: Vec<String>,
+    pub env: Vec<(&'static str, String)>,
+    pub cpu: Option<usize>,
+    pub log: PathBuf,
+    pub addr: SocketAddr,
+}
+
+impl Proc {
+    pub fn start(s: Spawn<'_>) -> io::Result<Proc> {
+        let mut cmd = match s.cpu {
+            Some(cpu) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", &cpu.to_string()]).arg(s.program);
+                c
+            }
+            None => Command::new(s.program),
+        };
+        let log = fs::File::create(&s.log)?;
+        cmd.args(&s.args)
+            .envs(s.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = cmd
+            .spawn()
+            .map_err(|e| io::Error::other(format!("cannot start {}: {e}", s.program.display())))?;
+        let mut p = Proc {
+            name: s.name,
+            addr: s.addr,
+            child,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if std::net::TcpStream::connect(s.addr).is_ok() {
+                return Ok(p);
+            }
+            if let Ok(Some(status)) = p.child.try_wait() {
+                let log = fs::read_to_string(&s.log).unwrap_or_default();
+                return Err(io::Error::other(format!(
+                    "{} exited ({status}) before listening:\n{log}",
+                    s.name
+                )));
+            }
+            if Instant::now() > deadline {
+                p.stop();
+                return Err(io::Error::other(format!(
+                    "{} never listened on {}",
+                    s.name, s.addr
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The pids of this process and all its descendants.
+    fn tree(&self) -> Vec<u32> {
+        let mut pids = vec![self.pid()];
+        let mut parents: Vec<(u32, u32)> = Vec::new();
+        if let Ok(dir) = fs::read_dir("/proc") {
+            for e in dir.flatten() {
+                let Some(pid) = e.file_name().to_str().and_then(|s| s.parse().ok()) else {
+                    continue;
+                };
+                if let Some(stat) = read_stat(pid) {
+                    parents.push((pid, stat.ppid));
+                }
+            }
+        }
+        let mut i = 0;
+        while i < pids.len() {
+            let parent = pids[i];
+            pids.extend(
+                parents
+                    .iter()
+                    .filter(|(_, pp)| *pp == parent)
+                    .map(|(p, _)| *p),
+            );
+            i += 1;
+        }
+        pids
+    }
+
+    /// User plus system CPU time of the whole tree, in clock ticks.
+    pub fn cpu_ticks(&self) -> u64 {
+        self.tree()
+            .into_iter()
+            .filter_map(read_stat)
+            .map(|s| s.utime + s.stime)
+            .sum()
+    }
+
+    /// Resident memory of the whole tree, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        self.tree()
+            .into_iter()
+            .filter_map(|pid| {
+                let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+                let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+                line.split_whitespace().nth(1)?.parse::<u64>().ok()
+            })
+            .sum()
+    }
+
+    /// SIGTERM, then SIGKILL if it is still there after 10 s.
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
+    }
+}
+
+struct Stat {
+    ppid: u32,
+    utime: u64,
+    stime: u64,
+}
+
+fn read_stat(pid: u32) -> Option<Stat> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // Fields after the name, from 3 (state): ppid is 4, utime 14, stime 15.
+    Some(Stat {
+        ppid: fields.get(1)?.parse().ok()?,
+        utime: fields.get(11)?.parse().ok()?,
+        stime: fields.get(12)?.parse().ok()?,
+    })
+}
+
+/// Clock ticks per second, for CPU times from /proc.
+pub fn clock_ticks() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100)
+}
+
+/// sluice's config for the run: one route with the defaults an operator
+/// gets (retries on, no rate limit), the key injected, access log on.
+pub fn sluice_config(listen: SocketAddr, upstream: SocketAddr) -> String {
+    format!(
+        r#"[server]
+listen = "{listen}"
+admin_listen = ""
+shutdown_grace = "2s"
+
+[log]
+level = "info"
+
+[upstreams.mock]
+url = "http://{upstream}"
+api_key_env = "SLUICE_BENCH_KEY"
+
+[[routes]]
+name = "openai"
+path_prefix = "/v1"
+upstream = "mock"
+"#
+    )
+}
+
+/// nginx as a streaming reverse proxy: one worker, keep-alive upstream,
+/// no buffering, the key injected, access log on.
+pub fn nginx_config(dir: &Path, listen: SocketAddr, upstream: SocketAddr) -> String {
+    let d = dir.display();
+    format!(
+        r#"worker_processes 1;
+worker_rlimit_nofile 20000;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{
+    worker_connections 20000;
+}}
+http {{
+    access_log {d}/access.log;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    upstream mock {{
+        server {upstream};
+        keepalive 1024;
+        keepalive_requests 1000000;
+        keepalive_timeout 300s;
+    }}
+    server {{
+        listen {listen} backlog=4096;
+        location / {{
+            proxy_pass http://mock;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "Bearer sk-bench-not-a-real-key";
+            proxy_buffering off;
+            proxy_read_timeout 300s;
+        }}
+    }}
+}}
+"#
+    )
+}
+
+/// The nginx to compare with, if there is one.
+pub fn find_nginx(given: Option<PathBuf>) -> Option<PathBuf> {
+    if given.is_some() {
+        return given;
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|d| d.join("nginx"))
+        .find(|p| p.is_file())
+}
+
+pub fn nginx_version(nginx: &Path) -> String {
+    Command::new(nginx)
+        .arg("-v")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string())
+        .and_then(|s| s.split('/').nth(1).map(str::to_string))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_our_own_stat() {
+        let s = read_stat(std::process::id()).unwrap();
+        assert!(s.ppid > 0);
+    }
+}

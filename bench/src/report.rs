@@ -1,0 +1,553 @@
+//! The results as a markdown section (spliced into BENCHMARKS.md between
+//! its markers) and as JSON.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::Command;
+
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+
+use crate::{Point, Results, Target};
+
+pub const START: &str = "<!-- bench:results:start -->";
+pub const END: &str = "<!-- bench:results:end -->";
+
+pub struct Machine {
+    pub started: std::time::Instant,
+    pub date: String,
+    pub cpu: String,
+    pub cpus: usize,
+    pub kernel: String,
+    pub memory_gib: f64,
+    pub sluice: String,
+    pub nginx: Option<String>,
+    pub pinned: bool,
+}
+
+impl Machine {
+    pub fn read(sluice: &Path, nginx: Option<&Path>, cpus: usize, pinned: bool) -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map_or("unknown".into(), |(_, v)| v.trim().to_string());
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let mem_kib: f64 = meminfo
+            .lines()
+            .find(|l| l.starts_with("MemTotal:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0.0);
+        let run = |cmd: &str, args: &[&str]| {
+            Command::new(cmd)
+                .args(args)
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        };
+        let version = run(&sluice.display().to_string(), &["--version"]).unwrap_or_default();
+        let rev = run("git", &["rev-parse", "--short", "HEAD"])
+            .map(|r| format!(" (commit {r})"))
+            .unwrap_or_default();
+        Machine {
+            started: std::time::Instant::now(),
+            date: run("date", &["-u", "+%Y-%m-%d"]).unwrap_or_default(),
+            cpu,
+            cpus,
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+            memory_gib: mem_kib / 1024.0 / 1024.0,
+            sluice: format!("{version}{rev}"),
+            nginx: nginx.map(crate::procs::nginx_version),
+            pinned,
+        }
+    }
+}
+
+fn us(h: &Histogram<u64>, q: f64) -> u64 {
+    h.value_at_quantile(q)
+}
+
+fn pair(a: u64, b: u64) -> String {
+    format!("{a} / {b}")
+}
+
+fn signed_pair(a: i64, b: i64) -> String {
+    format!("{a:+} / {b:+}")
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b.abs() < f64::EPSILON {
+        "–".into()
+    } else {
+        format!("{:.2}", a / b)
+    }
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1}", kib as f64 / 1024.0)
+}
+
+fn streams_of(t: &Target) -> Option<&crate::Streams> {
+    t.streams.as_ref()
+}
+
+fn point(t: &Target, conns: usize) -> Option<&Point> {
+    t.points.iter().find(|p| p.conns == conns)
+}
+
+struct Table {
+    columns: Vec<&'static str>,
+    rows: String,
+}
+
+impl Table {
+    fn new(targets: &[&Target], ratio_col: bool) -> Table {
+        let mut columns: Vec<&'static str> = targets.iter().map(|t| t.name).collect();
+        if ratio_col {
+            columns.push("sluice ÷ nginx");
+        }
+        Table {
+            columns,
+            rows: String::new(),
+        }
+    }
+
+    fn row(&mut self, label: &str, cells: Vec<String>) {
+        let _ = write!(self.rows, "| {label} |");
+        for c in cells {
+            let _ = write!(self.rows, " {c} |");
+        }
+        self.rows.push('\n');
+    }
+
+    fn render(&self) -> String {
+        let mut s = String::from("| |");
+        for c in &self.columns {
+            let _ = write!(s, " {c} |");
+        }
+        s.push_str("\n|---|");
+        for _ in &self.columns {
+            s.push_str("---:|");
+        }
+        s.push('\n');
+        s + &self.rows
+    }
+}
+
+pub fn markdown(r: &Results) -> String {
+    let m = &r.machine;
+    let p = &r.plan;
+    let mut out = String::new();
+    let _ = writeln!(out, "{START}");
+    let _ = writeln!(
+        out,
+        "Run of {} on {} ({} CPUs, {:.0} GiB, Linux {}); {}; nginx {}. {}{}\n",
+        m.date,
+        m.cpu,
+        m.cpus,
+        m.memory_gib,
+        m.kernel,
+        m.sluice,
+        m.nginx.as_deref().unwrap_or("not installed"),
+        if m.pinned {
+            "Proxies pinned to CPU 0, load generator and mock to CPU 1 (taskset)."
+        } else {
+            "Not pinned (fewer than two CPUs or no taskset)."
+        },
+        if p.smoke {
+            " **Smoke run: figures are not meaningful.**"
+        } else {
+            ""
+        },
+    );
+
+    let all: Vec<&Target> = r.targets.iter().collect();
+    let direct = all.iter().find(|t| t.name == "direct").copied();
+    let sluice = all.iter().find(|t| t.name == "sluice").copied();
+    let nginx = all.iter().find(|t| t.name == "nginx").copied();
+    let ratios = sluice.is_some() && nginx.is_some();
+
+    let _ = writeln!(
+        out,
+        "### Request/response\n\n`POST /v1/chat/completions`, ~200-byte body, ~600-byte JSON answer; \
+         closed loop. Each point is {} rounds over all targets in turn, each {:.0} s measured after {:.0} s \
+         of warm-up, merged. Latencies in µs; \"added\" is the proxy's figure minus the direct path's.\n",
+        p.rounds,
+        p.measure.as_secs_f64(),
+        p.warmup.as_secs_f64()
+    );
+    let mut t = Table::new(&all, ratios);
+    for &conns in &p.conns {
+        let pts: Vec<Option<&Point>> = all.iter().map(|t| point(t, conns)).collect();
+        let d = direct.and_then(|t| point(t, conns));
+        let (s, n) = (
+            sluice.and_then(|t| point(t, conns)),
+            nginx.and_then(|t| point(t, conns)),
+        );
+        let mut cells: Vec<String> = pts
+            .iter()
+            .map(|x| x.map_or("–".into(), |x| format!("{:.0}", x.fixed.rps())))
+            .collect();
+        if ratios {
+            cells.push(ratio(s.unwrap().fixed.rps(), n.unwrap().fixed.rps()));
+        }
+        t.row(&format!("requests/s, {conns} conn"), cells);
+
+        let mut cells: Vec<String> = pts
+            .iter()
+            .map(|x| {
+                x.map_or("–".into(), |x| {
+                    pair(us(&x.fixed.latency, 0.5), us(&x.fixed.latency, 0.99))
+                })
+            })
+            .collect();
+        if ratios {
+            cells.push(String::new());
+        }
+        t.row(&format!("p50 / p99, {conns} conn"), cells);
+
+        if let Some(d) = d {
+            let added = |x: &Point| {
+                (
+                    us(&x.fixed.latency, 0.5) as i64 - us(&d.fixed.latency, 0.5) as i64,
+                    us(&x.fixed.latency, 0.99) as i64 - us(&d.fixed.latency, 0.99) as i64,
+                )
+            };
+            let mut cells: Vec<String> = pts
+                .iter()
+                .map(|x| match x {
+                    Some(x) if x.cpu_us.is_some() => {
+                        let (a, b) = added(x);
+                        signed_pair(a, b)
+                    }
+                    _ => "–".into(),
+                })
+                .collect();
+            if ratios {
+                let (sa, sb) = added(s.unwrap());
+                let (na, nb) = added(n.unwrap());
+                cells.push(format!(
+                    "{} / {}",
+                    ratio(sa as f64, na as f64),
+                    ratio(sb as f64, nb as f64)
+                ));
+            }
+            t.row(&format!("added p50 / p99 vs direct, {conns} conn"), cells);
+        }
+
+        let mut cells: Vec<String> = pts
+            .iter()
+            .map(|x| {
+                x.and_then(|x| x.cpu_us)
+                    .map_or("–".into(), |c| format!("{c:.1}"))
+            })
+            .collect();
+        if ratios {
+            cells.push(match (s.and_then(|x| x.cpu_us), n.and_then(|x| x.cpu_us)) {
+                (Some(a), Some(b)) => ratio(a, b),
+                _ => "–".into(),
+            });
+        }
+        t.row(&format!("proxy CPU µs per request, {conns} conn"), cells);
+
+        let errors: u64 = pts.iter().flatten().map(|x| x.fixed.errors).sum();
+        if errors > 0 {
+            let mut cells: Vec<String> = pts
+                .iter()
+                .map(|x| x.map_or("–".into(), |x| x.fixed.errors.to_string()))
+                .collect();
+            if ratios {
+                cells.push(String::new());
+            }
+            t.row(&format!("errors, {conns} conn"), cells);
+        }
+    }
+    out.push_str(&t.render());
+
+    let _ = writeln!(
+        out,
+        "\n### Streaming\n\n{} concurrent SSE streams of {} chunks, {} ms apart, back to back for {:.0} s. \
+         Lag is the time a chunk is read minus the time the mock wrote it (embedded in the chunk). µs.\n",
+        p.streams,
+        p.chunks,
+        p.interval_ms,
+        p.stream_time.as_secs_f64()
+    );
+    let mut t = Table::new(&all, ratios);
+    let cells = |f: &dyn Fn(&crate::Streams) -> String| -> Vec<String> {
+        all.iter()
+            .map(|t| streams_of(t).map_or("–".into(), f))
+            .collect()
+    };
+    let with = |mut c: Vec<String>, extra: String| {
+        if ratios {
+            c.push(extra);
+        }
+        c
+    };
+    t.row(
+        "streams (failed)",
+        with(
+            cells(&|s| format!("{} ({})", s.requests, s.failed)),
+            String::new(),
+        ),
+    );
+    t.row(
+        "time to first chunk p50 / p99",
+        with(
+            cells(&|s| pair(us(&s.first_chunk, 0.5), us(&s.first_chunk, 0.99))),
+            String::new(),
+        ),
+    );
+    t.row(
+        "per-chunk lag p50 / p99",
+        with(
+            cells(&|s| pair(us(&s.lag, 0.5), us(&s.lag, 0.99))),
+            String::new(),
+        ),
+    );
+    if let Some(ds) = direct.and_then(streams_of) {
+        let added = |s: &crate::Streams| {
+            (
+                us(&s.first_chunk, 0.5) as i64 - us(&ds.first_chunk, 0.5) as i64,
+                us(&s.first_chunk, 0.99) as i64 - us(&ds.first_chunk, 0.99) as i64,
+                us(&s.lag, 0.5) as i64 - us(&ds.lag, 0.5) as i64,
+                us(&s.lag, 0.99) as i64 - us(&ds.lag, 0.99) as i64,
+            )
+        };
+        let proxied = |f: &dyn Fn((i64, i64, i64, i64)) -> String| -> Vec<String> {
+            all.iter()
+                .map(|t| match streams_of(t) {
+                    Some(s) if t.name != "direct" => f(added(s)),
+                    _ => "–".into(),
+                })
+                .collect()
+        };
+        t.row(
+            "added time to first chunk p50 / p99",
+            with(proxied(&|a| signed_pair(a.0, a.1)), String::new()),
+        );
+        t.row(
+            "added per-chunk lag p50 / p99",
+            with(proxied(&|a| signed_pair(a.2, a.3)), String::new()),
+        );
+    }
+    t.row(
+        "chunks lost",
+        with(
+            cells(&|s| (s.chunks_expected - s.chunks_received).to_string()),
+            String::new(),
+        ),
+    );
+    out.push_str(&t.render());
+
+    let proxies: Vec<&Target> = all.iter().copied().filter(|t| t.name != "direct").collect();
+    if !proxies.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n### Memory\n\nRSS of the proxy's whole process tree (nginx: master and worker), in MiB. \
+             Streams send one chunk a second and stay open while measured.\n"
+        );
+        let mut t = Table::new(&proxies, ratios);
+        let pick = |name| proxies.iter().find(|t| t.name == name).copied();
+        let ratio_of = |f: &dyn Fn(&Target) -> Option<f64>| match (pick("sluice"), pick("nginx")) {
+            (Some(s), Some(n)) => match (f(s), f(n)) {
+                (Some(a), Some(b)) => ratio(a, b),
+                _ => "–".into(),
+            },
+            _ => String::new(),
+        };
+        let idle = |t: &Target| t.idle_rss_kib.map(|k| k as f64);
+        t.row(
+            "idle RSS",
+            with(
+                proxies
+                    .iter()
+                    .map(|t| t.idle_rss_kib.map_or("–".into(), mib))
+                    .collect(),
+                ratio_of(&idle),
+            ),
+        );
+        for (i, &n) in p.held.iter().enumerate() {
+            let rss = |t: &Target| t.held.as_ref().and_then(|h| h.1.get(i)).map(|x| x.1 as f64);
+            t.row(
+                &format!("RSS holding {n} streams"),
+                with(
+                    proxies
+                        .iter()
+                        .map(|t| rss(t).map_or("–".into(), |k| mib(k as u64)))
+                        .collect(),
+                    ratio_of(&rss),
+                ),
+            );
+        }
+        let per_stream = |t: &Target| per_stream_kib(t);
+        t.row(
+            "KiB per open stream",
+            with(
+                proxies
+                    .iter()
+                    .map(|t| per_stream(t).map_or("–".into(), |k| format!("{k:.1}")))
+                    .collect(),
+                ratio_of(&per_stream),
+            ),
+        );
+        t.row(
+            "streams failed while held",
+            with(
+                proxies
+                    .iter()
+                    .map(|t| {
+                        t.held
+                            .as_ref()
+                            .and_then(|h| h.1.last())
+                            .map_or("–".into(), |x| x.2.to_string())
+                    })
+                    .collect(),
+                String::new(),
+            ),
+        );
+        out.push_str(&t.render());
+        if p.held.len() >= 2 {
+            let _ = writeln!(
+                out,
+                "\nKiB per open stream is the RSS slope between {} and {} streams.",
+                p.held[0],
+                p.held[p.held.len() - 1]
+            );
+        }
+    }
+
+    if let Some(s) = &r.soak {
+        let first = s.samples.first().map_or(0, |x| x.1);
+        let after_warm = s
+            .samples
+            .iter()
+            .find(|x| x.0 >= p.soak_sample.as_secs_f64())
+            .map_or(first, |x| x.1);
+        let last = s.samples.last().map_or(0, |x| x.1);
+        let max = s.samples.iter().map(|x| x.1).max().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "\n### Soak\n\nsluice for {:.0} s under 8 connections pacing requests 1 ms apart plus 20 \
+             streams at a time: {} requests ({} errors), {} streams ({} failed, {} chunks lost). \
+             RSS in MiB: {} at the start, {} after {:.0} s, {} at the end, {} at most.",
+            p.soak.as_secs_f64(),
+            s.requests,
+            s.errors,
+            s.streams,
+            s.stream_failures,
+            s.chunks_lost,
+            mib(first),
+            mib(after_warm),
+            p.soak_sample.as_secs_f64(),
+            mib(last),
+            mib(max),
+        );
+    }
+    let _ = writeln!(out, "{END}");
+    out
+}
+
+/// The RSS slope between the first and last number of held streams, or
+/// from idle where only one was held.
+fn per_stream_kib(t: &Target) -> Option<f64> {
+    let (before, at) = t.held.as_ref()?;
+    let last = at.last()?;
+    let (n0, r0) = if at.len() >= 2 {
+        (at[0].0, at[0].1)
+    } else {
+        (0, *before)
+    };
+    (last.0 > n0).then(|| (last.1 as f64 - r0 as f64) / (last.0 - n0) as f64)
+}
+
+fn hist(h: &Histogram<u64>) -> Value {
+    json!({
+        "count": h.len(),
+        "p50_us": us(h, 0.5),
+        "p99_us": us(h, 0.99),
+        "p999_us": us(h, 0.999),
+        "max_us": h.max(),
+    })
+}
+
+pub fn json(r: &Results) -> Value {
+    let targets: Vec<Value> = r
+        .targets
+        .iter()
+        .map(|t| {
+            json!({
+                "name": t.name,
+                "points": t.points.iter().map(|p| json!({
+                    "conns": p.conns,
+                    "requests": p.fixed.requests,
+                    "errors": p.fixed.errors,
+                    "rps": p.fixed.rps(),
+                    "latency": hist(&p.fixed.latency),
+                    "cpu_us_per_request": p.cpu_us,
+                })).collect::<Vec<_>>(),
+                "streams": t.streams.as_ref().map(|s| json!({
+                    "requests": s.requests,
+                    "failed": s.failed,
+                    "chunks_expected": s.chunks_expected,
+                    "chunks_received": s.chunks_received,
+                    "first_chunk": hist(&s.first_chunk),
+                    "lag": hist(&s.lag),
+                })),
+                "idle_rss_kib": t.idle_rss_kib,
+                "held": t.held.as_ref().map(|(before, at)| json!({
+                    "before_rss_kib": before,
+                    "points": at.iter().map(|(n, rss, failed)| json!({
+                        "streams": n, "rss_kib": rss, "failed": failed,
+                    })).collect::<Vec<_>>(),
+                    "kib_per_stream": per_stream_kib(t),
+                })),
+            })
+        })
+        .collect();
+    json!({
+        "smoke": r.plan.smoke,
+        "machine": {
+            "date": r.machine.date,
+            "cpu": r.machine.cpu,
+            "cpus": r.machine.cpus,
+            "kernel": r.machine.kernel,
+            "sluice": r.machine.sluice,
+            "nginx": r.machine.nginx,
+            "pinned": r.machine.pinned,
+        },
+        "targets": targets,
+        "soak": r.soak.as_ref().map(|s| json!({
+            "samples": s.samples.iter().map(|(t, rss)| json!({"t": t, "rss_kib": rss})).collect::<Vec<_>>(),
+            "requests": s.requests,
+            "errors": s.errors,
+            "streams": s.streams,
+            "stream_failures": s.stream_failures,
+            "chunks_lost": s.chunks_lost,
+        })),
+    })
+}
+
+/// Replaces the section between the markers of `path` with `section`, or
+/// writes `section` as the whole file where there are no markers.
+pub fn write_into(path: &Path, section: &str) -> std::io::Result<()> {
+    let old = std::fs::read_to_string(path).unwrap_or_default();
+    let new = match (old.find(START), old.find(END)) {
+        (Some(a), Some(b)) if a < b => {
+            format!(
+                "{}{}{}",
+                &old[..a],
+                section.trim_end(),
+                &old[b + END.len()..]
+            )
+        }
+        _ => section.to_string(),
+    };
+    std::fs::write(path, new)
+}

@@ -1,0 +1,114 @@
+//! CI's smoke run of the benchmark: a few seconds of every phase against
+//! the debug build of sluice (and nginx when installed). It checks that
+//! the harness works end to end and that its figures parse; it never
+//! asserts speed.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+fn sluice_binary() -> PathBuf {
+    // `cargo test --workspace` builds the sluice binary beside ours.
+    let bench = Path::new(env!("CARGO_BIN_EXE_sluice-bench"));
+    let sluice = bench.with_file_name("sluice");
+    assert!(
+        sluice.is_file(),
+        "no sluice binary at {}: run `cargo test --workspace` (or `cargo build` first)",
+        sluice.display()
+    );
+    sluice
+}
+
+#[test]
+fn a_smoke_run_measures_every_phase() {
+    let dir = std::env::temp_dir().join(format!("sluice-bench-smoke-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (json, md) = (dir.join("results.json"), dir.join("BENCHMARKS.md"));
+    std::fs::write(
+        &md,
+        "# Title\n\nhand-written\n\n<!-- bench:results:start -->\nold\n<!-- bench:results:end -->\n\ntail\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
+        .arg("--smoke")
+        .arg("--sluice")
+        .arg(sluice_binary())
+        .arg("--json")
+        .arg(&json)
+        .arg("--out")
+        .arg(&md)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "sluice-bench failed:\n{stderr}");
+
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(r["smoke"], true);
+    let targets = r["targets"].as_array().unwrap();
+    let names: Vec<&str> = targets
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(&names[..2], ["direct", "sluice"], "{names:?}");
+    for t in targets {
+        let name = t["name"].as_str().unwrap();
+        let points = t["points"].as_array().unwrap();
+        assert_eq!(points.len(), 2, "{name}");
+        for p in points {
+            assert!(p["requests"].as_u64().unwrap() > 0, "{name}: {p}");
+            assert_eq!(p["errors"], 0, "{name}: {p}");
+            assert!(p["rps"].as_f64().unwrap() > 0.0, "{name}: {p}");
+            assert!(
+                p["latency"]["p99_us"].as_u64().unwrap()
+                    >= p["latency"]["p50_us"].as_u64().unwrap()
+            );
+            // Proxies have a CPU figure, the direct path has none.
+            assert_eq!(
+                p["cpu_us_per_request"].is_number(),
+                name != "direct",
+                "{name}: {p}"
+            );
+        }
+        let s = &t["streams"];
+        assert!(s["requests"].as_u64().unwrap() > 0, "{name}: {s}");
+        assert_eq!(s["failed"], 0, "{name}: {s}");
+        assert_eq!(s["chunks_expected"], s["chunks_received"], "{name}: {s}");
+        assert!(s["lag"]["count"].as_u64().unwrap() > 0, "{name}: {s}");
+        if name != "direct" {
+            assert!(t["idle_rss_kib"].as_u64().unwrap() > 0, "{name}");
+            let held = t["held"]["points"].as_array().unwrap();
+            assert_eq!(held.len(), 2, "{name}");
+            for h in held {
+                assert!(h["rss_kib"].as_u64().unwrap() > 0, "{name}: {h}");
+                assert_eq!(h["failed"], 0, "{name}: {h}");
+            }
+            assert!(t["held"]["kib_per_stream"].is_number(), "{name}");
+        }
+    }
+    let soak = &r["soak"];
+    assert!(soak["requests"].as_u64().unwrap() > 0, "{soak}");
+    assert_eq!(soak["errors"], 0, "{soak}");
+    assert_eq!(soak["stream_failures"], 0, "{soak}");
+    assert_eq!(soak["chunks_lost"], 0, "{soak}");
+    assert!(soak["samples"].as_array().unwrap().len() >= 3, "{soak}");
+
+    // The generated section replaced the old one; the hand-written parts stay.
+    let md = std::fs::read_to_string(&md).unwrap();
+    assert!(
+        md.starts_with("# Title\n\nhand-written\n\n<!-- bench:results:start -->"),
+        "{md}"
+    );
+    assert!(md.ends_with("<!-- bench:results:end -->\n\ntail\n"), "{md}");
+    assert!(!md.contains("\nold\n"), "{md}");
+    for heading in [
+        "### Request/response",
+        "### Streaming",
+        "### Memory",
+        "### Soak",
+    ] {
+        assert!(md.contains(heading), "{heading} missing:\n{md}");
+    }
+    assert!(md.contains("| requests/s, 8 conn |"), "{md}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
