@@ -269,16 +269,19 @@ fn run(runtime: &tokio::runtime::Runtime, args: RunArgs) -> Result<(), String> {
     let sluice_addr = procs::free_addr().map_err(err)?;
     let config = dir.join("sluice.toml");
     std::fs::write(&config, procs::sluice_config(sluice_addr, mock.addr)).map_err(err)?;
-    let mut proxies = vec![Proc::start(Spawn {
-        name: "sluice",
-        program: &sluice,
-        args: vec!["--config".into(), config.display().to_string()],
-        env: vec![("SLUICE_BENCH_KEY", "sk-bench-not-a-real-key".into())],
-        cpu: proxy_cpu,
-        log: dir.join("sluice.log"),
-        addr: sluice_addr,
-    })
-    .map_err(err)?];
+    let start_sluice = |log: &str| {
+        Proc::start(Spawn {
+            name: "sluice",
+            program: &sluice,
+            args: vec!["--config".into(), config.display().to_string()],
+            env: vec![("SLUICE_BENCH_KEY", "sk-bench-not-a-real-key".into())],
+            cpu: proxy_cpu,
+            log: dir.join(log),
+            addr: sluice_addr,
+        })
+        .map_err(err)
+    };
+    let mut proxies = vec![start_sluice("sluice.log")?];
     if let Some(nginx) = &nginx {
         let nginx_addr = procs::free_addr().map_err(err)?;
         let conf = dir.join("nginx.conf");
@@ -403,12 +406,19 @@ fn run(runtime: &tokio::runtime::Runtime, args: RunArgs) -> Result<(), String> {
         t.held = Some((before, at));
     }
 
-    let soak = match proc_of("sluice") {
-        Some(p) if !plan.soak.is_zero() => {
-            say(&format!("sluice: soak for {} s", plan.soak.as_secs()));
-            Some(runtime.block_on(soak(p, &plan)))
-        }
-        _ => None,
+    // The soak gets a fresh sluice: the streams held above leave their
+    // memory with the allocator, which would hide any growth.
+    let soak = if plan.soak.is_zero() {
+        None
+    } else {
+        proxies[0].stop();
+        proxies[0] = start_sluice("sluice-soak.log")?;
+        std::thread::sleep(Duration::from_millis(300));
+        say(&format!(
+            "sluice (restarted): soak for {} s",
+            plan.soak.as_secs()
+        ));
+        Some(runtime.block_on(soak(&proxies[0], &plan)))
     };
 
     for p in proxies.iter_mut() {

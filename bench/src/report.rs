@@ -434,7 +434,7 @@ pub fn markdown(r: &Results) -> String {
         let max = s.samples.iter().map(|x| x.1).max().unwrap_or(0);
         let _ = writeln!(
             out,
-            "\n### Soak\n\nsluice for {:.0} s under 8 connections pacing requests 1 ms apart plus 20 \
+            "\n### Soak\n\nA freshly started sluice for {:.0} s under 8 connections pacing requests 1 ms apart plus 20 \
              streams at a time: {} requests ({} errors), {} streams ({} failed, {} chunks lost). \
              RSS in MiB: {} at the start, {} after {:.0} s, {} at the end, {} at most.",
             p.soak.as_secs_f64(),

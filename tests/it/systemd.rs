@@ -1,5 +1,6 @@
-//! Under systemd: sd_notify states on a real NOTIFY_SOCKET, and the soft
-//! open-file limit raised to the hard one.
+//! Under systemd: sd_notify states on a real NOTIFY_SOCKET, the soft
+//! open-file limit raised to the hard one, and the runtime sized to the
+//! CPUs the process may use.
 
 use std::time::Duration;
 
@@ -119,4 +120,25 @@ fn assert_reloading(message: &str) {
     assert_eq!(lines.next(), Some("RELOADING=1"), "{message}");
     let usec = lines.next().and_then(|l| l.strip_prefix("MONOTONIC_USEC="));
     assert!(usec.is_some_and(|u| u.parse::<u64>().is_ok()), "{message}");
+}
+
+#[tokio::test]
+async fn one_allowed_cpu_gets_a_single_threaded_runtime() {
+    let mock = Mock::start(|_| async { json(200, r#"{"ok":true}"#) }).await;
+    let mut proxy = Process::start_on_one_cpu(&config(&mock), &[]).await;
+    // The main thread runs everything: no worker threads to hand work to.
+    assert_eq!(proxy.threads(), 1);
+    let (res, body) = get(&proxy.url("/v1/models")).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(&body[..], br#"{"ok":true}"#);
+    assert_eq!(proxy.threads(), 1);
+    proxy.stop().await;
+
+    // With every CPU of this machine (two or more here), one worker each.
+    let cpus = std::thread::available_parallelism().unwrap().get() as u64;
+    if cpus > 1 {
+        let mut proxy = Process::start(&config(&mock), &[]).await;
+        assert!(proxy.threads() > cpus, "{} threads", proxy.threads());
+        proxy.stop().await;
+    }
 }

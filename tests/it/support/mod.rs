@@ -202,6 +202,19 @@ impl Process {
         env: &[(&str, &str)],
         nofile: Option<u64>,
     ) -> Process {
+        let script = nofile.map(|n| format!("ulimit -Sn {n} && exec \"$0\" \"$@\""));
+        Self::start_via(toml, env, script).await
+    }
+
+    /// As `start`, allowed CPU 0 only (taskset), as a pinned sidecar or a
+    /// 1-CPU cgroup quota leaves it.
+    pub async fn start_on_one_cpu(toml: &str, env: &[(&str, &str)]) -> Process {
+        Self::start_via(toml, env, Some("exec taskset -c 0 \"$0\" \"$@\"".into())).await
+    }
+
+    /// Starts sluice directly, or through `bash -c script` with sluice as
+    /// `$0` (the script ends by exec-ing it, so the child is sluice).
+    async fn start_via(toml: &str, env: &[(&str, &str)], script: Option<String>) -> Process {
         let dir = tempfile::tempdir().unwrap();
         // Parallel tests must not share the default admin port.
         let toml = if toml.contains("admin_listen") {
@@ -214,13 +227,11 @@ impl Process {
             )
         };
         std::fs::write(dir.path().join("sluice.toml"), &toml).unwrap();
-        let mut cmd = match nofile {
+        let mut cmd = match script {
             None => tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice")),
-            Some(n) => {
+            Some(script) => {
                 let mut c = tokio::process::Command::new("bash");
-                c.arg("-c")
-                    .arg(format!("ulimit -Sn {n} && exec \"$0\" \"$@\""))
-                    .arg(env!("CARGO_BIN_EXE_sluice"));
+                c.arg("-c").arg(script).arg(env!("CARGO_BIN_EXE_sluice"));
                 c
             }
         };
@@ -309,6 +320,17 @@ impl Process {
     }
 
     /// Resident memory in KiB, from /proc.
+    /// The number of threads, from /proc.
+    pub fn threads(&self) -> u64 {
+        let pid = self.child.id().expect("running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("Threads")
+    }
+
     pub fn rss_kib(&self) -> u64 {
         let pid = self.child.id().expect("running");
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
