@@ -11,4 +11,4 @@ if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
 fi
 apt-get update -qq
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null
-service nginx stop >/dev/null 2>&1 || pkill -x nginx || true
+service nginx stop >/dev/null 2>&1 || true

@@ -58,8 +58,13 @@ pub struct RequestSpan {
 impl RequestSpan {
     /// The span to give as `parent:` to an event about this request.
     pub fn get(&self) -> &tracing::Span {
-        self.span
-            .get_or_init(|| tracing::info_span!("request", id = self.id()))
+        // The target is the proxy's, as before this span was made lazily:
+        // `sluice::access=off` silences the access line, not the request id
+        // on warnings. No parent: whatever span is current at first use is
+        // not this request's.
+        self.span.get_or_init(|| {
+            tracing::info_span!(target: "sluice::proxy", parent: None, "request", id = self.id())
+        })
     }
 
     pub fn id(&self) -> &str {
@@ -159,7 +164,8 @@ impl AccessLog {
             // tests): an ordinary event for whatever subscriber there is.
             return self.event();
         };
-        LINE.with_borrow_mut(|line| {
+        let _ = LINE.try_with(|line| {
+            let line = &mut *line.borrow_mut();
             line.clear();
             match format {
                 LogFormat::Json => self.json(line),
@@ -210,9 +216,14 @@ impl AccessLog {
     fn text(&self, out: &mut String) {
         let f = self.fields();
         timestamp(out, SystemTime::now());
-        out.push_str("  INFO request{id=");
-        debug_str(out, f.id);
-        out.push_str("}: sluice::access: request method=");
+        out.push_str("  INFO ");
+        // The span's part, where the filter lets the request span through.
+        if span_enabled() {
+            out.push_str("request{id=");
+            debug_str(out, f.id);
+            out.push_str("}: ");
+        }
+        out.push_str("sluice::access: request method=");
         out.push_str(self.method.as_str());
         out.push_str(" path=");
         debug_str(out, f.path);
@@ -283,10 +294,20 @@ impl AccessLog {
             out.push_str(",\"upstream_request_id\":");
             json_str(out, id);
         }
-        out.push_str(",\"target\":\"sluice::access\",\"span\":{\"id\":");
-        json_str(out, f.id);
-        out.push_str(",\"name\":\"request\"},\"spans\":[]}");
+        out.push_str(",\"target\":\"sluice::access\"");
+        if span_enabled() {
+            out.push_str(",\"span\":{\"id\":");
+            json_str(out, f.id);
+            out.push_str(",\"name\":\"request\"},\"spans\":[]");
+        }
+        out.push('}');
     }
+}
+
+/// Whether the filter lets the `request` span through (as `RequestSpan`
+/// makes it).
+fn span_enabled() -> bool {
+    tracing::enabled!(target: "sluice::proxy", tracing::Level::INFO)
 }
 
 struct Fields<'a> {

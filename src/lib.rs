@@ -111,10 +111,22 @@ pub async fn run(
                              those take a restart; the rest of the new config applies now"
                         );
                     }
-                    let next = proxy::Proxy::new(&new, &sh, Some(&swap.load()));
+                    // Building it parses root certificates: off the runtime
+                    // thread, which may be the only one (a 1-CPU sidecar).
+                    let routes = new.routes.len();
+                    let (prev, sh) = (swap.load_full(), sh.clone());
+                    let built = tokio::task::spawn_blocking(move || {
+                        proxy::Proxy::new(&new, &sh, Some(&prev))
+                    });
+                    let Ok(next) = built.await else {
+                        tracing::error!("reload failed, keeping the running config");
+                        m.reload(false);
+                        systemd::ready();
+                        continue;
+                    };
                     swap.store(Arc::new(next));
                     m.reload(true);
-                    tracing::info!(routes = new.routes.len(), "config reloaded");
+                    tracing::info!(routes, "config reloaded");
                 }
                 Err(errors) => {
                     for line in errors.to_string().lines() {

@@ -109,7 +109,16 @@ async fn reload_on_sighup(
 ) {
     while hup.recv().await.is_some() {
         tracing::info!("SIGHUP: reloading {}", path.display());
-        let loaded = Config::load(&path, &|name| std::env::var(name).ok());
+        // File reads off the runtime thread (it may be the only one).
+        let file = path.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            Config::load(&file, &|name| std::env::var(name).ok())
+        })
+        .await;
+        let Ok(loaded) = loaded else {
+            tracing::error!("reload failed while reading {}", path.display());
+            continue;
+        };
         if tx.send(loaded).is_err() {
             return;
         }

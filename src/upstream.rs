@@ -101,7 +101,14 @@ fn upstream_uri(uri: &Uri, route: &Route) -> Uri {
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(up.scheme.clone());
     parts.authority = Some(up.authority.clone());
-    if up.base_path.is_empty() && path.len() == uri.path().len() && !path.is_empty() {
+    let unchanged = up.base_path.is_empty() && path.len() == uri.path().len();
+    // An absolute URI with an empty path has "?q" as its path-and-query:
+    // that one needs the "/" the slow path adds.
+    if unchanged
+        && uri
+            .path_and_query()
+            .is_some_and(|pq| pq.as_str().starts_with('/'))
+    {
         // Forwarded as is: share the client's bytes instead of rebuilding them.
         parts.path_and_query = uri.path_and_query().cloned();
         return Uri::from_parts(parts).expect("complete upstream URI");

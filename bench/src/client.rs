@@ -29,6 +29,11 @@ impl Conn {
         }
     }
 
+    /// Drops the connection (after a timeout: its state is unknown).
+    pub fn reset(&mut self) {
+        self.stream = None;
+    }
+
     /// Sends `request` (a whole HTTP/1.1 request) and reads the response,
     /// handing each piece of body to `on_data` as soon as it is read.
     /// Returns the status. Any error leaves the connection closed, so the
@@ -67,17 +72,7 @@ impl Conn {
             }
         };
         match framing {
-            Framing::Length(mut left) => {
-                while left > 0 {
-                    if self.buf.is_empty() && self.read_more().await? == 0 {
-                        return Err(io::ErrorKind::UnexpectedEof.into());
-                    }
-                    let n = left.min(self.buf.len());
-                    on_data(&self.buf[..n]);
-                    self.buf.drain(..n);
-                    left -= n;
-                }
-            }
+            Framing::Length(len) => self.deliver(len, &mut on_data).await?,
             Framing::Chunked => self.read_chunked(&mut on_data).await?,
             Framing::Close => {
                 loop {
@@ -110,6 +105,20 @@ impl Conn {
         stream.read_buf(&mut self.buf).await
     }
 
+    /// Hands the next `len` body bytes to `on_data` as they arrive.
+    async fn deliver(&mut self, mut len: usize, on_data: &mut impl FnMut(&[u8])) -> io::Result<()> {
+        while len > 0 {
+            if self.buf.is_empty() && self.read_more().await? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            let n = len.min(self.buf.len());
+            on_data(&self.buf[..n]);
+            self.buf.drain(..n);
+            len -= n;
+        }
+        Ok(())
+    }
+
     async fn fill_line(&mut self) -> io::Result<usize> {
         loop {
             if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
@@ -139,16 +148,7 @@ impl Conn {
                     }
                 }
             }
-            let mut left = size;
-            while left > 0 {
-                if self.buf.is_empty() && self.read_more().await? == 0 {
-                    return Err(io::ErrorKind::UnexpectedEof.into());
-                }
-                let n = left.min(self.buf.len());
-                on_data(&self.buf[..n]);
-                self.buf.drain(..n);
-                left -= n;
-            }
+            self.deliver(size, on_data).await?;
             while self.buf.len() < 2 {
                 if self.read_more().await? == 0 {
                     return Err(io::ErrorKind::UnexpectedEof.into());

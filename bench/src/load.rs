@@ -13,6 +13,9 @@ use tokio::time::Instant;
 use crate::client::{chat_request, Conn};
 use crate::mock::now_ns;
 
+/// How long one request/response may take before it counts as an error.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Latencies in microseconds, 1 µs to 10 min, 3 significant figures.
 pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds")
@@ -72,7 +75,15 @@ pub async fn closed_loop(addr: SocketAddr, conns: usize, pause: Duration, window
                     break;
                 }
                 let mut bytes = 0;
-                let result = conn.exchange(&request, |d| bytes += d.len()).await;
+                let result = tokio::time::timeout(
+                    EXCHANGE_TIMEOUT,
+                    conn.exchange(&request, |d| bytes += d.len()),
+                )
+                .await
+                .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+                if result.is_err() {
+                    conn.reset();
+                }
                 let done = Instant::now();
                 let counted = done >= window.start && done <= window.end;
                 match result {
@@ -121,6 +132,19 @@ pub struct Streams {
     pub first_chunk: Histogram<u64>,
     /// Chunk read minus the time the mock wrote it, µs.
     pub lag: Histogram<u64>,
+}
+
+impl Streams {
+    fn empty() -> Self {
+        Streams {
+            requests: 0,
+            failed: 0,
+            chunks_expected: 0,
+            chunks_received: 0,
+            first_chunk: histogram(),
+            lag: histogram(),
+        }
+    }
 }
 
 /// Counts the chat chunks in an SSE byte stream and times each against the
@@ -179,24 +203,22 @@ pub async fn streams(
         let request = request.clone();
         tasks.push(tokio::spawn(async move {
             let mut conn = Conn::new(addr);
-            let mut out = Streams {
-                requests: 0,
-                failed: 0,
-                chunks_expected: 0,
-                chunks_received: 0,
-                first_chunk: histogram(),
-                lag: histogram(),
-            };
+            let mut out = Streams::empty();
             loop {
                 let sent = Instant::now();
                 let mut tally = SseTally::default();
                 let mut first = None;
-                let result = conn
-                    .exchange(&request, |d| {
-                        first.get_or_insert_with(Instant::now);
-                        tally.feed(d, now_ns());
-                    })
-                    .await;
+                let exchange = conn.exchange(&request, |d| {
+                    first.get_or_insert_with(Instant::now);
+                    tally.feed(d, now_ns());
+                });
+                let bound = EXCHANGE_TIMEOUT + Duration::from_millis(chunks * interval_ms);
+                let result = tokio::time::timeout(bound, exchange)
+                    .await
+                    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+                if result.is_err() {
+                    conn.reset();
+                }
                 out.requests += 1;
                 out.chunks_expected += chunks;
                 out.chunks_received += tally.chunks;
@@ -216,14 +238,7 @@ pub async fn streams(
             out
         }));
     }
-    let mut total = Streams {
-        requests: 0,
-        failed: 0,
-        chunks_expected: 0,
-        chunks_received: 0,
-        first_chunk: histogram(),
-        lag: histogram(),
-    };
+    let mut total = Streams::empty();
     for task in tasks {
         let s = task.await.expect("stream task");
         total.requests += s.requests;
@@ -264,8 +279,15 @@ impl Held {
         let request: Arc<[u8]> = chat_request(addr, Some((0, 1000))).into();
         let connecting = Arc::new(Semaphore::new(128));
         let target = self.tasks.len() + n;
+        let deadline = Instant::now() + patience;
         for _ in 0..n {
-            let permit = connecting.clone().acquire_owned().await.expect("open");
+            // A proxy that stops answering must not stall the run for good.
+            let Ok(permit) =
+                tokio::time::timeout_at(deadline, connecting.clone().acquire_owned()).await
+            else {
+                break;
+            };
+            let permit = permit.expect("open");
             let request = request.clone();
             let (ready, failed) = (self.ready.clone(), self.failed.clone());
             let mut stop = self.stop.subscribe();
@@ -292,7 +314,6 @@ impl Held {
                 }
             }));
         }
-        let deadline = Instant::now() + patience;
         while self.settled() < target as u64 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -352,7 +352,7 @@ fn run(runtime: &tokio::runtime::Runtime, args: RunArgs) -> Result<(), String> {
                         sampler
                     )
                 });
-                let ticks_used = c0.zip(c1).map(|(a, b)| b - a);
+                let ticks_used = c0.zip(c1).map(|(a, b)| b.saturating_sub(a));
                 match t.points.iter_mut().find(|p| p.conns == conns) {
                     Some(point) => point.merge(fixed, ticks_used),
                     None => t.points.push(Point::new(conns, fixed, ticks_used)),

@@ -181,7 +181,7 @@ async fn sse(stream: &mut TcpStream, count: u64, interval: Duration) -> io::Resu
               x-request-id: req_bench\r\ntransfer-encoding: chunked\r\n\r\n",
         )
         .await?;
-    let mut ticks = tokio::time::interval(interval);
+    let mut ticks = tokio::time::interval(interval.max(Duration::from_millis(1)));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut out = Vec::with_capacity(512);
     let mut sent = 0;

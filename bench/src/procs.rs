@@ -15,17 +15,37 @@ pub struct Proc {
     child: Child,
 }
 
-/// The CPUs to pin to: the proxy on one, the load and mock on the other.
-/// `None` where there are fewer than two or taskset is missing.
+/// The CPUs to pin to, the first two this process may use: the proxy on
+/// one, the load and mock on the other. `None` where there are fewer than
+/// two or taskset is missing.
 pub fn cpus() -> Option<(usize, usize)> {
-    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
     let taskset = Command::new("taskset")
         .arg("-V")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    (n >= 2 && taskset).then_some((0, 1))
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
+    let mut allowed = cpu_list(list.trim()).into_iter();
+    match (allowed.next(), allowed.next()) {
+        (Some(a), Some(b)) if taskset => Some((a, b)),
+        _ => None,
+    }
+}
+
+/// "0-2,5" as [0, 1, 2, 5].
+fn cpu_list(list: &str) -> Vec<usize> {
+    let mut out = Vec::new();
+    for part in list.split(',').filter(|p| !p.is_empty()) {
+        let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+        if let (Ok(lo), Ok(hi)) = (lo.parse::<usize>(), hi.parse::<usize>()) {
+            out.extend(lo..=hi);
+        }
+    }
+    out
 }
 
 /// Pins this process (before it starts any thread) to `cpu`.
@@ -310,6 +330,13 @@ pub fn nginx_version(nginx: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(cpu_list("0-1"), [0, 1]);
+        assert_eq!(cpu_list("2,4-5"), [2, 4, 5]);
+        assert_eq!(cpu_list("3"), [3]);
+    }
 
     #[test]
     fn reads_our_own_stat() {

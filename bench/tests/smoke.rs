@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -30,7 +31,8 @@ fn a_smoke_run_measures_every_phase() {
         "# Title\n\nhand-written\n\n<!-- bench:results:start -->\nold\n<!-- bench:results:end -->\n\ntail\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
+    let log = dir.join("bench.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
         .arg("--smoke")
         .arg("--sluice")
         .arg(sluice_binary())
@@ -38,10 +40,24 @@ fn a_smoke_run_measures_every_phase() {
         .arg(&json)
         .arg("--out")
         .arg(&md)
-        .output()
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(dir.join("bench.err")).unwrap())
+        .spawn()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "sluice-bench failed:\n{stderr}");
+    // About 15 s normally: a hang must fail the test, not stall CI.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("sluice-bench --smoke still running after 300 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let stderr = std::fs::read_to_string(dir.join("bench.err")).unwrap_or_default();
+    assert!(status.success(), "sluice-bench failed:\n{stderr}");
 
     let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(r["smoke"], true);

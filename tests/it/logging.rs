@@ -27,6 +27,15 @@ async fn request(proxy: &Process, path: &str, id: &str) -> u16 {
         .as_u16()
 }
 
+/// A loopback port nothing listens on (bound, then released).
+fn refused_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 fn lines_with<'a>(out: &'a str, needle: &str) -> Vec<&'a str> {
     out.lines().filter(|l| l.contains(needle)).collect()
 }
@@ -67,11 +76,7 @@ async fn text_access_line_has_every_field_once_per_request() {
 #[tokio::test]
 async fn request_id_is_on_every_line_of_the_request() {
     // Nothing listens at this port: the request logs a warning and the access line.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = refused_port();
     let mut proxy = Process::start(
         &config(&format!("http://127.0.0.1:{port}"), ""),
         &[("UP_KEY", KEY)],
@@ -212,4 +217,26 @@ async fn a_client_that_leaves_before_the_response_is_logged_as_499() {
         line.contains("status=499") && line.contains("body=\"client_gone\""),
         "{line}"
     );
+}
+
+#[tokio::test]
+async fn silencing_the_access_line_keeps_the_request_id_on_warnings() {
+    let port = refused_port();
+    let mut proxy = Process::start(
+        &config(
+            &format!("http://127.0.0.1:{port}"),
+            "level = \"info,sluice::access=off\"",
+        ),
+        &[("UP_KEY", KEY)],
+    )
+    .await;
+    assert_eq!(request(&proxy, "/v1/models", "req-quiet-502").await, 502);
+    proxy.stop().await;
+    let out = proxy.output();
+    assert!(lines_with(&out, "sluice::access").is_empty(), "{out}");
+    let warnings = lines_with(&out, "upstream connect failed");
+    assert!(!warnings.is_empty(), "{out}");
+    for line in warnings {
+        assert!(line.contains("request{id=\"req-quiet-502\"}"), "{line}");
+    }
 }

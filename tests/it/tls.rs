@@ -301,3 +301,22 @@ async fn over_an_h2_upstream_a_body_over_max_is_still_413() {
     assert_sluice_error(&head, &body, 413, "request_too_large");
     assert_eq!(mock.seen()[0].version, Version::HTTP_2);
 }
+
+#[tokio::test]
+async fn an_absolute_uri_with_an_empty_path_reaches_an_h2_upstream_as_slash() {
+    // `GET http://host?x=1`: the path is "/" but the path-and-query is
+    // "?x=1", which an h2 upstream would refuse as its :path.
+    let certs = Certs::generate();
+    let mock = tls_mock(&certs, &[ALPN_H2]).await;
+    let sluice = Sidecar::start(&one_route(&https_url(&mock), &ca_file_line(&certs)), &[]).await;
+    let request = format!(
+        "GET http://{}?x=1 HTTP/1.1\r\nhost: {}\r\n\r\n",
+        sluice.addr, sluice.addr
+    );
+    let mut stream = crate::support::raw::send_raw(sluice.addr, request.as_bytes()).await;
+    let reply = crate::support::raw::read_reply(&mut stream, Duration::from_secs(10)).await;
+    let seen = mock.seen();
+    assert_eq!(seen.len(), 1, "{reply:?}");
+    assert_eq!(seen[0].version, Version::HTTP_2);
+    assert_eq!(seen[0].uri.path_and_query().unwrap().as_str(), "/?x=1");
+}

@@ -206,10 +206,22 @@ impl Process {
         Self::start_via(toml, env, script).await
     }
 
-    /// As `start`, allowed CPU 0 only (taskset), as a pinned sidecar or a
+    /// As `start`, allowed one CPU only (taskset), as a pinned sidecar or a
     /// 1-CPU cgroup quota leaves it.
     pub async fn start_on_one_cpu(toml: &str, env: &[(&str, &str)]) -> Process {
-        Self::start_via(toml, env, Some("exec taskset -c 0 \"$0\" \"$@\"".into())).await
+        // The first CPU this test may use (not always CPU 0 in a container).
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let list = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .expect("Cpus_allowed_list");
+        let cpu: String = list
+            .trim()
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        let script = format!("exec taskset -c {cpu} \"$0\" \"$@\"");
+        Self::start_via(toml, env, Some(script)).await
     }
 
     /// Starts sluice directly, or through `bash -c script` with sluice as
@@ -319,26 +331,25 @@ impl Process {
         self.output.lock().unwrap().clone()
     }
 
-    /// Resident memory in KiB, from /proc.
     /// The number of threads, from /proc.
     pub fn threads(&self) -> u64 {
-        let pid = self.child.id().expect("running");
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("Threads:"))
-            .and_then(|v| v.trim().parse().ok())
-            .expect("Threads")
+        self.status_field("Threads:")
     }
 
+    /// Resident memory in KiB, from /proc.
     pub fn rss_kib(&self) -> u64 {
+        self.status_field("VmRSS:")
+    }
+
+    /// A number from /proc/PID/status (a "kB" unit dropped).
+    fn status_field(&self, name: &str) -> u64 {
         let pid = self.child.id().expect("running");
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(name))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS")
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
     }
 
     /// Sends a signal ("TERM", "INT", ...) without waiting.
