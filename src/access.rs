@@ -8,20 +8,15 @@
 //! per request (see BENCHMARKS.md). Filtering still goes through tracing
 //! (`RUST_LOG=sluice::access=off` silences it); other events are untouched.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-
 use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::sync::OnceLock;
-use std::time::SystemTime;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use http::{HeaderValue, Method, StatusCode, Uri};
 
-use crate::config::LogFormat;
-
-use crate::config::Route;
+use crate::config::{LogFormat, Route};
 use crate::metrics::RouteMetrics;
 use crate::response::StreamFailure;
 

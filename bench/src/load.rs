@@ -280,11 +280,13 @@ impl Held {
         let connecting = Arc::new(Semaphore::new(128));
         let target = self.tasks.len() + n;
         let deadline = Instant::now() + patience;
-        for _ in 0..n {
-            // A proxy that stops answering must not stall the run for good.
+        for i in 0..n {
+            // A proxy that stops answering must not stall the run for good:
+            // the streams not opened by the deadline count as failed.
             let Ok(permit) =
                 tokio::time::timeout_at(deadline, connecting.clone().acquire_owned()).await
             else {
+                self.failed.fetch_add((n - i) as u64, Ordering::Relaxed);
                 break;
             };
             let permit = permit.expect("open");

@@ -250,7 +250,7 @@ fn run(runtime: &tokio::runtime::Runtime, args: RunArgs) -> Result<(), String> {
         .flatten();
     let dir = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let machine = report::Machine::read(&sluice, nginx.as_deref(), cpu_count, cpus.is_some());
+    let machine = report::Machine::read(&sluice, nginx.as_deref(), cpu_count, cpus);
     let say = |s: &str| eprintln!("[{:>6.1}s] {s}", machine.started.elapsed().as_secs_f64());
 
     let err = |e: std::io::Error| e.to_string();

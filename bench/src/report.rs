@@ -22,11 +22,17 @@ pub struct Machine {
     pub memory_gib: f64,
     pub sluice: String,
     pub nginx: Option<String>,
-    pub pinned: bool,
+    /// (proxy CPU, load and mock CPU), when pinned.
+    pub pinned: Option<(usize, usize)>,
 }
 
 impl Machine {
-    pub fn read(sluice: &Path, nginx: Option<&Path>, cpus: usize, pinned: bool) -> Machine {
+    pub fn read(
+        sluice: &Path,
+        nginx: Option<&Path>,
+        cpus: usize,
+        pinned: Option<(usize, usize)>,
+    ) -> Machine {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let cpu = cpuinfo
             .lines()
@@ -144,9 +150,15 @@ pub fn markdown(r: &Results) -> String {
     let p = &r.plan;
     let mut out = String::new();
     let _ = writeln!(out, "{START}");
+    let pinning = match m.pinned {
+        Some((proxy, load)) => format!(
+            "Proxies pinned to CPU {proxy}, load generator and mock to CPU {load} (taskset)."
+        ),
+        None => "Not pinned (fewer than two CPUs or no taskset).".into(),
+    };
     let _ = writeln!(
         out,
-        "Run of {} on {} ({} CPUs, {:.0} GiB, Linux {}); {}; nginx {}. {}{}\n",
+        "Run of {} on {} ({} CPUs, {:.0} GiB, Linux {}); {}; nginx {}. {pinning}{}\n",
         m.date,
         m.cpu,
         m.cpus,
@@ -154,11 +166,6 @@ pub fn markdown(r: &Results) -> String {
         m.kernel,
         m.sluice,
         m.nginx.as_deref().unwrap_or("not installed"),
-        if m.pinned {
-            "Proxies pinned to CPU 0, load generator and mock to CPU 1 (taskset)."
-        } else {
-            "Not pinned (fewer than two CPUs or no taskset)."
-        },
         if p.smoke {
             " **Smoke run: figures are not meaningful.**"
         } else {
@@ -520,7 +527,7 @@ pub fn json(r: &Results) -> Value {
             "kernel": r.machine.kernel,
             "sluice": r.machine.sluice,
             "nginx": r.machine.nginx,
-            "pinned": r.machine.pinned,
+            "pinned": r.machine.pinned.map(|(p, l)| json!({"proxy": p, "load": l})),
         },
         "targets": targets,
         "soak": r.soak.as_ref().map(|s| json!({
