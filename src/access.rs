@@ -226,26 +226,32 @@ impl AccessLog {
         debug_str(out, f.route);
         out.push_str(" upstream=");
         debug_str(out, f.upstream);
-        let _ = write!(
-            out,
-            " status={} attempts={} duration_ms=",
-            f.status, self.attempts
-        );
+        out.push_str(" status=");
+        num(out, f.status);
+        out.push_str(" attempts=");
+        num(out, self.attempts);
+        out.push_str(" duration_ms=");
         millis(out, f.duration);
         if let Some(t) = self.ttfb {
             out.push_str(" ttfb_ms=");
             millis(out, t);
         }
-        let _ = write!(
-            out,
-            " bytes_out={} body=\"{}\"",
-            self.bytes_out,
-            self.end.as_str()
-        );
+        out.push_str(" bytes_out=");
+        num(out, self.bytes_out);
+        out.push_str(" body=\"");
+        out.push_str(self.end.as_str());
+        out.push('"');
         if let Some(e) = self.error {
-            let _ = write!(out, " error=\"{e}\"");
+            out.push_str(" error=\"");
+            out.push_str(e);
+            out.push('"');
         }
-        let _ = write!(out, " budget_exhausted={}", self.budget_exhausted);
+        out.push_str(" budget_exhausted=");
+        out.push_str(if self.budget_exhausted {
+            "true"
+        } else {
+            "false"
+        });
         if let Some(id) = &self.upstream_request_id {
             out.push_str(" upstream_request_id=");
             debug_str(out, id);
@@ -265,26 +271,32 @@ impl AccessLog {
         json_str(out, f.route);
         out.push_str(",\"upstream\":");
         json_str(out, f.upstream);
-        let _ = write!(
-            out,
-            ",\"status\":{},\"attempts\":{},\"duration_ms\":",
-            f.status, self.attempts
-        );
+        out.push_str(",\"status\":");
+        num(out, f.status);
+        out.push_str(",\"attempts\":");
+        num(out, self.attempts);
+        out.push_str(",\"duration_ms\":");
         millis(out, f.duration);
         if let Some(t) = self.ttfb {
             out.push_str(",\"ttfb_ms\":");
             millis(out, t);
         }
-        let _ = write!(
-            out,
-            ",\"bytes_out\":{},\"body\":\"{}\"",
-            self.bytes_out,
-            self.end.as_str()
-        );
+        out.push_str(",\"bytes_out\":");
+        num(out, self.bytes_out);
+        out.push_str(",\"body\":\"");
+        out.push_str(self.end.as_str());
+        out.push('"');
         if let Some(e) = self.error {
-            let _ = write!(out, ",\"error\":\"{e}\"");
+            out.push_str(",\"error\":\"");
+            out.push_str(e);
+            out.push('"');
         }
-        let _ = write!(out, ",\"budget_exhausted\":{}", self.budget_exhausted);
+        out.push_str(",\"budget_exhausted\":");
+        out.push_str(if self.budget_exhausted {
+            "true"
+        } else {
+            "false"
+        });
         if let Some(id) = &self.upstream_request_id {
             out.push_str(",\"upstream_request_id\":");
             json_str(out, id);
@@ -318,7 +330,8 @@ struct Fields<'a> {
 /// `88.195`, `0.5`, `12.0`.
 fn millis(out: &mut String, d: Duration) {
     let us = d.as_micros();
-    let _ = write!(out, "{}.", us / 1000);
+    num(out, us / 1000);
+    out.push('.');
     let digits = [(us / 100 % 10) as u8, (us / 10 % 10) as u8, (us % 10) as u8];
     let last = digits.iter().rposition(|&d| d != 0).unwrap_or(0);
     for d in &digits[..=last] {
@@ -341,14 +354,35 @@ fn timestamp(out: &mut String, t: SystemTime) {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + u64::from(month <= 2);
-    let _ = write!(
-        out,
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60,
-        since.subsec_micros()
-    );
+    padded(out, year, 4);
+    out.push('-');
+    padded(out, month, 2);
+    out.push('-');
+    padded(out, day, 2);
+    out.push('T');
+    padded(out, rem / 3600, 2);
+    out.push(':');
+    padded(out, rem / 60 % 60, 2);
+    out.push(':');
+    padded(out, rem % 60, 2);
+    out.push('.');
+    padded(out, u64::from(since.subsec_micros()), 6);
+    out.push('Z');
+}
+
+/// An integer in decimal, without the formatting machinery.
+fn num(out: &mut String, n: impl itoa::Integer) {
+    out.push_str(itoa::Buffer::new().format(n));
+}
+
+/// `n` in decimal, zero-padded to `width` digits.
+fn padded(out: &mut String, n: u64, width: usize) {
+    let mut buf = itoa::Buffer::new();
+    let digits = buf.format(n);
+    for _ in digits.len()..width {
+        out.push('0');
+    }
+    out.push_str(digits);
 }
 
 /// A string as `{:?}` prints it, without the formatting machinery for the

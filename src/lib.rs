@@ -12,7 +12,8 @@
 //! - [`route`]: first-match routing on path prefix and method.
 //! - [`limit`]: rate limits (governor) and the in-flight cap.
 //! - [`body`]: request bodies, buffered for replay up to a cap or streamed.
-//! - [`upstream`]: pooled rustls client, request rewrite, error causes.
+//! - [`upstream`]: request rewrite, error causes, one pool per upstream.
+//! - [`client`]: the pool; HTTP/1.1 on our own codec, h2 (by ALPN) on hyper.
 //! - [`retry`]: backoff, upstream wait hints, the retry budget.
 //! - [`response`]: the response body: frames untouched, idle/total
 //!   deadlines, the SSE error event.
@@ -30,6 +31,7 @@
 pub mod access;
 pub mod admin;
 pub mod body;
+pub mod client;
 pub mod config;
 pub mod cutoff;
 pub mod error;

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use crate::access::{AccessLog, RequestSpan};
 use crate::body::{BodyLimits, RequestBody};
+use crate::client::UpstreamBody;
 use crate::config::{Config, RetryPolicy, Route};
 use crate::cutoff::Cutoff;
 use crate::error::{Fault, ProxyError};
@@ -63,7 +64,7 @@ struct Target {
 
 /// An upstream response on its way to the client.
 struct Forwarded {
-    res: Response<Incoming>,
+    res: Response<UpstreamBody>,
     /// Body bytes already read (a peeked 429), sent before the rest.
     head: VecDeque<Bytes>,
 }
@@ -246,24 +247,27 @@ impl Proxy {
         log: &mut AccessLog,
     ) -> Result<Forwarded, ProxyError> {
         let policy = &route.retry;
-        // A replayable request is copied per attempt; any other is moved, once.
+        // A replayable body is shared by every attempt; any other is moved, once.
+        // The head is lent to each attempt, never copied for HTTP/1.1.
         let (replay, mut once) = match body {
-            RequestBody::Full(b) if policy.attempts > 1 => (Some((parts, b)), None),
-            body => (None, Some(Request::from_parts(parts, body))),
+            RequestBody::Full(b) if policy.attempts > 1 => (Some(b), None),
+            body => (None, Some(body)),
         };
         let mut rng = fastrand::Rng::new();
         let mut attempt = 0;
         loop {
             attempt += 1;
             log.attempts = attempt;
-            let req = match &replay {
-                Some((parts, b)) => request(parts, RequestBody::Full(b.clone())),
+            let body = match &replay {
+                Some(b) => RequestBody::Full(b.clone()),
                 None => once
                     .take()
                     .expect("a request that cannot be replayed is sent once"),
             };
             let sent = Instant::now();
-            let outcome = self.attempt(route, target, req, deadline, &log.span).await;
+            let outcome = self
+                .attempt(route, target, &parts, body, deadline, &log.span)
+                .await;
             let m = &target.metrics;
             match &outcome {
                 Ok(res) => {
@@ -354,11 +358,12 @@ impl Proxy {
         &self,
         route: &Route,
         target: &Target,
-        req: Request<RequestBody>,
+        parts: &Parts,
+        body: RequestBody,
         deadline: Option<Instant>,
         span: &RequestSpan,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let stream = req.body().stream_state();
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
+        let stream = body.stream_state();
         // first_byte runs from the end of the upload: a slow client's large
         // body is not the upstream being late.
         let first_byte = async {
@@ -374,7 +379,7 @@ impl Proxy {
             }
         };
         tokio::select! {
-            res = target.upstream.send(req) => res.map_err(|e| {
+            res = target.upstream.send(parts, body) => res.map_err(|e| {
                 // When the client's body broke (too large, cut off), that is the cause.
                 stream
                     .as_ref()
@@ -410,22 +415,12 @@ fn failure_word(e: ProxyError) -> &'static str {
     }
 }
 
-/// A fresh request for one attempt (hyper consumes each).
-fn request(parts: &Parts, body: RequestBody) -> Request<RequestBody> {
-    let mut req = Request::new(body);
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = parts.uri.clone();
-    *req.version_mut() = parts.version;
-    *req.headers_mut() = parts.headers.clone();
-    req
-}
-
 /// Reads the start of a 429's body to see whether it is `insufficient_quota`
 /// (true: never retry it); what was read is kept so the response can still
 /// pass on intact. A body that breaks off is a reset: passed on, it would
 /// look complete.
 async fn peek_quota(
-    res: Response<Incoming>,
+    res: Response<UpstreamBody>,
     until: Instant,
 ) -> Result<(Forwarded, bool), ProxyError> {
     let (parts, mut body) = res.into_parts();

@@ -17,13 +17,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use std::sync::Arc;
 
 use crate::access::{AccessLog, BodyEnd};
 use crate::body::prefixed_size_hint;
+use crate::client::UpstreamBody;
 use crate::cutoff::{Cutoff, CutoffWait};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -94,9 +94,11 @@ pub struct ResponseBody {
 
 #[derive(Debug)]
 enum Inner {
+    /// A non-SSE stream that failed: the abort, given on the next poll.
+    Failed(StreamFailure),
     Upstream {
         head: VecDeque<Bytes>,
-        body: Incoming,
+        body: UpstreamBody,
     },
     Full(Option<Bytes>),
     Done,
@@ -126,7 +128,7 @@ impl ResponseBody {
     /// An upstream body (maybe with a part already read) under the route's deadlines.
     pub fn upstream(
         head: VecDeque<Bytes>,
-        body: Incoming,
+        body: UpstreamBody,
         sse: bool,
         idle: Duration,
         deadline: Option<Instant>,
@@ -163,7 +165,11 @@ impl ResponseBody {
     }
 
     /// Ends the stream after a failure: the SSE error event, or an abort.
-    fn fail(&mut self, why: StreamFailure) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn fail(
+        &mut self,
+        why: StreamFailure,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         // Dropping the upstream body cancels the upstream request.
         self.inner = Inner::Done;
         self.timer = None;
@@ -173,7 +179,13 @@ impl ResponseBody {
             self.log.bytes_out += event.len() as u64;
             Poll::Ready(Some(Ok(Frame::data(event))))
         } else {
-            Poll::Ready(Some(Err(Box::new(why))))
+            // The abort comes on the next poll: hyper first flushes what it
+            // holds (the head, the bytes so far). Aborting at once would drop
+            // them, and a client that got no response at all may retry a
+            // request the upstream already served.
+            self.inner = Inner::Failed(why);
+            cx.waker().wake_by_ref();
+            Poll::Pending
         }
     }
 
@@ -211,11 +223,16 @@ impl Body for ResponseBody {
         // A fast upstream is never Pending: check the total deadline on every frame.
         if let Some(t) = &this.timer {
             if t.cut.fired() || t.deadline.is_some_and(|d| Instant::now() >= d) {
-                return this.fail(StreamFailure::Deadline);
+                return this.fail(StreamFailure::Deadline, cx);
             }
         }
         let frame = match &mut this.inner {
             Inner::Done => return Poll::Ready(None),
+            Inner::Failed(why) => {
+                let why = *why;
+                this.inner = Inner::Done;
+                return Poll::Ready(Some(Err(Box::new(why))));
+            }
             Inner::Full(data) => data.take().map(|d| Ok(Frame::data(d))),
             Inner::Upstream { head, body } => match head.pop_front() {
                 Some(d) => Some(Ok(Frame::data(d))),
@@ -223,7 +240,7 @@ impl Body for ResponseBody {
                     Poll::Ready(f) => f,
                     Poll::Pending => {
                         return match this.poll_timer(cx) {
-                            Some(why) => this.fail(why),
+                            Some(why) => this.fail(why, cx),
                             None => Poll::Pending,
                         };
                     }
@@ -245,7 +262,7 @@ impl Body for ResponseBody {
             }
             Some(Err(e)) => {
                 tracing::warn!(parent: this.log.span.get(), "upstream body broke off: {e}");
-                this.fail(StreamFailure::UpstreamReset)
+                this.fail(StreamFailure::UpstreamReset, cx)
             }
             None => {
                 this.log.end = BodyEnd::Complete;
@@ -258,6 +275,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Inner::Done => true,
+            Inner::Failed(_) => false,
             Inner::Full(d) => d.is_none(),
             // Not final while a failure event could still be owed.
             Inner::Upstream { head, body } => head.is_empty() && body.is_end_stream(),
@@ -267,6 +285,7 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
             Inner::Done => SizeHint::with_exact(0),
+            Inner::Failed(_) => SizeHint::default(),
             Inner::Full(d) => SizeHint::with_exact(d.as_ref().map_or(0, |d| d.len() as u64)),
             Inner::Upstream { head, body } => prefixed_size_hint(head, body.size_hint()),
         }

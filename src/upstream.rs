@@ -1,19 +1,17 @@
-//! Talking to a provider: the pooled client with its rustls connector, and
-//! the rewrite of a client request into an upstream one (URI, Host,
-//! hop-by-hop headers, key injection).
+//! Talking to a provider: its connection pool ([`crate::client`]), the
+//! rewrite of a client request into an upstream one (URI, Host, hop-by-hop
+//! headers, key injection), and what a failed exchange tells the client.
 
 use std::error::Error as StdError;
 
 use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::uri::PathAndQuery;
+use http::Response;
 use http::{HeaderMap, Uri, Version};
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::{Client, ResponseFuture};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::RequestBody;
+use crate::client::{self, Client, UpstreamBody};
 use crate::config::{self, Route};
 use crate::error::ProxyError;
 use crate::route::forwarded_path;
@@ -43,33 +41,21 @@ static CLIENT_AUTH: [HeaderName; 3] = [
 #[derive(Debug)]
 pub struct Upstream {
     pub config: std::sync::Arc<config::Upstream>,
-    client: Client<HttpsConnector<HttpConnector>, RequestBody>,
+    client: Client,
 }
 
 impl Upstream {
     pub fn new(config: std::sync::Arc<config::Upstream>) -> Self {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        // hyper-util leaves both off by default: SSE chunks must not wait on Nagle,
-        // and a black-holed connect must not hang.
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(config.connect_timeout));
-        let https = HttpsConnectorBuilder::new()
-            .with_tls_config((*config.tls).clone())
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(std::time::Duration::from_secs(90))
-            .build(https);
+        let client = Client::new(&config);
         Self { config, client }
     }
 
-    pub fn send(&self, req: http::Request<RequestBody>) -> ResponseFuture {
-        self.client.request(req)
+    pub async fn send(
+        &self,
+        parts: &Parts,
+        body: RequestBody,
+    ) -> Result<Response<UpstreamBody>, client::Error> {
+        self.client.send(parts, body).await
     }
 }
 
@@ -158,7 +144,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Maps a failed upstream exchange to what the client is told, and logs the
 /// cause (the chain of errors never holds a header value, so no key).
 pub fn classify(
-    err: &hyper_util::client::legacy::Error,
+    err: &client::Error,
     upstream: &str,
     span: &crate::access::RequestSpan,
 ) -> ProxyError {
@@ -174,6 +160,9 @@ pub fn classify(
     if err.is_connect() {
         tracing::warn!(parent: span.get(), upstream, "upstream connect failed: {chain}");
         ProxyError::ConnectFailed
+    } else if let client::Error::Invalid(why) = err {
+        tracing::warn!(parent: span.get(), upstream, "upstream sent an invalid response: {why}");
+        ProxyError::UpstreamReset
     } else {
         tracing::warn!(
             parent: span.get(),

@@ -16,3 +16,4 @@ mod support;
 mod systemd;
 mod timeouts;
 mod tls;
+mod upstream_h1;

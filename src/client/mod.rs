@@ -1,0 +1,421 @@
+//! The upstream client: one pool of connections per upstream.
+//!
+//! HTTP/1.1, what nearly every exchange here is, runs on a small codec of
+//! our own ([`h1`]): one write per request, the response head parsed by
+//! `httparse` with its values sliced from the read buffer, body frames
+//! split off that buffer without copying, and a read buffer that is freed
+//! while a stream waits, so an idle SSE stream holds no buffer at all. The
+//! pool is a stack of idle connections per upstream (no key to hash), and a
+//! connection taken from it is checked for a close from the upstream's side
+//! first. An HTTPS upstream that picks `h2` by ALPN gets hyper's HTTP/2
+//! client, one multiplexed connection shared by every request.
+//!
+//! Client-facing parsing (untrusted input) stays with hyper's server.
+
+mod h1;
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::uri::Scheme;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::body::RequestBody;
+use crate::config;
+
+/// An idle connection older than this is closed rather than reused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How often idle connections are checked for expiry and for a close from
+/// the upstream's side, so they do not sit in CLOSE_WAIT.
+const REAP_EVERY: Duration = Duration::from_secs(10);
+/// Idle connections kept per upstream; past this the oldest is closed.
+/// Enough for a burst of a few hundred concurrent requests to find a
+/// connection again when the next burst comes.
+const MAX_IDLE: usize = 1024;
+
+/// The connection pool of one upstream.
+#[derive(Clone)]
+pub struct Client {
+    pool: Arc<Pool>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("addr", &self.pool.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Pool {
+    /// `host:port`, resolved on every new connection.
+    addr: String,
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+    connect_timeout: Duration,
+    /// Idle HTTP/1.1 connections, the most recently used last.
+    idle: Mutex<Vec<Idle>>,
+    /// The shared connection of an upstream that chose h2.
+    h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
+    reaping: AtomicBool,
+}
+
+struct Idle {
+    conn: h1::Conn,
+    since: Instant,
+}
+
+enum Connected {
+    H1(h1::Conn),
+    H2(http2::SendRequest<RequestBody>),
+}
+
+impl Client {
+    pub fn new(upstream: &config::Upstream) -> Self {
+        let host = upstream.authority.host();
+        let https = upstream.scheme == Scheme::HTTPS;
+        let port = upstream
+            .authority
+            .port_u16()
+            .unwrap_or(if https { 443 } else { 80 });
+        let tls = https.then(|| {
+            let mut tls = (*upstream.tls).clone();
+            tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            let bare = host.trim_start_matches('[').trim_end_matches(']');
+            // The URL was parsed as a URI; a host rustls cannot name is an IP literal form it
+            // does not know, and the handshake will say so.
+            let name = ServerName::try_from(bare.to_owned())
+                .unwrap_or_else(|_| ServerName::try_from("invalid.").expect("valid name"));
+            (TlsConnector::from(Arc::new(tls)), name)
+        });
+        Self {
+            pool: Arc::new(Pool {
+                addr: format!("{host}:{port}"),
+                tls,
+                connect_timeout: upstream.connect_timeout,
+                idle: Mutex::new(Vec::new()),
+                h2: Mutex::new(None),
+                reaping: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Sends a request (`parts` with an absolute URI and `Host` set) and
+    /// waits for the response head. The head is only read: a retry sends
+    /// it again without a copy.
+    pub async fn send(
+        &self,
+        parts: &Parts,
+        body: RequestBody,
+    ) -> Result<Response<UpstreamBody>, Error> {
+        if let Some(h2) = self.pool.shared_h2() {
+            return send_h2(h2, parts, body).await;
+        }
+        let conn = match self.pool.checkout() {
+            Some(conn) => conn,
+            None => match self.pool.connect().await? {
+                Connected::H1(conn) => conn,
+                Connected::H2(h2) => return send_h2(h2, parts, body).await,
+            },
+        };
+        h1::exchange(conn, parts, body, &self.pool).await
+    }
+}
+
+async fn send_h2(
+    mut h2: http2::SendRequest<RequestBody>,
+    parts: &Parts,
+    body: RequestBody,
+) -> Result<Response<UpstreamBody>, Error> {
+    // hyper's client takes the request whole.
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.headers_mut() = parts.headers.clone();
+    h2.ready().await.map_err(Error::H2)?;
+    let res = h2.send_request(req).await.map_err(Error::H2)?;
+    Ok(res.map(UpstreamBody::H2))
+}
+
+impl Pool {
+    fn shared_h2(&self) -> Option<http2::SendRequest<RequestBody>> {
+        let h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+        h2.as_ref().filter(|h2| !h2.is_closed()).cloned()
+    }
+
+    /// The most recently used idle connection that is still open.
+    fn checkout(&self) -> Option<h1::Conn> {
+        loop {
+            let entry = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+            if entry.since.elapsed() >= IDLE_TIMEOUT {
+                // Everything below it is older still.
+                self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+                return None;
+            }
+            let mut conn = entry.conn;
+            if conn.still_open() {
+                return Some(conn);
+            }
+        }
+    }
+
+    /// Returns a connection whose exchange ended cleanly.
+    fn put(self: &Arc<Self>, conn: h1::Conn) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() >= MAX_IDLE {
+            idle.remove(0);
+        }
+        idle.push(Idle {
+            conn,
+            since: Instant::now(),
+        });
+        drop(idle);
+        if !self.reaping.swap(true, Ordering::Relaxed) {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(reap(Arc::downgrade(self)));
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Connected, Error> {
+        let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
+        tokio::time::timeout(self.connect_timeout, self.connect_unbounded())
+            .await
+            .unwrap_or_else(|_| Err(Error::Connect(timed_out())))
+    }
+
+    async fn connect_unbounded(&self) -> Result<Connected, Error> {
+        let tcp = connect_tcp(&self.addr).await.map_err(Error::Connect)?;
+        // SSE chunks must not wait on Nagle.
+        tcp.set_nodelay(true).map_err(Error::Connect)?;
+        let Some((connector, name)) = &self.tls else {
+            return Ok(Connected::H1(h1::Conn::new(Io::Tcp(tcp))));
+        };
+        let tls = connector
+            .connect(name.clone(), tcp)
+            .await
+            .map_err(Error::Connect)?;
+        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+            return Ok(Connected::H1(h1::Conn::new(Io::Tls(Box::new(tls)))));
+        }
+        let (h2, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(Error::H2)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("upstream h2 connection ended: {e}");
+            }
+        });
+        *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(h2.clone());
+        Ok(Connected::H2(h2))
+    }
+
+    /// Closes idle connections that expired or that the upstream closed.
+    fn reap(&self) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.retain_mut(|e| e.since.elapsed() < IDLE_TIMEOUT && e.conn.still_open());
+    }
+}
+
+/// Runs while the pool lives (a reload drops it with its config).
+async fn reap(pool: Weak<Pool>) {
+    let mut tick = tokio::time::interval(REAP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match pool.upgrade() {
+            Some(pool) => pool.reap(),
+            None => return,
+        }
+    }
+}
+
+/// Tries each address the name resolves to, in order.
+async fn connect_tcp(addr: &str) -> io::Result<TcpStream> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        match TcpStream::connect::<SocketAddr>(a).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address found")))
+}
+
+/// A connection's transport.
+enum Io {
+    Tcp(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Tcp(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A response body from the upstream.
+pub enum UpstreamBody {
+    H1(h1::Body),
+    H2(Incoming),
+}
+
+impl fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::H1(_) => "UpstreamBody::H1",
+            Self::H2(_) => "UpstreamBody::H2",
+        })
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        match self.get_mut() {
+            Self::H1(b) => Pin::new(b).poll_frame(cx),
+            Self::H2(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(Error::H2))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::H1(b) => b.is_end_stream(),
+            Self::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::H1(b) => b.size_hint(),
+            Self::H2(b) => b.size_hint(),
+        }
+    }
+}
+
+/// Why an exchange with the upstream failed. No variant holds a header
+/// value, so no key can reach a log through one.
+#[derive(Debug)]
+pub enum Error {
+    /// Resolving, connecting or the TLS handshake.
+    Connect(io::Error),
+    /// Reading or writing an open connection.
+    Io(io::Error),
+    /// Closed before the first byte of a response.
+    Closed,
+    /// Closed before the end of a response body.
+    Truncated,
+    /// Not a valid HTTP/1.1 response.
+    Invalid(&'static str),
+    /// The client's request body broke off or went over its limit.
+    RequestBody,
+    H2(hyper::Error),
+}
+
+impl Error {
+    pub fn is_connect(&self) -> bool {
+        matches!(self, Self::Connect(_))
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Connect(_) => f.write_str("connect"),
+            Self::Io(_) => f.write_str("connection error"),
+            Self::Closed => f.write_str("connection closed before a response"),
+            Self::Truncated => f.write_str("connection closed before the end of the body"),
+            Self::Invalid(why) => write!(f, "invalid response: {why}"),
+            Self::RequestBody => f.write_str("the request body broke off"),
+            Self::H2(_) => f.write_str("h2"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Connect(e) | Self::Io(e) => Some(e),
+            Self::H2(e) => Some(e),
+            _ => None,
+        }
+    }
+}
