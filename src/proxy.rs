@@ -282,7 +282,11 @@ impl Proxy {
                     log.ttfb = Some(sent.elapsed());
                     let peeked = if res.status() == StatusCode::TOO_MANY_REQUESTS {
                         let first_byte = sent + route.timeouts.first_byte;
-                        peek_quota(res, deadline.map_or(first_byte, |d| d.min(first_byte))).await
+                        Box::pin(peek_quota(
+                            res,
+                            deadline.map_or(first_byte, |d| d.min(first_byte)),
+                        ))
+                        .await
                     } else {
                         Ok((
                             Forwarded {

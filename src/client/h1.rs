@@ -105,30 +105,12 @@ pub(super) async fn exchange(
             conn.io.flush().await.map_err(Error::Io)?;
             read_head(&mut conn.io, &mut conn.buf, head_only).await?
         }
-        mut body => {
+        body => {
             write(&mut conn.io, &out).await?;
-            // The upstream may answer before the body is all sent (a 413, say):
-            // read while uploading, and stop uploading once it has answered.
-            let (mut rd, mut wr) = tokio::io::split(&mut conn.io);
-            let up = upload(&mut wr, &mut body, framing == Some(Framing::Chunked));
-            let head = read_head(&mut rd, &mut conn.buf, head_only);
-            tokio::pin!(up, head);
-            tokio::select! {
-                biased;
-                res = &mut head => {
-                    uploaded = false;
-                    res?
-                }
-                res = &mut up => {
-                    match res {
-                        Ok(()) => {}
-                        // The answer may already be on its way: wait for it.
-                        Err(Error::Io(_)) => uploaded = false,
-                        Err(e) => return Err(e),
-                    }
-                    head.await?
-                }
-            }
+            let (head, done) =
+                Box::pin(upload_and_read(&mut conn, body, framing, head_only)).await?;
+            uploaded = done;
+            head
         }
     };
     let Head {
@@ -152,6 +134,34 @@ pub(super) async fn exchange(
 
 async fn write(io: &mut Io, bytes: &[u8]) -> Result<(), Error> {
     io.write_all(bytes).await.map_err(Error::Io)
+}
+
+/// Streams the body while reading the response: the upstream may answer
+/// before the body is all sent (a 413, say), and then the upload stops.
+/// Also says whether the whole body went out.
+async fn upload_and_read(
+    conn: &mut Conn,
+    mut body: RequestBody,
+    framing: Option<Framing>,
+    head_only: bool,
+) -> Result<(Head, bool), Error> {
+    let (mut rd, mut wr) = tokio::io::split(&mut conn.io);
+    let up = upload(&mut wr, &mut body, framing == Some(Framing::Chunked));
+    let head = read_head(&mut rd, &mut conn.buf, head_only);
+    tokio::pin!(up, head);
+    tokio::select! {
+        biased;
+        res = &mut head => Ok((res?, false)),
+        res = &mut up => {
+            let uploaded = match res {
+                Ok(()) => true,
+                // The answer may already be on its way: wait for it.
+                Err(Error::Io(_)) => false,
+                Err(e) => return Err(e),
+            };
+            Ok((head.await?, uploaded))
+        }
+    }
 }
 
 /// The framing of the body sent upstream: a length when it is known, else
@@ -272,16 +282,14 @@ async fn read_head<R: AsyncRead + Unpin>(
 /// are needed. An interim (1xx) response is consumed and parsing goes on.
 fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Head>, Error> {
     loop {
-        let (len, code) = {
-            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut res = httparse::Response::new(&mut headers);
-            match res.parse(buf) {
-                Ok(httparse::Status::Complete(len)) => (len, res.code.unwrap_or(0)),
-                Ok(httparse::Status::Partial) => return Ok(None),
-                Err(e) => return Err(Error::Invalid(parse_error(e))),
-            }
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut headers);
+        let len = match parsed.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(e) => return Err(Error::Invalid(parse_error(e))),
         };
-        match code {
+        match parsed.code.unwrap_or(0) {
             101 => return Err(Error::Invalid("101 Switching Protocols is not supported")),
             100..=199 => {
                 buf.advance(len);
@@ -289,7 +297,23 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Head>, Error
                     return Ok(None);
                 }
             }
-            _ => return build_head(buf.split_to(len).freeze(), head_only).map(Some),
+            _ => {
+                // The head's values get their own small allocation: sharing the
+                // read buffer would keep it alive for as long as hyper keeps the
+                // headers, and the next exchange would need a new one.
+                let head = Bytes::copy_from_slice(&buf[..len]);
+                let base = buf.as_ptr() as usize;
+                let built = build_head(
+                    &parsed,
+                    |v| {
+                        let at = v.as_ptr() as usize - base;
+                        head.slice(at..at + v.len())
+                    },
+                    head_only,
+                );
+                buf.advance(len);
+                return built.map(Some);
+            }
         }
     }
 }
@@ -306,14 +330,12 @@ fn parse_error(e: httparse::Error) -> &'static str {
     }
 }
 
-/// The head as a `Response`, its header values sharing `head`'s bytes.
-fn build_head(head: Bytes, head_only: bool) -> Result<Head, Error> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Response::new(&mut headers);
-    // Parsed once already: complete and valid.
-    parsed
-        .parse(&head)
-        .map_err(|e| Error::Invalid(parse_error(e)))?;
+/// The head as a `Response`; `value` turns a parsed value into shared bytes.
+fn build_head(
+    parsed: &httparse::Response<'_, '_>,
+    value: impl Fn(&[u8]) -> Bytes,
+    head_only: bool,
+) -> Result<Head, Error> {
     let status = parsed
         .code
         .and_then(|c| StatusCode::from_u16(c).ok())
@@ -326,7 +348,7 @@ fn build_head(head: Bytes, head_only: bool) -> Result<Head, Error> {
     for h in parsed.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| Error::Invalid("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice_ref(h.value))
+        let value = HeaderValue::from_maybe_shared(value(h.value))
             .map_err(|_| Error::Invalid("invalid header value"))?;
         map.append(name, value);
     }

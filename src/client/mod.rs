@@ -125,14 +125,16 @@ impl Client {
         parts: &Parts,
         body: RequestBody,
     ) -> Result<Response<UpstreamBody>, Error> {
+        // The rarer paths are boxed: every request's future is as large as
+        // its largest branch, and a TLS or h2 handshake is several KiB.
         if let Some(h2) = self.pool.shared_h2() {
-            return send_h2(h2, parts, body).await;
+            return Box::pin(send_h2(h2, parts, body)).await;
         }
         let conn = match self.pool.checkout() {
             Some(conn) => conn,
-            None => match self.pool.connect().await? {
+            None => match Box::pin(self.pool.connect()).await? {
                 Connected::H1(conn) => conn,
-                Connected::H2(h2) => return send_h2(h2, parts, body).await,
+                Connected::H2(h2) => return Box::pin(send_h2(h2, parts, body)).await,
             },
         };
         h1::exchange(conn, parts, body, &self.pool).await
@@ -194,6 +196,8 @@ impl Pool {
         }
     }
 
+    /// A new connection: resolve, TCP, then TLS and ALPN, all within
+    /// `connect_timeout` (SPEC: a TLS failure is a connect failure).
     async fn connect(&self) -> Result<Connected, Error> {
         let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
         tokio::time::timeout(self.connect_timeout, self.connect_unbounded())
@@ -202,7 +206,9 @@ impl Pool {
     }
 
     async fn connect_unbounded(&self) -> Result<Connected, Error> {
-        let tcp = connect_tcp(&self.addr).await.map_err(Error::Connect)?;
+        let tcp = connect_tcp(&self.addr, self.connect_timeout)
+            .await
+            .map_err(Error::Connect)?;
         // SSE chunks must not wait on Nagle.
         tcp.set_nodelay(true).map_err(Error::Connect)?;
         let Some((connector, name)) = &self.tls else {
@@ -249,13 +255,24 @@ async fn reap(pool: Weak<Pool>) {
     }
 }
 
-/// Tries each address the name resolves to, in order.
-async fn connect_tcp(addr: &str) -> io::Result<TcpStream> {
+/// Tries each address the name resolves to, in order, each with an equal
+/// share of what is left of `budget`, so one black-holed address (an IPv6
+/// route that goes nowhere, say) does not use up the whole timeout.
+async fn connect_tcp(addr: &str, budget: Duration) -> io::Result<TcpStream> {
+    let deadline = Instant::now() + budget;
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(addr).await?.collect();
     let mut last = None;
-    for a in tokio::net::lookup_host(addr).await? {
-        match TcpStream::connect::<SocketAddr>(a).await {
-            Ok(s) => return Ok(s),
-            Err(e) => last = Some(e),
+    for (i, a) in addrs.iter().enumerate() {
+        let share = deadline.saturating_duration_since(Instant::now()) / (addrs.len() - i) as u32;
+        match tokio::time::timeout(share, TcpStream::connect(a)).await {
+            Ok(Ok(s)) => return Ok(s),
+            Ok(Err(e)) => last = Some(e),
+            Err(_) => {
+                last = Some(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connect to {a} timed out"),
+                ))
+            }
         }
     }
     Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address found")))

@@ -325,3 +325,34 @@ async fn an_absolute_uri_with_an_empty_path_reaches_an_h2_upstream_as_slash() {
     assert_eq!(seen[0].version, Version::HTTP_2);
     assert_eq!(seen[0].uri.path_and_query().unwrap().as_str(), "/?x=1");
 }
+
+/// An upstream that accepts TCP but never answers the TLS handshake: the
+/// handshake is part of connecting (SPEC: a TLS failure is a connect
+/// failure), so `connect_timeout` cuts it, not the 120 s `first_byte`.
+#[tokio::test]
+async fn a_tls_handshake_that_never_completes_is_cut_by_connect_timeout() {
+    let certs = Certs::generate();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(s);
+        }
+    });
+    let extra = format!("{}\nconnect_timeout = \"300ms\"", ca_file_line(&certs));
+    let sluice = Sidecar::start(&one_route(&format!("https://{addr}"), &extra), &[]).await;
+    let started = Instant::now();
+    let (head, body) = get(&sluice.url("/v1/models")).await;
+    let took = started.elapsed();
+    assert_sluice_error(&head, &body, 502, "upstream_unavailable");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "TCP connected"
+    );
+    silent.abort();
+}
