@@ -14,7 +14,7 @@ use std::io::Write as _;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use http::{HeaderValue, Method, StatusCode, Uri};
+use http::{HeaderValue, Method, StatusCode};
 
 use crate::config::{LogFormat, Route};
 use crate::metrics::RouteMetrics;
@@ -73,8 +73,10 @@ pub struct AccessLog {
     pub span: RequestSpan,
     pub start: Instant,
     pub method: Method,
-    /// The client's URI; only its path is logged (queries may carry secrets).
-    pub uri: Uri,
+    /// The client's path (the query is not logged: it may carry secrets).
+    /// A copy: a stream's record lives as long as the stream, and a slice
+    /// of the request would keep hyper's whole 8 KiB read buffer with it.
+    pub path: Box<str>,
     pub route: Option<Arc<Route>>,
     /// None until a response exists; logged as 499 (nginx's "client closed request").
     pub status: Option<StatusCode>,
@@ -96,7 +98,7 @@ pub struct AccessLog {
 }
 
 impl AccessLog {
-    pub fn new(id: HeaderValue, start: Instant, method: Method, uri: Uri) -> Self {
+    pub fn new(id: HeaderValue, start: Instant, method: Method, path: &str) -> Self {
         Self {
             span: RequestSpan {
                 id,
@@ -104,7 +106,7 @@ impl AccessLog {
             },
             start,
             method,
-            uri,
+            path: path.into(),
             route: None,
             status: None,
             attempts: 0,
@@ -199,7 +201,7 @@ impl AccessLog {
         let route = self.route.as_deref();
         Fields {
             id: self.span.id(),
-            path: self.uri.path(),
+            path: &self.path,
             route: route.map_or("-", |r| r.name.as_str()),
             upstream: route.map_or("-", |r| r.upstream.name.as_str()),
             status: self.status.map_or(499, |s| s.as_u16()),

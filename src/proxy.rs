@@ -128,7 +128,7 @@ impl Proxy {
             id.clone(),
             start.into_std(),
             req.method().clone(),
-            req.uri().clone(),
+            req.uri().path(),
         );
         log.metrics = Some(self.unrouted.clone());
         let outcome = if self.cutoff.is_draining() {
@@ -504,7 +504,9 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
     if let Some(v) = headers.get(&X_REQUEST_ID) {
         let b = v.as_bytes();
         if !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic()) {
-            return v.clone();
+            // A copy, not a slice of hyper's read buffer: the id lives as
+            // long as the stream, and would keep that buffer alive.
+            return HeaderValue::from_bytes(b).unwrap_or_else(|_| v.clone());
         }
     }
     let mut buf = uuid::Uuid::encode_buffer();
