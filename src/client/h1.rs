@@ -9,15 +9,15 @@
 use std::io::Write as _;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{ready, Context, Poll, Waker};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
+use http_body::Body as _;
 use http_body::{Frame, SizeHint};
-use http_body_util::BodyExt;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::{Error, Io, Pool, UpstreamBody};
 use crate::body::RequestBody;
@@ -79,8 +79,8 @@ enum Framing {
     Eof,
 }
 
-/// Sends `req` on `conn` and reads the response head; the body reads on
-/// from the same connection.
+/// Sends a request on `conn` and reads the response head; the body reads
+/// on from the same connection.
 pub(super) async fn exchange(
     mut conn: Conn,
     parts: &Parts,
@@ -91,28 +91,27 @@ pub(super) async fn exchange(
     let mut out = Vec::with_capacity(512);
     encode_head(parts, framing, &mut out);
     let head_only = parts.method == Method::HEAD;
-    let mut uploaded = true;
-    let head = match body {
-        RequestBody::Full(data) => {
-            match &data {
-                Some(d) if d.len() <= INLINE_BODY => out.extend_from_slice(d),
-                _ => {}
-            }
-            write(&mut conn.io, &out).await?;
-            if let Some(d) = data.filter(|d| d.len() > INLINE_BODY) {
-                write(&mut conn.io, &d).await?;
-            }
-            conn.io.flush().await.map_err(Error::Io)?;
-            read_head(&mut conn.io, &mut conn.buf, head_only).await?
+    // A small body goes out in the head's write; a larger one follows it.
+    let body = match body {
+        RequestBody::Full(Some(d)) if d.len() <= INLINE_BODY => {
+            out.extend_from_slice(&d);
+            None
         }
-        body => {
-            write(&mut conn.io, &out).await?;
-            let (head, done) =
-                Box::pin(upload_and_read(&mut conn, body, framing, head_only)).await?;
-            uploaded = done;
-            head
-        }
+        RequestBody::Full(None) => None,
+        body => Some(body),
     };
+    let mut send = Sending {
+        cur: Bytes::from(out),
+        after: None,
+        crlf: false,
+        body,
+        chunked: framing == Some(Framing::Chunked),
+        done: false,
+        write_failed: false,
+        head: None,
+        got_any: false,
+    };
+    let (head, uploaded) = std::future::poll_fn(|cx| send.poll(cx, &mut conn, head_only)).await?;
     let Head {
         res,
         framing,
@@ -132,35 +131,119 @@ pub(super) async fn exchange(
     Ok(res.map(|()| UpstreamBody::H1(body)))
 }
 
-async fn write(io: &mut Io, bytes: &[u8]) -> Result<(), Error> {
-    io.write_all(bytes).await.map_err(Error::Io)
+/// A request on its way out, with the response head read alongside: the
+/// upstream may answer before the body is all sent (a 401 for a bad key, a
+/// 413), and it may stop reading then. One task drives both directions, as
+/// hyper's connection does, with no split of the connection.
+struct Sending {
+    /// Being written; then `after`, then a CRLF when `crlf`.
+    cur: Bytes,
+    after: Option<Bytes>,
+    crlf: bool,
+    /// The rest of the body; `None` once it has all been taken.
+    body: Option<RequestBody>,
+    chunked: bool,
+    /// Everything written and flushed.
+    done: bool,
+    /// The upstream stopped taking the body; its answer may still come.
+    write_failed: bool,
+    head: Option<Head>,
+    got_any: bool,
 }
 
-/// Streams the body while reading the response: the upstream may answer
-/// before the body is all sent (a 413, say), and then the upload stops.
-/// Also says whether the whole body went out.
-async fn upload_and_read(
-    conn: &mut Conn,
-    mut body: RequestBody,
-    framing: Option<Framing>,
-    head_only: bool,
-) -> Result<(Head, bool), Error> {
-    let (mut rd, mut wr) = tokio::io::split(&mut conn.io);
-    let up = upload(&mut wr, &mut body, framing == Some(Framing::Chunked));
-    let head = read_head(&mut rd, &mut conn.buf, head_only);
-    tokio::pin!(up, head);
-    tokio::select! {
-        biased;
-        res = &mut head => Ok((res?, false)),
-        res = &mut up => {
-            let uploaded = match res {
-                Ok(()) => true,
-                // The answer may already be on its way: wait for it.
-                Err(Error::Io(_)) => false,
-                Err(e) => return Err(e),
-            };
-            Ok((head.await?, uploaded))
+impl Sending {
+    /// Ready with the head, and whether the whole request went out. An
+    /// error answer ends the upload at once (RFC 9112 §9.5); any other
+    /// waits for the rest of the body, which the upstream reads on.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        conn: &mut Conn,
+        head_only: bool,
+    ) -> Poll<Result<(Head, bool), Error>> {
+        loop {
+            let answered_error = self
+                .head
+                .as_ref()
+                .is_some_and(|h| h.res.status().as_u16() >= 400);
+            let mut blocked = false;
+            if !self.done && !self.write_failed && !answered_error {
+                match self.poll_upload(cx, conn) {
+                    // Progress: keep writing while the socket takes it.
+                    Poll::Ready(Ok(())) if !self.done => continue,
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(Error::Io(_))) => self.write_failed = true,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => blocked = true,
+                }
+            }
+            if self.head.is_none() {
+                match poll_head(cx, conn, head_only, &mut self.got_any) {
+                    Poll::Ready(Ok(head)) => self.head = Some(head),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
+                continue;
+            }
+            if self.done || self.write_failed || answered_error {
+                let head = self.head.take().expect("checked above");
+                return Poll::Ready(Ok((head, self.done)));
+            }
+            if blocked {
+                return Poll::Pending;
+            }
         }
+    }
+
+    /// One step of the upload: a write, the next frame, or the final flush.
+    fn poll_upload(&mut self, cx: &mut Context<'_>, conn: &mut Conn) -> Poll<Result<(), Error>> {
+        if !self.cur.is_empty() {
+            let n = ready!(Pin::new(&mut conn.io).poll_write(cx, &self.cur)).map_err(Error::Io)?;
+            if n == 0 {
+                return Poll::Ready(Err(Error::Io(std::io::ErrorKind::WriteZero.into())));
+            }
+            self.cur.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        if let Some(next) = self.after.take() {
+            self.cur = next;
+            return Poll::Ready(Ok(()));
+        }
+        if self.crlf {
+            self.crlf = false;
+            self.cur = Bytes::from_static(b"\r\n");
+            return Poll::Ready(Ok(()));
+        }
+        if let Some(body) = &mut self.body {
+            match ready!(Pin::new(body).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    match frame.into_data() {
+                        Ok(data) if data.is_empty() => {}
+                        Ok(data) if self.chunked => {
+                            let mut size = Vec::with_capacity(18);
+                            let _ = write!(size, "{:x}\r\n", data.len());
+                            self.cur = Bytes::from(size);
+                            self.after = Some(data);
+                            self.crlf = true;
+                        }
+                        Ok(data) => self.cur = data,
+                        // Trailers: not forwarded.
+                        Err(_) => {}
+                    }
+                }
+                Some(Err(_)) => return Poll::Ready(Err(Error::RequestBody)),
+                None => {
+                    self.body = None;
+                    if self.chunked {
+                        self.cur = Bytes::from_static(b"0\r\n\r\n");
+                    }
+                }
+            }
+            return Poll::Ready(Ok(()));
+        }
+        ready!(Pin::new(&mut conn.io).poll_flush(cx)).map_err(Error::Io)?;
+        self.done = true;
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -213,36 +296,6 @@ fn encode_head(parts: &Parts, framing: Option<Framing>, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Streams a body that was too large to hold for a replay.
-async fn upload<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    body: &mut RequestBody,
-    chunked: bool,
-) -> Result<(), Error> {
-    let mut frame = Vec::new();
-    while let Some(f) = body.frame().await {
-        let Ok(data) = f.map_err(|_| Error::RequestBody)?.into_data() else {
-            continue;
-        };
-        if data.is_empty() {
-            continue;
-        }
-        if chunked {
-            frame.clear();
-            let _ = write!(frame, "{:x}\r\n", data.len());
-            frame.extend_from_slice(&data);
-            frame.extend_from_slice(b"\r\n");
-            w.write_all(&frame).await.map_err(Error::Io)?;
-        } else {
-            w.write_all(&data).await.map_err(Error::Io)?;
-        }
-    }
-    if chunked {
-        w.write_all(b"0\r\n\r\n").await.map_err(Error::Io)?;
-    }
-    w.flush().await.map_err(Error::Io)
-}
-
 struct Head {
     res: Response<()>,
     framing: Framing,
@@ -250,31 +303,38 @@ struct Head {
 }
 
 /// Reads until a final response head, skipping interim (1xx) ones.
-async fn read_head<R: AsyncRead + Unpin>(
-    io: &mut R,
-    buf: &mut BytesMut,
+fn poll_head(
+    cx: &mut Context<'_>,
+    conn: &mut Conn,
     head_only: bool,
-) -> Result<Head, Error> {
-    let mut got_any = !buf.is_empty();
+    got_any: &mut bool,
+) -> Poll<Result<Head, Error>> {
+    let buf = &mut conn.buf;
     loop {
         if !buf.is_empty() {
             if let Some(head) = parse_head(buf, head_only)? {
-                return Ok(head);
+                return Poll::Ready(Ok(head));
             }
             if buf.len() >= MAX_HEAD {
-                return Err(Error::Invalid("response head over 64 KiB"));
+                return Poll::Ready(Err(Error::Invalid("response head over 64 KiB")));
             }
         }
         buf.reserve(READ_SIZE);
-        let n = io.read_buf(buf).await.map_err(Error::Io)?;
-        if n == 0 {
-            return Err(if got_any {
-                Error::Invalid("closed inside the response head")
-            } else {
-                Error::Closed
-            });
+        match ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut conn.io),
+            cx,
+            buf
+        )) {
+            Ok(0) => {
+                return Poll::Ready(Err(if *got_any {
+                    Error::Invalid("closed inside the response head")
+                } else {
+                    Error::Closed
+                }))
+            }
+            Ok(_) => *got_any = true,
+            Err(e) => return Poll::Ready(Err(Error::Io(e))),
         }
-        got_any = true;
     }
 }
 
@@ -597,6 +657,11 @@ impl Body {
             // Bytes past the end are the upstream speaking out of turn. The
             // empty buffer stays: the next exchange reuses its allocation.
             if self.reusable && conn.buf.is_empty() {
+                let mut conn = conn;
+                if conn.buf.capacity() > READ_SIZE {
+                    // Grown for a large head: not worth keeping while idle.
+                    conn.buf = BytesMut::new();
+                }
                 self.pool.put(conn);
             }
         }

@@ -14,6 +14,7 @@
 
 mod h1;
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -71,9 +72,13 @@ struct Pool {
     tls: Option<(TlsConnector, ServerName<'static>)>,
     connect_timeout: Duration,
     /// Idle HTTP/1.1 connections, the most recently used last.
-    idle: Mutex<Vec<Idle>>,
+    idle: Mutex<VecDeque<Idle>>,
     /// The shared connection of an upstream that chose h2.
     h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
+    /// Set once the upstream has chosen h2: from then on one request at a
+    /// time makes the shared connection, the others wait and use it.
+    speaks_h2: AtomicBool,
+    h2_connecting: tokio::sync::Mutex<()>,
     reaping: AtomicBool,
 }
 
@@ -110,8 +115,10 @@ impl Client {
                 addr: format!("{host}:{port}"),
                 tls,
                 connect_timeout: upstream.connect_timeout,
-                idle: Mutex::new(Vec::new()),
+                idle: Mutex::new(VecDeque::new()),
                 h2: Mutex::new(None),
+                speaks_h2: AtomicBool::new(false),
+                h2_connecting: tokio::sync::Mutex::new(()),
                 reaping: AtomicBool::new(false),
             }),
         }
@@ -130,6 +137,9 @@ impl Client {
         if let Some(h2) = self.pool.shared_h2() {
             return Box::pin(send_h2(h2, parts, body)).await;
         }
+        if self.pool.speaks_h2.load(Ordering::Relaxed) {
+            return Box::pin(self.send_on_new_h2(parts, body)).await;
+        }
         let conn = match self.pool.checkout() {
             Some(conn) => conn,
             None => match Box::pin(self.pool.connect()).await? {
@@ -138,6 +148,32 @@ impl Client {
             },
         };
         h1::exchange(conn, parts, body, &self.pool).await
+    }
+}
+
+impl Client {
+    /// The shared h2 connection is gone (closed, or a GOAWAY): one request
+    /// makes the next, the others wait for it instead of each handshaking.
+    async fn send_on_new_h2(
+        &self,
+        parts: &Parts,
+        body: RequestBody,
+    ) -> Result<Response<UpstreamBody>, Error> {
+        let connecting = self.pool.h2_connecting.lock().await;
+        let h2 = match self.pool.shared_h2() {
+            Some(h2) => h2,
+            None => match self.pool.connect().await? {
+                Connected::H2(h2) => h2,
+                // The upstream went back to HTTP/1.1.
+                Connected::H1(conn) => {
+                    self.pool.speaks_h2.store(false, Ordering::Relaxed);
+                    drop(connecting);
+                    return h1::exchange(conn, parts, body, &self.pool).await;
+                }
+            },
+        };
+        drop(connecting);
+        send_h2(h2, parts, body).await
     }
 }
 
@@ -162,33 +198,47 @@ impl Pool {
         h2.as_ref().filter(|h2| !h2.is_closed()).cloned()
     }
 
-    /// The most recently used idle connection that is still open.
+    /// The most recently used idle connection that is still open. The
+    /// check never waits; connections found closed or expired are closed
+    /// after the lock is released.
     fn checkout(&self) -> Option<h1::Conn> {
-        loop {
-            let entry = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
-            if entry.since.elapsed() >= IDLE_TIMEOUT {
-                // Everything below it is older still.
-                self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
-                return None;
+        let mut closed = Vec::new();
+        let found = {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                let Some(mut entry) = idle.pop_back() else {
+                    break None;
+                };
+                if entry.since.elapsed() >= IDLE_TIMEOUT {
+                    // Everything before it is older still.
+                    closed.push(entry);
+                    closed.extend(idle.drain(..));
+                    break None;
+                }
+                if entry.conn.still_open() {
+                    break Some(entry.conn);
+                }
+                closed.push(entry);
             }
-            let mut conn = entry.conn;
-            if conn.still_open() {
-                return Some(conn);
-            }
-        }
+        };
+        drop(closed);
+        found
     }
 
     /// Returns a connection whose exchange ended cleanly.
     fn put(self: &Arc<Self>, conn: h1::Conn) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() >= MAX_IDLE {
-            idle.remove(0);
-        }
-        idle.push(Idle {
+        let oldest = if idle.len() >= MAX_IDLE {
+            idle.pop_front()
+        } else {
+            None
+        };
+        idle.push_back(Idle {
             conn,
             since: Instant::now(),
         });
         drop(idle);
+        drop(oldest);
         if !self.reaping.swap(true, Ordering::Relaxed) {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(reap(Arc::downgrade(self)));
@@ -232,13 +282,25 @@ impl Pool {
             }
         });
         *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(h2.clone());
+        self.speaks_h2.store(true, Ordering::Relaxed);
         Ok(Connected::H2(h2))
     }
 
     /// Closes idle connections that expired or that the upstream closed.
     fn reap(&self) {
+        let mut closed = Vec::new();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.retain_mut(|e| e.since.elapsed() < IDLE_TIMEOUT && e.conn.still_open());
+        let mut kept = VecDeque::with_capacity(idle.len());
+        for mut e in idle.drain(..) {
+            if e.since.elapsed() < IDLE_TIMEOUT && e.conn.still_open() {
+                kept.push_back(e);
+            } else {
+                closed.push(e);
+            }
+        }
+        *idle = kept;
+        drop(idle);
+        drop(closed);
     }
 }
 

@@ -17,3 +17,4 @@ mod systemd;
 mod timeouts;
 mod tls;
 mod upstream_h1;
+mod upstream_upload;
