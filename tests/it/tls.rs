@@ -356,3 +356,168 @@ async fn a_tls_handshake_that_never_completes_is_cut_by_connect_timeout() {
     );
     silent.abort();
 }
+
+/// One connection an [`H2Upstream`] accepted.
+struct H2Conn {
+    /// A second handle on the same socket (a duplicate of its descriptor).
+    /// Shutting down its write side sends a FIN under the TLS and h2 layers,
+    /// as an upstream that drops a connection does, while the server goes on
+    /// reading the socket, so it sees when sluice closes its side.
+    twin: std::net::TcpStream,
+    /// Resolves once the server's side of the connection has ended.
+    ended: tokio::sync::oneshot::Receiver<()>,
+}
+
+/// An upstream over TLS that offers only h2, written here (not [`Mock`]) so
+/// the test counts the connections it accepts and can close them. Every
+/// answer waits 200 ms, so requests sent together overlap. Stops,
+/// connections included, when dropped.
+struct H2Upstream {
+    addr: std::net::SocketAddr,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// The version of every request received.
+    versions: std::sync::Arc<std::sync::Mutex<Vec<Version>>>,
+    conns: tokio::sync::mpsc::UnboundedReceiver<H2Conn>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl H2Upstream {
+    async fn start(certs: &Certs) -> H2Upstream {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(certs.server_config(&[ALPN_H2]));
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let versions = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (conns_tx, conns) = tokio::sync::mpsc::unbounded_channel();
+        let (accepted2, versions2) = (accepted.clone(), versions.clone());
+        let task = tokio::spawn(async move {
+            // Dropped with the accept loop: aborts every connection's task.
+            let mut served = tokio::task::JoinSet::new();
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                accepted2.fetch_add(1, Ordering::SeqCst);
+                let std = tcp.into_std().unwrap();
+                let twin = std.try_clone().unwrap();
+                let tcp = TcpStream::from_std(std).unwrap();
+                let (ended_tx, ended) = tokio::sync::oneshot::channel();
+                let _ = conns_tx.send(H2Conn { twin, ended });
+                let (acceptor, versions) = (acceptor.clone(), versions2.clone());
+                served.spawn(async move {
+                    if let Ok(tls) = acceptor.accept(tcp).await {
+                        let svc = hyper::service::service_fn(move |req: Request<_>| {
+                            versions.lock().unwrap().push(req.version());
+                            async {
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                                Ok::<_, std::convert::Infallible>(json(200, r#"{"h2":true}"#))
+                            }
+                        });
+                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(tls), svc)
+                            .await;
+                    }
+                    let _ = ended_tx.send(());
+                });
+            }
+        });
+        H2Upstream {
+            addr,
+            accepted,
+            versions,
+            conns,
+            task,
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn versions(&self) -> Vec<Version> {
+        self.versions.lock().unwrap().clone()
+    }
+}
+
+impl Drop for H2Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// `GET url` through `client`: the status and the whole body.
+async fn status_and_body(client: &crate::support::TestClient, url: String) -> (u16, Bytes) {
+    let req = Request::get(url)
+        .body(http_body_util::Full::default())
+        .unwrap();
+    let res = client.request(req).await.expect("a response");
+    let status = res.status().as_u16();
+    let body = res.into_body().collect().await.expect("a whole body");
+    (status, body.to_bytes())
+}
+
+/// The shared h2 connection is lost (the upstream closed it): the requests
+/// that find it gone make one new connection between them, the first makes
+/// it and the others wait for it, rather than each handshaking its own.
+#[tokio::test]
+async fn a_lost_h2_connection_is_remade_once_for_concurrent_requests() {
+    /// Each phase; three of them stay within 30 s whatever sluice does.
+    const PHASE: Duration = Duration::from_secs(5);
+    let certs = Certs::generate();
+    let mut up = H2Upstream::start(&certs).await;
+    let toml = format!(
+        "[upstreams.up]\nurl = \"https://{}\"\n{}\n\n[[routes]]\nname = \"all\"\nupstream = \"up\"\n\n\
+         [routes.retry]\nattempts = 1\n",
+        up.addr,
+        ca_file_line(&certs)
+    );
+    let sluice = Sidecar::start(&toml, &[]).await;
+    let client = crate::support::client();
+
+    // The first request shows sluice the upstream speaks h2.
+    let (status, body) =
+        tokio::time::timeout(PHASE, status_and_body(&client, sluice.url("/v1/models")))
+            .await
+            .expect("the first response within the bound");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(up.versions(), [Version::HTTP_2]);
+    assert_eq!(up.accepted(), 1);
+
+    // The upstream drops the connection; the server's side ends once sluice
+    // has closed its own, which it does when hyper's h2 connection task
+    // ends. That task's end wakes hyper's dispatch task, whose end is what
+    // makes the shared sender `is_closed()`; on this single-threaded runtime
+    // it is queued before the upstream's task even hears of the close, so no
+    // request below can find the old connection still looking open: the
+    // count of 2 is exact, not a race.
+    let first = up.conns.try_recv().expect("the first connection");
+    first
+        .twin
+        .shutdown(std::net::Shutdown::Write)
+        .expect("the write side shuts down");
+    tokio::time::timeout(PHASE, first.ended)
+        .await
+        .expect("sluice closes the connection the upstream dropped")
+        .unwrap();
+    drop(first.twin);
+
+    let mut requests = tokio::task::JoinSet::new();
+    for i in 0..10 {
+        let (client, url) = (client.clone(), sluice.url(&format!("/v1/after/{i}")));
+        requests.spawn(async move { status_and_body(&client, url).await });
+    }
+    let results = tokio::time::timeout(PHASE, requests.join_all())
+        .await
+        .expect("the concurrent responses within the bound");
+    for (status, body) in &results {
+        assert_eq!(*status, 200, "{}", String::from_utf8_lossy(body));
+        assert_eq!(&body[..], br#"{"h2":true}"#);
+    }
+    assert_eq!(
+        up.accepted(),
+        2,
+        "one new connection for the ten requests, not one each"
+    );
+    assert_eq!(up.versions(), [Version::HTTP_2; 11]);
+}

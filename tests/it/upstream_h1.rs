@@ -848,3 +848,56 @@ async fn a_response_with_connection_close_is_not_reused() {
     )
     .await;
 }
+
+// 13. An idle connection the upstream half-closed is closed by the reaper.
+
+/// The upstream answers one keep-alive request, then half-closes (a FIN:
+/// sluice reads EOF) and goes on reading. No request comes to find the
+/// close, so only the pool's sweep (every REAP_EVERY, 10 s) can see it;
+/// without it the socket would sit in CLOSE_WAIT for good.
+#[tokio::test]
+async fn an_idle_connection_the_upstream_half_closed_is_closed_by_the_pool_within_its_sweep() {
+    /// REAP_EVERY (10 s) plus a margin.
+    const SWEEP: Duration = Duration::from_secs(15);
+    let (half_closed_tx, mut half_closed) = mpsc::unbounded_channel();
+    let (closed_tx, mut closed) = mpsc::unbounded_channel();
+    let up = RawUpstream::start(move |mut conn| {
+        let (half_closed_tx, closed_tx) = (half_closed_tx.clone(), closed_tx.clone());
+        async move {
+            let Some(req) = conn.request().await else {
+                return;
+            };
+            conn.write(&ok(&format!("{}:{}", req.conn, req.path))).await;
+            // Not a wait for anything: it puts the close after the sweep
+            // that runs as the connection first goes idle, so a later,
+            // periodic sweep has to be the one that sees it.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            conn.stream
+                .shutdown()
+                .await
+                .expect("the write side shuts down");
+            let _ = half_closed_tx.send(());
+            // Sluice's close (or a reset) ends the read; any bytes count.
+            let _ = closed_tx.send(conn.drain_until_closed().await);
+        }
+    })
+    .await;
+    let sluice = sluice(&up, "").await;
+    let (head, body) = get(&sluice.url("/v1/one")).await;
+    assert_eq!(head.status(), 200);
+    assert_eq!(&body[..], b"0:/v1/one");
+
+    tokio::time::timeout(BOUND, half_closed.recv())
+        .await
+        .expect("the upstream half-closes")
+        .unwrap();
+    let since = std::time::Instant::now();
+    let drained = tokio::time::timeout(SWEEP, closed.recv())
+        .await
+        .unwrap_or_else(|_| panic!("sluice still holds the half-closed connection after {SWEEP:?}"))
+        .unwrap();
+    tracing::info!(after = ?since.elapsed(), "sluice closed the half-closed connection");
+    assert_eq!(drained, 0, "nothing was sent on the half-closed connection");
+    assert_eq!(up.accepted(), 1);
+    assert_eq!(up.seen().len(), 1, "no further request was needed");
+}
