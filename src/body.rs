@@ -178,6 +178,11 @@ impl Body for RequestBody {
             Self::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             Self::Streaming(s) => {
                 if let Some(d) = s.head.pop_front() {
+                    // An h2 client stops polling once is_end_stream() is
+                    // true, so the rest's end may never be polled for.
+                    if s.head.is_empty() && s.rest.is_end_stream() {
+                        s.state.uploaded.notify_one();
+                    }
                     return Poll::Ready(Some(Ok(Frame::data(d))));
                 }
                 let frame = ready!(Pin::new(&mut s.rest).poll_frame(cx));

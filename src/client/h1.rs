@@ -108,7 +108,6 @@ pub(super) async fn exchange(
         chunked: framing == Some(Framing::Chunked),
         done: false,
         write_failed: false,
-        head: None,
         got_any: false,
     };
     let (head, uploaded) = std::future::poll_fn(|cx| send.poll(cx, &mut conn, head_only)).await?;
@@ -117,6 +116,9 @@ pub(super) async fn exchange(
         framing,
         keep_alive,
     } = head;
+    // An early answer that is not an error: the body carries the upload on.
+    let upload =
+        (!uploaded && !send.write_failed && res.status().as_u16() < 400).then(|| Box::new(send));
     let decoder = match framing {
         Framing::Length(n) => Decoder::Length(n),
         Framing::Chunked => Decoder::Chunked(Chunked::Size, 0),
@@ -126,6 +128,8 @@ pub(super) async fn exchange(
         conn: Some(conn),
         decoder,
         reusable: keep_alive && uploaded,
+        keep_alive,
+        upload,
         pool: pool.clone(),
     };
     Ok(res.map(|()| UpstreamBody::H1(body)))
@@ -147,14 +151,15 @@ struct Sending {
     done: bool,
     /// The upstream stopped taking the body; its answer may still come.
     write_failed: bool,
-    head: Option<Head>,
     got_any: bool,
 }
 
 impl Sending {
-    /// Ready with the head, and whether the whole request went out. An
-    /// error answer ends the upload at once (RFC 9112 §9.5); any other
-    /// waits for the rest of the body, which the upstream reads on.
+    /// Ready with the head, and whether the whole request went out by then.
+    /// The head is returned as soon as it arrives: an error answer ends the
+    /// upload (RFC 9112 §9.5); after any other the response body carries
+    /// the rest of the upload on, since the upstream may stream its answer
+    /// while it reads (waiting for the upload first could deadlock both).
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
@@ -162,36 +167,19 @@ impl Sending {
         head_only: bool,
     ) -> Poll<Result<(Head, bool), Error>> {
         loop {
-            let answered_error = self
-                .head
-                .as_ref()
-                .is_some_and(|h| h.res.status().as_u16() >= 400);
-            let mut blocked = false;
-            if !self.done && !self.write_failed && !answered_error {
+            if !self.done && !self.write_failed {
                 match self.poll_upload(cx, conn) {
                     // Progress: keep writing while the socket takes it.
                     Poll::Ready(Ok(())) if !self.done => continue,
-                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Ok(())) | Poll::Pending => {}
                     Poll::Ready(Err(Error::Io(_))) => self.write_failed = true,
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => blocked = true,
                 }
             }
-            if self.head.is_none() {
-                match poll_head(cx, conn, head_only, &mut self.got_any) {
-                    Poll::Ready(Ok(head)) => self.head = Some(head),
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => return Poll::Pending,
-                }
-                continue;
-            }
-            if self.done || self.write_failed || answered_error {
-                let head = self.head.take().expect("checked above");
-                return Poll::Ready(Ok((head, self.done)));
-            }
-            if blocked {
-                return Poll::Pending;
-            }
+            return match ready!(poll_head(cx, conn, head_only, &mut self.got_any)) {
+                Ok(head) => Poll::Ready(Ok((head, self.done))),
+                Err(e) => Poll::Ready(Err(e)),
+            };
         }
     }
 
@@ -215,7 +203,18 @@ impl Sending {
             return Poll::Ready(Ok(()));
         }
         if let Some(body) = &mut self.body {
-            match ready!(Pin::new(body).poll_frame(cx)) {
+            let frame = match Pin::new(body).poll_frame(cx) {
+                Poll::Ready(frame) => frame,
+                Poll::Pending => {
+                    // While the client's next frame is awaited, what TLS
+                    // still holds goes out (a no-op on plain TCP).
+                    if let Poll::Ready(Err(e)) = Pin::new(&mut conn.io).poll_flush(cx) {
+                        return Poll::Ready(Err(Error::Io(e)));
+                    }
+                    return Poll::Pending;
+                }
+            };
+            match frame {
                 Some(Ok(frame)) => {
                     match frame.into_data() {
                         Ok(data) if data.is_empty() => {}
@@ -494,6 +493,12 @@ pub struct Body {
     decoder: Decoder,
     /// Whether the connection can carry another request once the body ends.
     reusable: bool,
+    /// The response allows another request on the connection.
+    keep_alive: bool,
+    /// The rest of the request after an early answer that is not an error,
+    /// driven by this body's polls; the connection is reused only if it
+    /// completes.
+    upload: Option<Box<Sending>>,
     pool: Arc<Pool>,
 }
 
@@ -656,7 +661,7 @@ impl Body {
         if let Some(conn) = self.conn.take() {
             // Bytes past the end are the upstream speaking out of turn. The
             // empty buffer stays: the next exchange reuses its allocation.
-            if self.reusable && conn.buf.is_empty() {
+            if self.reusable && self.upload.is_none() && conn.buf.is_empty() {
                 let mut conn = conn;
                 if conn.buf.capacity() > READ_SIZE {
                     // Grown for a large head: not worth keeping while idle.
@@ -690,6 +695,29 @@ impl Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         let this = self.get_mut();
+        if let (Some(up), Some(conn)) = (this.upload.as_mut(), this.conn.as_mut()) {
+            // Pending leaves the write's (or the client body's) waker set.
+            let end = loop {
+                match up.poll_upload(cx, conn) {
+                    Poll::Ready(Ok(())) if up.done => break Some(Ok(true)),
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(Error::Io(_))) => break Some(Ok(false)),
+                    Poll::Ready(Err(e)) => break Some(Err(e)),
+                    Poll::Pending => break None,
+                }
+            };
+            match end {
+                Some(Ok(done)) => {
+                    this.upload = None;
+                    this.reusable = this.keep_alive && done;
+                }
+                Some(Err(e)) => {
+                    this.upload = None;
+                    return this.fail(e);
+                }
+                None => {}
+            }
+        }
         loop {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);

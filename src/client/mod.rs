@@ -19,7 +19,7 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -79,6 +79,9 @@ struct Pool {
     /// time makes the shared connection, the others wait and use it.
     speaks_h2: AtomicBool,
     h2_connecting: tokio::sync::Mutex<()>,
+    /// Reconnects tried so far: a waiter that sees it move found no shared
+    /// connection after someone else's attempt, which failed.
+    h2_tries: AtomicU64,
     reaping: AtomicBool,
 }
 
@@ -119,6 +122,7 @@ impl Client {
                 h2: Mutex::new(None),
                 speaks_h2: AtomicBool::new(false),
                 h2_connecting: tokio::sync::Mutex::new(()),
+                h2_tries: AtomicU64::new(0),
                 reaping: AtomicBool::new(false),
             }),
         }
@@ -159,10 +163,14 @@ impl Client {
         parts: &Parts,
         body: RequestBody,
     ) -> Result<Response<UpstreamBody>, Error> {
+        let tries = self.pool.h2_tries.load(Ordering::Acquire);
         let connecting = self.pool.h2_connecting.lock().await;
         let h2 = match self.pool.shared_h2() {
             Some(h2) => h2,
-            None => match self.pool.connect().await? {
+            None if self.pool.h2_tries.load(Ordering::Acquire) != tries => {
+                return Err(Error::Connect(io::Error::other("the h2 reconnect failed")));
+            }
+            None => match self.pool.h2_connect().await? {
                 Connected::H2(h2) => h2,
                 // The upstream went back to HTTP/1.1.
                 Connected::H1(conn) => {
@@ -284,6 +292,13 @@ impl Pool {
         *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(h2.clone());
         self.speaks_h2.store(true, Ordering::Relaxed);
         Ok(Connected::H2(h2))
+    }
+
+    /// A reconnect of the shared h2 connection, counted so that requests
+    /// that waited for a failed one fail at once instead of each trying.
+    async fn h2_connect(&self) -> Result<Connected, Error> {
+        self.h2_tries.fetch_add(1, Ordering::AcqRel);
+        self.connect().await
     }
 
     /// Closes idle connections that expired or that the upstream closed.
