@@ -1,14 +1,14 @@
 //! The upstream client: one pool of connections per upstream.
 //!
-//! HTTP/1.1, what nearly every exchange here is, runs on a small codec of
-//! our own ([`h1`]): one write per request, the response head parsed by
-//! `httparse` with its values sliced from the read buffer, body frames
-//! split off that buffer without copying, and a read buffer that is freed
-//! while a stream waits, so an idle SSE stream holds no buffer at all. The
-//! pool is a stack of idle connections per upstream (no key to hash), and a
-//! connection taken from it is checked for a close from the upstream's side
-//! first. An HTTPS upstream that picks `h2` by ALPN gets hyper's HTTP/2
-//! client, one multiplexed connection shared by every request.
+//! HTTP/1.1 runs on a small codec of our own (`h1.rs`): one write per
+//! request, the response head parsed by `httparse` with its values sharing
+//! one small copy of the head, body frames split off the read buffer without
+//! copying, and a read buffer that is freed while a stream waits, so a
+//! waiting SSE stream holds no buffer at all. The pool is a stack of idle
+//! connections per upstream (no key to hash), and a connection taken from
+//! it is checked for a close from the upstream's side first. An HTTPS
+//! upstream that picks `h2` by ALPN gets hyper's HTTP/2 client instead, one
+//! multiplexed connection shared by every request.
 //!
 //! Client-facing parsing (untrusted input) stays with hyper's server.
 
