@@ -16,6 +16,5 @@ mod support;
 mod systemd;
 mod timeouts;
 mod tls;
-mod upstream_duplex;
 mod upstream_h1;
 mod upstream_upload;

@@ -521,3 +521,92 @@ async fn a_lost_h2_connection_is_remade_once_for_concurrent_requests() {
     );
     assert_eq!(up.versions(), [Version::HTTP_2; 11]);
 }
+
+/// Requests that waited for an h2 reconnect that failed fail with it, each
+/// within one connect_timeout; they do not each try again in turn (the k-th
+/// would fail after k × connect_timeout, or get 504 from first_byte).
+#[tokio::test]
+async fn a_failed_h2_reconnect_fails_every_waiter_within_connect_timeout() {
+    let certs = Certs::generate();
+    let acceptor = tokio_rustls::TlsAcceptor::from(certs.server_config(&[ALPN_H2]));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let up = tokio::spawn(async move {
+        // The first connection: TLS, h2, one answer, then closed.
+        let (s, _) = listener.accept().await.unwrap();
+        let tls = acceptor.accept(s).await.unwrap();
+        let svc = hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async {
+            Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                Bytes::from_static(b"ok"),
+            )))
+        });
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(tls), svc);
+        let _ = tokio::time::timeout(Duration::from_millis(500), conn).await;
+        // Then a black hole: accepted, never a TLS handshake.
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    let sluice = Sidecar::start(
+        &format!(
+            "{}[routes.retry]\nattempts = 1\n\n[routes.timeouts]\nfirst_byte = \"30s\"\n",
+            one_route(
+                &format!("https://{addr}"),
+                &format!("{}\nconnect_timeout = \"1s\"", ca_file_line(&certs)),
+            )
+        ),
+        &[],
+    )
+    .await;
+    let c = crate::support::client();
+    let first = c
+        .request(
+            Request::get(sluice.url("/v1/models"))
+                .body(http_body_util::Full::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    let _ = first.into_body().collect().await;
+    // The upstream closes that connection; sluice's handle sees it closed.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let started = Instant::now();
+    let waiters: Vec<_> = (0..4)
+        .map(|_| {
+            let c = c.clone();
+            let url = sluice.url("/v1/models");
+            tokio::spawn(async move {
+                let res = c
+                    .request(
+                        Request::get(url)
+                            .body(http_body_util::Full::default())
+                            .unwrap(),
+                    )
+                    .await
+                    .unwrap();
+                (res.status().as_u16(), started.elapsed())
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for w in waiters {
+        outcomes.push(
+            tokio::time::timeout(Duration::from_secs(20), w)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    for (status, took) in &outcomes {
+        assert_eq!(*status, 502, "{outcomes:?}");
+        assert!(
+            *took < Duration::from_millis(2500),
+            "every request should fail about one connect_timeout (1s) in: {outcomes:?}"
+        );
+    }
+    up.abort();
+}

@@ -24,14 +24,13 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body, Frame, Incoming};
 use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::support::raw::chunk;
-use crate::support::{assert_sluice_error, client, json, Mock, Process, Sidecar};
+use crate::support::{assert_sluice_error, client, h1_connection, json, Mock, Process, Sidecar};
 
 /// Generous bound for anything that should take milliseconds.
 const BOUND: Duration = Duration::from_secs(10);
@@ -268,21 +267,6 @@ async fn read_body(mut body: Incoming) -> Result<Bytes, (Bytes, String)> {
             Some(Err(e)) => return Err((got.freeze(), e.to_string())),
         }
     }
-}
-
-/// One HTTP/1.1 connection to `addr`, so a test knows which requests share it.
-async fn connect<B>(addr: SocketAddr) -> SendRequest<B>
-where
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    send
 }
 
 /// Sends `req` on `conn` once it is free; the response, body unread.
@@ -532,7 +516,7 @@ async fn no_content_and_head_responses_end_without_a_body() {
     .await;
     let sluice = sluice(&up, "").await;
     // One client connection: each response must end for the next to start.
-    let mut conn = connect::<Empty<Bytes>>(sluice.addr).await;
+    let mut conn = h1_connection::<Empty<Bytes>>(sluice.addr).await;
     let res = send_on(&mut conn, request("DELETE", "/v1/empty")).await;
     assert_eq!(res.status(), 204);
     assert_eq!(res.headers()["x-up"], "1");
@@ -757,7 +741,7 @@ async fn answers_413_early(drain: bool) -> (RawUpstream, mpsc::UnboundedReceiver
 /// POSTs 20 MiB, chunked, through `sluice` (which streams it: it is over
 /// retry_buffer) and checks that the upstream's 413 arrives whole.
 async fn upload_gets_the_413(sluice: &Sidecar) {
-    let mut conn = connect::<Upload>(sluice.addr).await;
+    let mut conn = h1_connection::<Upload>(sluice.addr).await;
     let upload = Upload {
         chunk: Bytes::from(vec![b'x'; 64 * 1024]),
         remaining: 20 * 1024 * 1024,

@@ -1,16 +1,16 @@
-//! Uploads to an HTTP/1.1 upstream that answers before the body is all sent.
-//!
+//! Uploads to an HTTP/1.1 upstream that answers before the body is all
+//! sent, or that answers while it reads.
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::Request;
+use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use hyper::body::Incoming;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::support::{channel, client, Sidecar};
+use crate::support::{channel, client, h1_connection, Mock, Sidecar};
 
 const BOUND: Duration = Duration::from_secs(15);
 
@@ -35,13 +35,10 @@ fn config(url: &str, server: &str, route: &str) -> String {
     )
 }
 
-/// A replayable (buffered) body over INLINE_BODY is written whole before
-/// the response is read (h1.rs exchange, RequestBody::Full arm). An upstream
-/// that answers from the head alone (401 for a bad key, 413, 400) and stops
-/// reading leaves sluice blocked in write_all: the client gets 504 after
-/// first_byte instead of the upstream's 401. hyper's client read the
-/// response while writing, as the streaming arm here still does.
-
+/// A buffered (replayable) body too large to go out with the head: an
+/// upstream that answers from the head alone (401 for a bad key, 413, 400)
+/// and stops reading must be heard while the upload is blocked, so the
+/// client gets the 401, not a 504 after first_byte.
 #[tokio::test]
 async fn an_early_answer_to_a_buffered_body_reaches_the_client() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -91,13 +88,10 @@ async fn an_early_answer_to_a_buffered_body_reaches_the_client() {
     up.abort();
 }
 
-/// With retries off every body streams (retry_buffer is 0), and
-/// upload_and_read stops the upload as soon as any final head arrives.
-/// An upstream that sends a 200 head early and then reads the rest of the
-/// body before finishing its response never gets the rest: the stream
-/// dies on the idle timeout. RFC 9112 §9.5 only has a client cease the body
-/// on an error response from a server that is closing the connection.
-
+/// With retries off every body streams (retry_buffer is 0). An upstream
+/// that sends a 200 head early, then reads the rest of the body before it
+/// finishes its answer, must get the rest: RFC 9112 §9.5 has a client stop
+/// sending only on an error answer.
 #[tokio::test]
 async fn an_early_2xx_head_does_not_cut_the_upload() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -143,11 +137,7 @@ async fn an_early_2xx_head_does_not_cut_the_upload() {
         &[],
     )
     .await;
-    let stream = TcpStream::connect(sluice.addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut send = h1_connection(sluice.addr).await;
     let (tx, body) = channel();
     let req = Request::post("/v1/audio/transcriptions")
         .header("host", "sluice")
@@ -173,4 +163,56 @@ async fn an_early_2xx_head_does_not_cut_the_upload() {
         Ok(&b"got 20"[..])
     );
     up.abort();
+}
+
+/// An upstream that answers 200 at once and streams its answer while it
+/// reads the upload (an echo, a transcription service with partial
+/// results): the head must reach the client at once and the upload go on
+/// alongside. Holding the head until the upload ends would deadlock: the
+/// upstream blocks on its write and stops reading, and for a streamed body
+/// no first_byte timer runs (it waits for the upload to end).
+#[tokio::test]
+async fn an_upstream_that_answers_while_it_reads_the_upload_does_not_deadlock() {
+    // hyper echo: the head goes out at once, the body is the request body.
+    let mock = Mock::start(|req: Request<Incoming>| async move {
+        Response::new(req.into_body().map_err(|e| e.into()).boxed())
+    })
+    .await;
+    let sluice = Sidecar::start(
+        &config(
+            &mock.url(),
+            "max_request_body = \"256MiB\"",
+            "[routes.retry]\nattempts = 1",
+        ),
+        &[],
+    )
+    .await;
+    const LEN: usize = 64 << 20;
+    let mut send = h1_connection(sluice.addr).await;
+    let (tx, body) = channel();
+    let req = Request::post("/v1/audio/transcriptions")
+        .header("host", "sluice")
+        .header("content-length", LEN.to_string())
+        .body(body)
+        .unwrap();
+    tokio::spawn(async move {
+        let frame = Bytes::from(vec![b'x'; 64 * 1024]);
+        for _ in 0..LEN / frame.len() {
+            if tx.send(frame.clone()).await.is_err() {
+                return;
+            }
+        }
+    });
+    let res = tokio::time::timeout(BOUND, send.send_request(req))
+        .await
+        .expect("the head within the bound (sluice and the upstream wait on each other)")
+        .expect("a response");
+    assert_eq!(res.status(), 200);
+    let n = tokio::time::timeout(BOUND, res.into_body().collect())
+        .await
+        .expect("the echo within the bound")
+        .unwrap()
+        .to_bytes()
+        .len();
+    assert_eq!(n, LEN);
 }

@@ -113,6 +113,22 @@ pub fn client() -> TestClient {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
+/// One HTTP/1.1 client connection to `addr` (to stream a request body, or
+/// to know which requests share a connection).
+pub async fn h1_connection<B>(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<B>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
 /// An h2c (prior knowledge) client.
 pub fn h2c_client() -> TestClient {
     Client::builder(TokioExecutor::new())
