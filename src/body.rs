@@ -28,6 +28,65 @@ pub struct BodyLimits {
     pub read_timeout: Duration,
 }
 
+/// A request body as it came from the client.
+#[derive(Debug)]
+pub enum ClientBody {
+    /// Read by hyper (HTTP/2, and HTTP/1.1 requests the fast path hands over).
+    Hyper(Incoming),
+    /// Read whole by sluice's own HTTP/1.1 server before the request was
+    /// dispatched.
+    Full(Option<Bytes>),
+    /// The client stopped short while sluice's own server read the body:
+    /// the request is answered with this error.
+    Failed(ProxyError),
+}
+
+/// A client body that broke off; the proxy answers for it.
+#[derive(Debug)]
+pub struct ClientBodyError;
+
+impl std::fmt::Display for ClientBodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the client's body broke off")
+    }
+}
+
+impl std::error::Error for ClientBodyError {}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = ClientBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            Self::Hyper(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(|_| ClientBodyError))),
+            Self::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Self::Failed(_) => Poll::Ready(Some(Err(ClientBodyError))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Hyper(b) => b.is_end_stream(),
+            Self::Full(d) => d.is_none(),
+            Self::Failed(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Hyper(b) => b.size_hint(),
+            Self::Full(d) => SizeHint::with_exact(d.as_ref().map_or(0, |d| d.len() as u64)),
+            Self::Failed(_) => SizeHint::default(),
+        }
+    }
+}
+
 /// A request body as sent upstream.
 #[derive(Debug)]
 pub enum RequestBody {
@@ -40,7 +99,7 @@ pub enum RequestBody {
 #[derive(Debug)]
 pub struct Streaming {
     head: VecDeque<Bytes>,
-    rest: Incoming,
+    rest: ClientBody,
     seen: u64,
     max: u64,
     state: Arc<StreamState>,
@@ -73,10 +132,23 @@ impl RequestBody {
     /// the part read so far plus the rest as a stream. A declared length over
     /// the limit is refused before a byte is read.
     pub async fn read(
-        mut body: Incoming,
+        mut body: ClientBody,
         limits: BodyLimits,
         expects_continue: bool,
     ) -> Result<Self, ProxyError> {
+        match body {
+            ClientBody::Failed(e) => return Err(e),
+            // In memory already: nothing is gained by streaming it.
+            ClientBody::Full(data) => {
+                return match data {
+                    Some(d) if d.len() as u64 > limits.max_request_body => {
+                        Err(ProxyError::RequestTooLarge)
+                    }
+                    data => Ok(Self::Full(data)),
+                }
+            }
+            ClientBody::Hyper(_) => {}
+        }
         let declared = body.size_hint().exact();
         if declared.is_some_and(|n| n > limits.max_request_body) {
             // A client waiting for 100-continue sends nothing more: no need to linger.
@@ -134,7 +206,7 @@ impl RequestBody {
     }
 }
 
-fn linger(mut body: Incoming) {
+fn linger(mut body: ClientBody) {
     tokio::spawn(async move {
         let drain = async { while let Some(Ok(_)) = body.frame().await {} };
         let _ = tokio::time::timeout(LINGER, drain).await;

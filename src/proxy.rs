@@ -13,11 +13,10 @@ use http::request::Parts;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body as _;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::access::{AccessLog, RequestSpan};
-use crate::body::{BodyLimits, RequestBody};
+use crate::body::{BodyLimits, ClientBody, RequestBody};
 use crate::client::UpstreamBody;
 use crate::config::{Config, RetryPolicy, Route};
 use crate::cutoff::Cutoff;
@@ -117,10 +116,15 @@ impl Proxy {
         }
     }
 
+    /// The body limits of this config, for a server that reads bodies itself.
+    pub fn body_limits(&self) -> BodyLimits {
+        self.limits
+    }
+
     /// Serves one client request. Never fails: errors become responses here.
     pub async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
     ) -> Result<Response<ResponseBody>, Infallible> {
         let start = Instant::now();
         let id = request_id(req.headers());
@@ -189,7 +193,7 @@ impl Proxy {
 
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         id: &HeaderValue,
         start: Instant,
         log: &mut AccessLog,

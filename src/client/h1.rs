@@ -404,7 +404,8 @@ fn build_head(
         Some(1) => Version::HTTP_11,
         _ => Version::HTTP_10,
     };
-    let mut map = HeaderMap::with_capacity(parsed.headers.len());
+    // Room for the headers the proxy adds (request id, attempts): no regrowth.
+    let mut map = HeaderMap::with_capacity(parsed.headers.len() + 2);
     for h in parsed.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| Error::Invalid("invalid header name"))?;

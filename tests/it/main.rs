@@ -10,6 +10,7 @@ mod retries;
 mod robustness;
 mod routing;
 mod sdk;
+mod server_h1;
 mod shutdown;
 mod streaming;
 mod support;

@@ -1,28 +1,42 @@
 //! The data-plane listener: accept, optional TLS, HTTP/1.1 or HTTP/2 per
 //! connection, and a bounded drain on shutdown.
 //!
+//! HTTP/1.1 is served by sluice's own server ([`h1`]) for the requests an
+//! API client sends: a head, and a body whole under a size. Anything else on
+//! an HTTP/1.1 connection (a malformed or huge head, a chunked or large
+//! upload, `Expect`, HTTP/1.0) is handed to hyper with the bytes already
+//! read, and hyper serves the rest of that connection. HTTP/2 is hyper's.
+//!
 //! The protocol is chosen here rather than by hyper-util's auto builder
 //! because its version sniff has no timeout: a client that connects and
 //! sends two bytes would hold a connection forever. Here the sniff (or the
-//! TLS handshake) is bounded by `header_read_timeout`, and then hyper's own
-//! header timer takes over.
+//! TLS handshake) is bounded by `header_read_timeout`.
+
+mod h1;
+mod rewind;
 
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
+use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use arc_swap::ArcSwap;
 
+use crate::body::ClientBody;
 use crate::proxy::Proxy;
+use rewind::Rewind;
 
 /// Largest request head accepted (431 above), near Envoy's 60 KiB default;
 /// hyper alone would take ~400 KiB, far more than an API request needs.
@@ -64,7 +78,9 @@ pub async fn serve(
         .keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(20));
     let builders = Arc::new(Builders { h1, h2 });
-    let graceful = GracefulShutdown::new();
+    // Each connection holds a receiver: the drain sends `true` once, and is
+    // over when the last receiver is gone.
+    let (drain, watcher) = watch::channel(false);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -83,7 +99,7 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let watcher = graceful.watcher();
+        let watcher = watcher.clone();
         let (opts, builders, proxy) = (opts.clone(), builders.clone(), proxy.clone());
         tokio::spawn(async move {
             let res = match &opts.tls {
@@ -100,14 +116,28 @@ pub async fn serve(
                             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                             // Boxed: a TLS connection's state is several KiB, and
                             // inline it would size every plaintext connection's task too.
-                            Box::pin(serve_conn(tls, h2, &builders, proxy, watcher)).await
+                            let conn = Conn {
+                                builders: &builders,
+                                proxy,
+                                drain: watcher,
+                                header_read_timeout: opts.header_read_timeout,
+                            };
+                            Box::pin(conn.serve(tls, h2)).await
                         }
                         Err(e) => Err(e.into()),
                     }
                 }
                 None => {
                     match tokio::time::timeout(opts.header_read_timeout, sniff_h2(&stream)).await {
-                        Ok(Ok(h2)) => serve_conn(stream, h2, &builders, proxy, watcher).await,
+                        Ok(Ok(h2)) => {
+                            let conn = Conn {
+                                builders: &builders,
+                                proxy,
+                                drain: watcher,
+                                header_read_timeout: opts.header_read_timeout,
+                            };
+                            conn.serve(stream, h2).await
+                        }
                         Ok(Err(e)) => Err(e.into()),
                         Err(_) => Err("no request within header_read_timeout".into()),
                     }
@@ -119,9 +149,11 @@ pub async fn serve(
         });
     }
     drop(listener);
+    drop(watcher);
     crate::systemd::stopping();
-    tracing::info!(connections = graceful.count(), "draining");
-    let drained = graceful.shutdown();
+    tracing::info!(connections = drain.receiver_count(), "draining");
+    drain.send_replace(true);
+    let drained = drain.closed();
     tokio::pin!(drained);
     tokio::select! {
         () = &mut drained => tracing::info!("drained"),
@@ -142,28 +174,71 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(23 | 24 | 12 | 105))
 }
 
-async fn serve_conn<IO>(
-    io: IO,
-    h2: bool,
-    builders: &Builders,
+/// One accepted connection's share of the server.
+struct Conn<'a> {
+    builders: &'a Builders,
     proxy: Arc<ArcSwap<Proxy>>,
-    watcher: hyper_util::server::graceful::Watcher,
-) -> Result<(), BoxError>
-where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let io = TokioIo::new(io);
-    // Each request takes the config current when it arrives (one atomic load).
-    // The request's future is boxed: hyper keeps a slot of the future's size
-    // for the connection's whole life, and unboxed that is ~4 KiB held by
-    // every open stream long after its request phase ended.
-    let svc = service_fn(move |req| Box::pin(proxy.load_full().handle(req)));
-    if h2 {
-        watcher.watch(builders.h2.serve_connection(io, svc)).await?;
-    } else {
-        watcher.watch(builders.h1.serve_connection(io, svc)).await?;
+    /// Turns `true` when the server drains.
+    drain: watch::Receiver<bool>,
+    header_read_timeout: Duration,
+}
+
+impl Conn<'_> {
+    async fn serve<IO>(mut self, io: IO, h2: bool) -> Result<(), BoxError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        if h2 {
+            return self.serve_hyper(Rewind::new(io, Bytes::new()), true).await;
+        }
+        let fast = h1::Server::new(io, &self.proxy, self.header_read_timeout);
+        match fast.serve(&mut self.drain).await? {
+            None => Ok(()),
+            // Boxed: hyper's connection state is large and rarely needed.
+            Some((io, read)) => Box::pin(self.serve_hyper(Rewind::new(io, read), false)).await,
+        }
     }
-    Ok(())
+
+    /// Serves the rest of the connection with hyper; `io` replays what sluice
+    /// read of it already.
+    async fn serve_hyper<IO>(self, io: Rewind<IO>, h2: bool) -> Result<(), BoxError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let io = TokioIo::new(io);
+        let proxy = self.proxy;
+        // Each request takes the config current when it arrives (one atomic load).
+        // The request's future is boxed: hyper keeps a slot of the future's size
+        // for the connection's whole life, and unboxed that is ~4 KiB held by
+        // every open stream long after its request phase ended.
+        let svc = service_fn(move |req: Request<Incoming>| {
+            Box::pin(proxy.load_full().handle(req.map(ClientBody::Hyper)))
+        });
+        if h2 {
+            let conn = self.builders.h2.serve_connection(io, svc);
+            until_drained(conn, self.drain).await?;
+        } else {
+            let conn = self.builders.h1.serve_connection(io, svc);
+            until_drained(conn, self.drain).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs a hyper connection; when the server drains, lets its requests in
+/// flight finish and then closes it.
+async fn until_drained<C: GracefulConnection>(
+    conn: C,
+    mut drain: watch::Receiver<bool>,
+) -> Result<(), C::Error> {
+    tokio::pin!(conn);
+    tokio::select! {
+        res = conn.as_mut() => return res,
+        // An error means the server is gone: drain as well.
+        _ = drain.wait_for(|d| *d) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    conn.await
 }
 
 /// Whether a plaintext client opens with the HTTP/2 preface (h2c prior

@@ -1,0 +1,735 @@
+//! sluice's own HTTP/1.1 server, for the requests API clients send: a head
+//! and a body of known length that fits the config's replay buffer.
+//!
+//! It exists for what a held stream costs and what a request costs. hyper's
+//! server keeps two 8 KiB buffers for a connection's whole life, and most of
+//! a proxied request's instructions were its dispatch. This one:
+//! - reads into a buffer on the stack, so a connection waiting for its next
+//!   request, or holding a stream open, keeps no read buffer;
+//! - parses the head with `httparse` and copies head and body into one
+//!   allocation, which the header values and the body slice;
+//! - writes the head with what of the body is ready in one write, and while
+//!   a stream waits for its next event holds no write buffer either;
+//! - watches the client while the upstream works: a client that goes away
+//!   cancels its request (as hyper does).
+//!
+//! What it does not serve goes to hyper, with the bytes read so far: a head
+//! `httparse` refuses or over 64 KiB (hyper answers 400/431), HTTP/1.0,
+//! `HEAD`, `CONNECT`, `Expect`, `Upgrade`, a chunked body, or a body over the
+//! limits (hyper streams it, or answers 413). hyper then serves the rest of
+//! that connection.
+
+use std::future::poll_fn;
+use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use bytes::{Buf, Bytes, BytesMut};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri, Version};
+use http_body::Body;
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::watch;
+
+use crate::body::ClientBody;
+use crate::error::ProxyError;
+use crate::proxy::Proxy;
+use crate::response::ResponseBody;
+
+/// At most this many request headers (hyper's limit too).
+const MAX_HEADERS: usize = 100;
+/// Bodies up to this (and within the config's limits) are read whole before
+/// the request is dispatched; a larger one goes to hyper and streams.
+const MAX_BODY: u64 = 1024 * 1024;
+/// One read from the client, into a buffer on the stack.
+const READ_SIZE: usize = 8 * 1024;
+/// Pipelined bytes kept while a response is under way; beyond, reading stops.
+const MAX_PIPELINED: usize = 64 * 1024;
+/// Body frames up to this are gathered with the head and each other; a
+/// larger one is written from where it is.
+const COPY_MAX: usize = 4 * 1024;
+/// Gathered response bytes written once they reach this.
+const WRITE_HIGH: usize = 16 * 1024;
+/// Headers the proxy adds to a request (key, request id, ...): room for them
+/// up front, so the map does not grow.
+const ADDED_HEADERS: usize = 3;
+
+/// One HTTP/1.1 connection served by sluice.
+pub struct Server<'a, IO> {
+    io: IO,
+    /// Bytes read and not yet used: the start of a request, or pipelined ones.
+    buf: BytesMut,
+    /// Response bytes not yet written.
+    out: Vec<u8>,
+    proxy: &'a ArcSwap<Proxy>,
+    header_read_timeout: Duration,
+}
+
+/// A request, read whole.
+struct Parsed {
+    req: Request<ClientBody>,
+    /// The client asked to close, or its body broke off.
+    close: bool,
+}
+
+// Returned once per request and unpacked at once: boxing the request would
+// cost an allocation for nothing.
+#[allow(clippy::large_enum_variant)]
+enum Parse {
+    /// The head is not complete yet.
+    Partial,
+    /// The head is complete; the body needs this many bytes in all.
+    Body(usize),
+    /// A request, and how many bytes it took.
+    Ready(Parsed, usize),
+    /// Not for this server: hyper takes the connection.
+    Hyper,
+}
+
+#[allow(clippy::large_enum_variant)]
+enum Step {
+    Request(Parsed),
+    Body(usize),
+    Closed,
+    Hyper,
+}
+
+/// How a response body is delimited.
+#[derive(Clone, Copy, PartialEq)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+impl<'a, IO> Server<'a, IO>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    pub fn new(io: IO, proxy: &'a ArcSwap<Proxy>, header_read_timeout: Duration) -> Self {
+        Self {
+            io,
+            buf: BytesMut::new(),
+            out: Vec::new(),
+            proxy,
+            header_read_timeout,
+        }
+    }
+
+    /// Serves requests until the connection ends (`None`), or until one is
+    /// for hyper: then the connection and the bytes read of it are returned.
+    pub async fn serve(
+        mut self,
+        drain: &mut watch::Receiver<bool>,
+    ) -> io::Result<Option<(IO, Bytes)>> {
+        loop {
+            let limits = self.proxy.load().body_limits();
+            let max_body = limits
+                .max_request_body
+                .min(limits.retry_buffer)
+                .min(MAX_BODY);
+            // Whether a request has begun to arrive: a drain closes the
+            // connection only while none has.
+            let begun = AtomicBool::new(!self.buf.is_empty());
+            // hyper's header_read_timeout also runs from here: it bounds an
+            // idle keep-alive connection as well as a slow head.
+            let head = tokio::time::timeout(
+                self.header_read_timeout,
+                poll_fn(|cx| {
+                    let step = self.poll_head(cx, max_body);
+                    if !self.buf.is_empty() {
+                        begun.store(true, Ordering::Relaxed);
+                    }
+                    step
+                }),
+            );
+            tokio::pin!(head);
+            let mut draining = false;
+            let step = loop {
+                tokio::select! {
+                    biased;
+                    step = &mut head => break match step {
+                        Ok(step) => step?,
+                        Err(_) => Step::Closed,
+                    },
+                    _ = drain.wait_for(|d| *d), if !draining => {
+                        if !begun.load(Ordering::Relaxed) {
+                            break Step::Closed;
+                        }
+                        draining = true;
+                    }
+                }
+            };
+            let step = match step {
+                Step::Body(total) => self.read_body(total, max_body, limits.read_timeout).await,
+                step => step,
+            };
+            let parsed = match step {
+                Step::Request(p) => p,
+                Step::Closed | Step::Body(_) => return Ok(None),
+                Step::Hyper => return Ok(Some((self.io, self.buf.freeze()))),
+            };
+            let call = Box::pin(self.proxy.load_full().handle(parsed.req));
+            // Until the response is ready, a client that goes away cancels it.
+            let gone = poll_fn(|cx| poll_gone(&mut self.io, &mut self.buf, cx));
+            let res = tokio::select! {
+                biased;
+                res = call => match res {
+                    Ok(res) => res,
+                    Err(never) => match never {},
+                },
+                () = gone => return Ok(None),
+            };
+            let close = parsed.close || *drain.borrow();
+            if !self.respond(res, close).await? || *drain.borrow() {
+                let _ = self.io.shutdown().await;
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Reads until a request head is complete. A request that arrives whole
+    /// in one read (the usual case) is parsed off the stack and never sits in
+    /// `buf`.
+    fn poll_head(&mut self, cx: &mut Context<'_>, max_body: u64) -> Poll<io::Result<Step>> {
+        loop {
+            if self.buf.is_empty() {
+                let mut stack = [const { MaybeUninit::<u8>::uninit() }; READ_SIZE];
+                let mut read = ReadBuf::uninit(&mut stack);
+                ready!(Pin::new(&mut self.io).poll_read(cx, &mut read))?;
+                let got = read.filled();
+                if got.is_empty() {
+                    return Poll::Ready(Ok(Step::Closed));
+                }
+                if let Parse::Ready(parsed, used) = parse(got, max_body, None) {
+                    self.buf.extend_from_slice(&got[used..]);
+                    return Poll::Ready(Ok(Step::Request(parsed)));
+                }
+                self.buf.extend_from_slice(got);
+            }
+            match parse(&self.buf, max_body, None) {
+                Parse::Ready(parsed, used) => {
+                    self.consume(used);
+                    return Poll::Ready(Ok(Step::Request(parsed)));
+                }
+                Parse::Body(total) => return Poll::Ready(Ok(Step::Body(total))),
+                Parse::Hyper => return Poll::Ready(Ok(Step::Hyper)),
+                Parse::Partial => {}
+            }
+            if self.buf.capacity() - self.buf.len() < READ_SIZE / 2 {
+                self.buf.reserve(READ_SIZE);
+            }
+            let n = ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut self.io),
+                cx,
+                &mut self.buf
+            ))?;
+            if n == 0 {
+                // Closed inside a head: there is nobody to answer.
+                return Poll::Ready(Ok(Step::Closed));
+            }
+        }
+    }
+
+    /// Reads the rest of a body, `total` bytes with the head. A silence over
+    /// `timeout` answers 408, and a client that breaks off 400, as when hyper
+    /// reads the body.
+    async fn read_body(&mut self, total: usize, max_body: u64, timeout: Duration) -> Step {
+        self.buf.reserve(total - self.buf.len());
+        let mut failed = None;
+        while self.buf.len() < total {
+            match tokio::time::timeout(timeout, self.io.read_buf(&mut self.buf)).await {
+                Ok(Ok(n)) if n > 0 => continue,
+                Ok(_) => failed = Some(ProxyError::BadRequest),
+                Err(_) => failed = Some(ProxyError::RequestTimeout),
+            }
+            break;
+        }
+        match parse(&self.buf, max_body, failed) {
+            Parse::Ready(parsed, used) => {
+                self.consume(used);
+                Step::Request(parsed)
+            }
+            // The head parsed before and still does: not reached.
+            _ => Step::Hyper,
+        }
+    }
+
+    fn consume(&mut self, used: usize) {
+        self.buf.advance(used);
+        if self.buf.is_empty() {
+            // Frees the read buffer: the request owns a copy of what it needs.
+            self.buf = BytesMut::new();
+        }
+    }
+
+    /// Writes a response. Returns whether the connection can serve another
+    /// request: not when either side asked to close, nor after a body that
+    /// broke off (the client must not take it for complete).
+    async fn respond(&mut self, res: Response<ResponseBody>, close: bool) -> io::Result<bool> {
+        let (parts, mut body) = res.into_parts();
+        let status = parts.status;
+        let framing = if status.is_informational() || status == 204 || status == 304 {
+            Framing::None
+        } else {
+            match parts.headers.get(header::CONTENT_LENGTH).map(parse_length) {
+                Some(Some(n)) => Framing::Length(n),
+                _ => match body.size_hint().exact() {
+                    Some(n) => Framing::Length(n),
+                    None => Framing::Chunked,
+                },
+            }
+        };
+        self.encode_head(&parts, framing, close);
+        if framing == Framing::None {
+            drop(body);
+            self.flush().await?;
+            return Ok(!close);
+        }
+        let mut left = match framing {
+            Framing::Length(n) => n,
+            _ => 0,
+        };
+        loop {
+            // What is ready goes out together; the gathered bytes are written
+            // only when the body has to wait.
+            let frame = match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
+                Poll::Ready(frame) => frame,
+                Poll::Pending => {
+                    self.flush().await?;
+                    // A stream waiting for its next event holds no buffers.
+                    self.out = Vec::new();
+                    if self.buf.is_empty() {
+                        self.buf = BytesMut::new();
+                    }
+                    let gone = poll_fn(|cx| poll_gone(&mut self.io, &mut self.buf, cx));
+                    tokio::select! {
+                        biased;
+                        frame = body.frame() => frame,
+                        () = gone => return Ok(false),
+                    }
+                }
+            };
+            let data = match frame {
+                None => break,
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => data,
+                    // Trailers: HTTP/1.1 clients did not ask for them.
+                    Err(_) => continue,
+                },
+                Some(Err(_)) => {
+                    // Aborted: what was written goes out, the end never does.
+                    self.flush().await?;
+                    return Ok(false);
+                }
+            };
+            if data.is_empty() {
+                continue;
+            }
+            let tail: &[u8] = match framing {
+                Framing::Chunked => {
+                    push_chunk_size(&mut self.out, data.len());
+                    b"\r\n"
+                }
+                _ => {
+                    if data.len() as u64 > left {
+                        // More than the length said: the body is wrong, end it short.
+                        self.flush().await?;
+                        return Ok(false);
+                    }
+                    left -= data.len() as u64;
+                    b""
+                }
+            };
+            if data.len() > COPY_MAX {
+                self.write_with(&data, tail).await?;
+            } else {
+                self.out.extend_from_slice(&data);
+                self.out.extend_from_slice(tail);
+                if self.out.len() >= WRITE_HIGH {
+                    self.flush().await?;
+                }
+            }
+            if body.is_end_stream() {
+                break;
+            }
+        }
+        match framing {
+            Framing::Chunked => self.out.extend_from_slice(b"0\r\n\r\n"),
+            _ if left > 0 => {
+                // Shorter than the length said: the client must see it cut.
+                self.flush().await?;
+                return Ok(false);
+            }
+            _ => {}
+        }
+        // The access line is written when the body is dropped: after the last byte.
+        self.flush().await?;
+        drop(body);
+        Ok(!close)
+    }
+
+    fn encode_head(&mut self, parts: &http::response::Parts, framing: Framing, close: bool) {
+        let out = &mut self.out;
+        out.clear();
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(parts.status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
+        out.extend_from_slice(b"\r\n");
+        let mut has_length = false;
+        for (name, value) in &parts.headers {
+            // Framing and connection headers are this hop's, written below.
+            if name == header::TRANSFER_ENCODING || name == header::CONNECTION {
+                continue;
+            }
+            if name == header::CONTENT_LENGTH {
+                match framing {
+                    Framing::Length(n) if !has_length && parse_length(value) == Some(n) => {
+                        has_length = true;
+                    }
+                    // A 304 tells the length of what it stands for.
+                    Framing::None if parts.status == 304 => {}
+                    _ => continue,
+                }
+            }
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        match framing {
+            Framing::Length(n) if !has_length => {
+                out.extend_from_slice(b"content-length: ");
+                out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+            _ => {}
+        }
+        if !parts.headers.contains_key(header::DATE) {
+            out.extend_from_slice(b"date: ");
+            push_date(out);
+            out.extend_from_slice(b"\r\n");
+        }
+        if close {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        if !self.out.is_empty() {
+            self.io.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        self.io.flush().await
+    }
+
+    /// Writes the gathered bytes, then `data` from where it is, then `tail`.
+    async fn write_with(&mut self, data: &[u8], tail: &[u8]) -> io::Result<()> {
+        let mut slices = [
+            IoSlice::new(&self.out),
+            IoSlice::new(data),
+            IoSlice::new(tail),
+        ];
+        let mut bufs = &mut slices[..];
+        IoSlice::advance_slices(&mut bufs, 0);
+        while !bufs.is_empty() {
+            let n = self.io.write_vectored(bufs).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            IoSlice::advance_slices(&mut bufs, n);
+        }
+        self.out.clear();
+        Ok(())
+    }
+}
+
+/// Reads what the client sends while its response is under way. Ready when
+/// the client has gone (closed or broken); pipelined bytes are kept in `buf`
+/// for the next request, up to a limit.
+fn poll_gone<IO: AsyncRead + Unpin>(
+    io: &mut IO,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    loop {
+        if buf.len() >= MAX_PIPELINED {
+            // Enough queued: stop reading, and let TCP push back.
+            return Poll::Pending;
+        }
+        let mut stack = [const { MaybeUninit::<u8>::uninit() }; READ_SIZE];
+        let mut read = ReadBuf::uninit(&mut stack);
+        match Pin::new(&mut *io).poll_read(cx, &mut read) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(())) if !read.filled().is_empty() => {
+                buf.extend_from_slice(read.filled());
+            }
+            Poll::Ready(_) => return Poll::Ready(()),
+        }
+    }
+}
+
+/// Parses a request in `buf`. With `failed`, a body that is not all there
+/// is dispatched as failed (the proxy answers for it) instead of awaited.
+fn parse(buf: &[u8], max_body: u64, failed: Option<ProxyError>) -> Parse {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) if n <= super::MAX_HEAD_BYTES => n,
+        Ok(httparse::Status::Partial) if buf.len() <= super::MAX_HEAD_BYTES => {
+            return Parse::Partial
+        }
+        // Malformed, too many headers or too large: hyper answers.
+        _ => return Parse::Hyper,
+    };
+    if req.version != Some(1) {
+        return Parse::Hyper;
+    }
+    let method = match req.method.unwrap_or_default() {
+        "POST" => Method::POST,
+        "GET" => Method::GET,
+        "HEAD" | "CONNECT" => return Parse::Hyper,
+        m => match Method::from_bytes(m.as_bytes()) {
+            Ok(m) => m,
+            Err(_) => return Parse::Hyper,
+        },
+    };
+    let mut body_len = None;
+    let mut close = false;
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            match (body_len, parse_digits(h.value)) {
+                (None, Some(n)) => body_len = Some(n),
+                // Repeated or not a number: hyper decides.
+                _ => return Parse::Hyper,
+            }
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            close |= has_token(h.value, b"close");
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding")
+            || name.eq_ignore_ascii_case(b"expect")
+            || name.eq_ignore_ascii_case(b"upgrade")
+        {
+            return Parse::Hyper;
+        }
+    }
+    let body_len = body_len.unwrap_or(0);
+    if body_len > max_body {
+        return Parse::Hyper;
+    }
+    let total = head_len + body_len as usize;
+    let take = if buf.len() >= total {
+        total
+    } else if failed.is_some() {
+        buf.len()
+    } else {
+        return Parse::Body(total);
+    };
+    // One allocation for head and body; the values and the body slice it.
+    let copy = Bytes::copy_from_slice(&buf[..take]);
+    let base = buf.as_ptr() as usize;
+    let shared = |s: &[u8]| {
+        let at = s.as_ptr() as usize - base;
+        copy.slice(at..at + s.len())
+    };
+    let Ok(uri) = Uri::from_maybe_shared(shared(req.path.unwrap_or_default().as_bytes())) else {
+        return Parse::Hyper;
+    };
+    let mut map = HeaderMap::with_capacity(req.headers.len() + ADDED_HEADERS);
+    for h in req.headers.iter() {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_maybe_shared(shared(h.value)),
+        ) else {
+            return Parse::Hyper;
+        };
+        map.append(name, value);
+    }
+    let body = match failed {
+        Some(e) if take < total => ClientBody::Failed(e),
+        _ if body_len == 0 => ClientBody::Full(None),
+        _ => ClientBody::Full(Some(copy.slice(head_len..total))),
+    };
+    let mut request = Request::new(body);
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = map;
+    let parsed = Parsed {
+        req: request,
+        close: close || take < total,
+    };
+    Parse::Ready(parsed, take)
+}
+
+/// A decimal length: digits only, no overflow.
+fn parse_digits(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 {
+        return None;
+    }
+    v.iter().try_fold(0u64, |n, &b| {
+        b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
+    })
+}
+
+fn parse_length(v: &HeaderValue) -> Option<u64> {
+    parse_digits(v.as_bytes())
+}
+
+/// Whether a comma-separated header value holds `token`.
+fn has_token(v: &[u8], token: &[u8]) -> bool {
+    v.split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+fn push_chunk_size(out: &mut Vec<u8>, n: usize) {
+    let mut digits = [0u8; 16];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = b"0123456789abcdef"[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Today's `Date` value, formatted once a second per thread.
+fn push_date(out: &mut Vec<u8>) {
+    use std::cell::RefCell;
+    thread_local! {
+        static DATE: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
+    }
+    let now = SystemTime::now();
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with(|cell| {
+        let mut date = cell.borrow_mut();
+        if date.0 != secs {
+            let text = httpdate::fmt_http_date(now);
+            if let Ok(bytes) = <[u8; 29]>::try_from(text.as_bytes()) {
+                *date = (secs, bytes);
+            }
+        }
+        out.extend_from_slice(&date.1);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ready(buf: &[u8]) -> (Parsed, usize) {
+        match parse(buf, MAX_BODY, None) {
+            Parse::Ready(p, n) => (p, n),
+            _ => panic!("not parsed whole: {:?}", String::from_utf8_lossy(buf)),
+        }
+    }
+
+    fn is_hyper(buf: &[u8]) -> bool {
+        matches!(parse(buf, MAX_BODY, None), Parse::Hyper)
+    }
+
+    #[test]
+    fn a_request_with_its_body_is_parsed_whole() {
+        let req = b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nX-Custom: v\r\n\r\nhelloGET";
+        let (p, used) = ready(req);
+        assert_eq!(used, req.len() - 3, "pipelined bytes are left");
+        assert_eq!(p.req.method(), Method::POST);
+        assert_eq!(p.req.uri().path(), "/v1/chat/completions");
+        assert_eq!(p.req.uri().query(), Some("x=1"));
+        assert_eq!(p.req.headers()["x-custom"], "v");
+        assert!(!p.close);
+        match p.req.body() {
+            ClientBody::Full(Some(b)) => assert_eq!(&b[..], b"hello"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_partial_head_waits_and_a_partial_body_is_awaited_or_failed() {
+        assert!(matches!(
+            parse(b"POST / HTTP/1.1\r\nHost: a\r\n", MAX_BODY, None),
+            Parse::Partial
+        ));
+        let req = b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc";
+        match parse(req, MAX_BODY, None) {
+            Parse::Body(total) => assert_eq!(total, req.len() + 7),
+            _ => panic!("the body is awaited"),
+        }
+        match parse(req, MAX_BODY, Some(ProxyError::RequestTimeout)) {
+            Parse::Ready(p, used) => {
+                assert_eq!(used, req.len());
+                assert!(p.close, "a broken body ends the connection");
+                assert!(matches!(
+                    p.req.body(),
+                    ClientBody::Failed(ProxyError::RequestTimeout)
+                ));
+            }
+            _ => panic!("dispatched as failed"),
+        }
+    }
+
+    #[test]
+    fn what_this_server_does_not_serve_goes_to_hyper() {
+        for req in [
+            &b"GET / HTTP/1.0\r\n\r\n"[..],
+            b"HEAD / HTTP/1.1\r\n\r\n",
+            b"CONNECT a:443 HTTP/1.1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\na",
+            b"POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\na",
+            b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            b"GET / HTTP/1.1\r\nBad Header: x\r\n\r\n",
+            b"GET /\x01 HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(is_hyper(req), "{:?}", String::from_utf8_lossy(req));
+        }
+        // Over the body limit: hyper streams it, or answers 413.
+        assert!(matches!(
+            parse(b"POST / HTTP/1.1\r\nContent-Length: 11\r\n\r\n", 10, None),
+            Parse::Hyper
+        ));
+        // A head over 64 KiB, complete or not.
+        let mut big = b"GET / HTTP/1.1\r\nx: ".to_vec();
+        big.resize(super::super::MAX_HEAD_BYTES + 10, b'a');
+        assert!(is_hyper(&big));
+        big.extend_from_slice(b"\r\n\r\n");
+        assert!(is_hyper(&big));
+    }
+
+    #[test]
+    fn connection_close_is_seen_among_tokens() {
+        let (p, _) = ready(b"GET / HTTP/1.1\r\nConnection: keep-alive, Close\r\n\r\n");
+        assert!(p.close);
+        let (p, _) = ready(b"GET / HTTP/1.1\r\nConnection: keep-alive\r\n\r\n");
+        assert!(!p.close);
+    }
+
+    #[test]
+    fn chunk_sizes_and_dates_are_formatted() {
+        let mut out = Vec::new();
+        push_chunk_size(&mut out, 0);
+        push_chunk_size(&mut out, 255);
+        push_chunk_size(&mut out, 0x1_0000);
+        assert_eq!(out, b"0\r\nff\r\n10000\r\n");
+        let mut date = Vec::new();
+        push_date(&mut date);
+        let text = String::from_utf8(date).unwrap();
+        assert!(httpdate::parse_http_date(&text).is_ok(), "{text}");
+    }
+}
