@@ -331,7 +331,8 @@ struct Fields<'a> {
 /// Milliseconds with microsecond precision, as a float would print:
 /// `88.195`, `0.5`, `12.0`.
 fn millis(out: &mut String, d: Duration) {
-    let us = d.as_micros();
+    // u64 arithmetic: u128 division is a library call.
+    let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
     num(out, us / 1000);
     out.push('.');
     let digits = [(us / 100 % 10) as u8, (us / 10 % 10) as u8, (us % 10) as u8];
@@ -341,10 +342,33 @@ fn millis(out: &mut String, d: Duration) {
     }
 }
 
-/// RFC 3339 UTC with microseconds, as tracing-subscriber writes it.
+/// RFC 3339 UTC with microseconds, as tracing-subscriber writes it. The
+/// part up to the seconds is formatted once a second per thread.
 fn timestamp(out: &mut String, t: SystemTime) {
+    thread_local! {
+        static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
     let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
+    let cached = SECOND.try_with(|cell| {
+        let mut second = cell.borrow_mut();
+        if second.0 != secs {
+            second.1.clear();
+            date_time(&mut second.1, secs);
+            second.0 = secs;
+        }
+        out.push_str(&second.1);
+    });
+    if cached.is_err() {
+        date_time(out, secs);
+    }
+    out.push('.');
+    padded(out, u64::from(since.subsec_micros()), 6);
+    out.push('Z');
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` of `secs` after the epoch.
+fn date_time(out: &mut String, secs: u64) {
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Days to a civil date (Howard Hinnant's algorithm, for days >= 0).
     let z = days + 719_468;
@@ -367,9 +391,6 @@ fn timestamp(out: &mut String, t: SystemTime) {
     padded(out, rem / 60 % 60, 2);
     out.push(':');
     padded(out, rem % 60, 2);
-    out.push('.');
-    padded(out, u64::from(since.subsec_micros()), 6);
-    out.push('Z');
 }
 
 /// An integer in decimal, without the formatting machinery.
@@ -390,15 +411,32 @@ fn padded(out: &mut String, n: u64, width: usize) {
 /// A string as `{:?}` prints it, without the formatting machinery for the
 /// common case of nothing to escape.
 fn debug_str(out: &mut String, s: &str) {
-    if s.bytes()
-        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
-    {
+    if s.as_bytes().chunks(8).all(|c| !needs_escape(c)) {
         out.push('"');
         out.push_str(s);
         out.push('"');
     } else {
         let _ = write!(out, "{s:?}");
     }
+}
+
+/// Whether up to 8 bytes hold one that `{:?}` would not print as is: a
+/// control byte, DEL, a non-ASCII byte, `"` or `\`. Eight at a time, with
+/// the classic "has a byte less than n" word tricks.
+fn needs_escape(chunk: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // Pad with a harmless byte to a whole word.
+    let mut word = [b'a'; 8];
+    word[..chunk.len()].copy_from_slice(chunk);
+    let w = u64::from_le_bytes(word);
+    let has_zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH != 0;
+    let below_space = w.wrapping_sub(ONES * 0x20) & !w & HIGH != 0;
+    below_space
+        || w & HIGH != 0
+        || has_zero(w ^ (ONES * 0x7f))
+        || has_zero(w ^ (ONES * u64::from(b'"')))
+        || has_zero(w ^ (ONES * u64::from(b'\\')))
 }
 
 fn json_str(out: &mut String, s: &str) {
@@ -448,6 +486,24 @@ mod tests {
         assert_eq!(p(101_740), "101.74");
         assert_eq!(p(12_000), "12.0");
         assert_eq!(p(7), "0.007");
+    }
+
+    #[test]
+    fn the_word_scan_agrees_with_the_byte_rule() {
+        let plain = |b: u8| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\';
+        for b in 0..=255u8 {
+            for at in 0..8 {
+                let mut chunk = *b"abcdefgh";
+                chunk[at] = b;
+                assert_eq!(needs_escape(&chunk), !plain(b), "byte {b:#x} at {at}");
+                assert_eq!(
+                    needs_escape(&chunk[..=at]),
+                    !plain(b),
+                    "byte {b:#x}, {at} long"
+                );
+            }
+        }
+        assert!(!needs_escape(b""));
     }
 
     #[test]

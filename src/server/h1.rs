@@ -20,6 +20,7 @@
 //! that connection.
 
 use std::future::poll_fn;
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -34,6 +35,7 @@ use http_body::Body;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
 
 use crate::body::ClientBody;
 use crate::error::ProxyError;
@@ -67,6 +69,8 @@ pub struct Server<'a, IO> {
     out: Vec<u8>,
     proxy: &'a ArcSwap<Proxy>,
     header_read_timeout: Duration,
+    /// Bounds the wait for a request head; made on the first wait.
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 /// A request, read whole.
@@ -117,6 +121,7 @@ where
             out: Vec::new(),
             proxy,
             header_read_timeout,
+            timer: None,
         }
     }
 
@@ -137,16 +142,17 @@ where
             let begun = AtomicBool::new(!self.buf.is_empty());
             // hyper's header_read_timeout also runs from here: it bounds an
             // idle keep-alive connection as well as a slow head.
-            let head = tokio::time::timeout(
-                self.header_read_timeout,
-                poll_fn(|cx| {
-                    let step = self.poll_head(cx, max_body);
-                    if !self.buf.is_empty() {
-                        begun.store(true, Ordering::Relaxed);
-                    }
-                    step
-                }),
-            );
+            let deadline = Instant::now() + self.header_read_timeout;
+            let head = poll_fn(|cx| {
+                let step = self.poll_head(cx, max_body);
+                if !self.buf.is_empty() {
+                    begun.store(true, Ordering::Relaxed);
+                }
+                match step {
+                    Poll::Ready(step) => Poll::Ready(Ok(step)),
+                    Poll::Pending => self.poll_deadline(cx, deadline).map(Err),
+                }
+            });
             tokio::pin!(head);
             let mut draining = false;
             let step = loop {
@@ -154,7 +160,8 @@ where
                     biased;
                     step = &mut head => break match step {
                         Ok(step) => step?,
-                        Err(_) => Step::Closed,
+                        // No request within header_read_timeout.
+                        Err(()) => Step::Closed,
                     },
                     _ = drain.wait_for(|d| *d), if !draining => {
                         if !begun.load(Ordering::Relaxed) {
@@ -232,6 +239,22 @@ where
                 // Closed inside a head: there is nobody to answer.
                 return Poll::Ready(Ok(Step::Closed));
             }
+        }
+    }
+
+    /// Ready once `deadline` has passed. The connection's one timer is
+    /// re-armed only when it fires early (the deadline moved on since): a
+    /// request on a busy connection costs a clock read, not a timer.
+    fn poll_deadline(&mut self, cx: &mut Context<'_>, deadline: Instant) -> Poll<()> {
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        loop {
+            ready!(timer.as_mut().poll(cx));
+            if Instant::now() >= deadline {
+                return Poll::Ready(());
+            }
+            timer.as_mut().reset(deadline);
         }
     }
 
