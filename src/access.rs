@@ -411,32 +411,36 @@ fn padded(out: &mut String, n: u64, width: usize) {
 /// A string as `{:?}` prints it, without the formatting machinery for the
 /// common case of nothing to escape.
 fn debug_str(out: &mut String, s: &str) {
-    if s.as_bytes().chunks(8).all(|c| !needs_escape(c)) {
+    if needs_escape(s.as_bytes()) {
+        let _ = write!(out, "{s:?}");
+    } else {
         out.push('"');
         out.push_str(s);
         out.push('"');
-    } else {
-        let _ = write!(out, "{s:?}");
     }
 }
 
-/// Whether up to 8 bytes hold one that `{:?}` would not print as is: a
-/// control byte, DEL, a non-ASCII byte, `"` or `\`. Eight at a time, with
-/// the classic "has a byte less than n" word tricks.
-fn needs_escape(chunk: &[u8]) -> bool {
+/// Whether `s` holds a byte that `{:?}` would not print as is: a control
+/// byte, DEL, a non-ASCII byte, `"` or `\\`. Eight bytes at a time, with the
+/// classic "has a byte less than n" word tricks.
+fn needs_escape(s: &[u8]) -> bool {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
-    // Pad with a harmless byte to a whole word.
-    let mut word = [b'a'; 8];
-    word[..chunk.len()].copy_from_slice(chunk);
-    let w = u64::from_le_bytes(word);
     let has_zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH != 0;
-    let below_space = w.wrapping_sub(ONES * 0x20) & !w & HIGH != 0;
-    below_space
-        || w & HIGH != 0
-        || has_zero(w ^ (ONES * 0x7f))
-        || has_zero(w ^ (ONES * u64::from(b'"')))
-        || has_zero(w ^ (ONES * u64::from(b'\\')))
+    let mut words = s.chunks_exact(8);
+    let escape_in_word = words.by_ref().any(|w| {
+        let w = u64::from_le_bytes(<[u8; 8]>::try_from(w).unwrap_or([0; 8]));
+        w.wrapping_sub(ONES * 0x20) & !w & HIGH != 0
+            || w & HIGH != 0
+            || has_zero(w ^ (ONES * 0x7f))
+            || has_zero(w ^ (ONES * u64::from(b'"')))
+            || has_zero(w ^ (ONES * u64::from(b'\\')))
+    });
+    escape_in_word
+        || words
+            .remainder()
+            .iter()
+            .any(|&b| !(0x20..0x7f).contains(&b) || b == b'"' || b == b'\\')
 }
 
 fn json_str(out: &mut String, s: &str) {

@@ -6,7 +6,8 @@
 //! malformed head, a bad chunk or a short body is an error, never a body
 //! that looks complete.
 
-use std::io::Write as _;
+use std::io::{self, Write as _};
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll, Waker};
@@ -302,6 +303,28 @@ struct Head {
     keep_alive: bool,
 }
 
+/// Reads from the upstream into `buf`. With nothing buffered, the read goes
+/// to the stack and `buf` keeps only what came: a response of a few hundred
+/// bytes, or one SSE event, costs an allocation of its size rather than a
+/// read buffer's.
+fn poll_read(
+    io: Pin<&mut Io>,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<io::Result<usize>> {
+    if buf.is_empty() {
+        let mut stack = [const { MaybeUninit::<u8>::uninit() }; READ_SIZE];
+        let mut read = ReadBuf::uninit(&mut stack);
+        ready!(io.poll_read(cx, &mut read))?;
+        buf.extend_from_slice(read.filled());
+        return Poll::Ready(Ok(read.filled().len()));
+    }
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(READ_SIZE);
+    }
+    tokio_util::io::poll_read_buf(io, cx, buf)
+}
+
 /// Reads until a final response head, skipping interim (1xx) ones.
 fn poll_head(
     cx: &mut Context<'_>,
@@ -319,12 +342,7 @@ fn poll_head(
                 return Poll::Ready(Err(Error::Invalid("response head over 64 KiB")));
             }
         }
-        buf.reserve(READ_SIZE);
-        match ready!(tokio_util::io::poll_read_buf(
-            Pin::new(&mut conn.io),
-            cx,
-            buf
-        )) {
+        match ready!(poll_read(Pin::new(&mut conn.io), cx, buf)) {
             Ok(0) => {
                 return Poll::Ready(Err(if *got_any {
                     Error::Invalid("closed inside the response head")
@@ -739,10 +757,7 @@ impl Body {
                 Ok(Decoded::More) => {}
                 Err(e) => return this.fail(e),
             }
-            if conn.buf.capacity() - conn.buf.len() < 1024 {
-                conn.buf.reserve(READ_SIZE);
-            }
-            match tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf) {
+            match poll_read(Pin::new(&mut conn.io), cx, &mut conn.buf) {
                 Poll::Ready(Ok(0)) => {
                     this.reusable = false;
                     if let Err(e) = this.decoder.at_eof() {

@@ -813,3 +813,37 @@ async fn the_drain_closes_an_idle_keep_alive_connection_at_once() {
     let log = sluice.output();
     assert!(!log.contains("panicked"), "sluice panicked:\n{log}");
 }
+
+// ---- review: findings (temporary) -------------------------------------------
+
+/// A request whose head began before the drain and that sluice hands to
+/// hyper (HEAD) must still be answered (a 503 is fine, as the fast path gives): sluice kept reading it because it
+/// had begun.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_request_handed_to_hyper_during_the_drain_is_answered() {
+    let (mock, _) = echo_mock().await;
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\nshutdown_grace = \"30s\"\n\n{}",
+        one_route(&mock.url(), "")
+    );
+    let mut sluice = Process::start(&toml, &[]).await;
+    let mut conns = Vec::new();
+    for _ in 0..8 {
+        let mut c = Conn::open(sluice.addr).await;
+        c.send(b"HEAD /v1/models HTTP/1.1\r\n").await;
+        conns.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sluice.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut answered = 0;
+    for c in &mut conns {
+        c.send(b"Host: x\r\n\r\n").await;
+        let (got, _) = read_until_closed(&mut c.stream, BOUND).await;
+        if got.starts_with(b"HTTP/1.1 ") {
+            answered += 1;
+        }
+    }
+    let _ = sluice.exit_within(Duration::from_secs(10)).await;
+    assert_eq!(answered, conns.len(), "some closed without a response");
+}
