@@ -6,8 +6,8 @@
 //! a proxied request's instructions were its dispatch. This one:
 //! - reads into a buffer on the stack, so a connection waiting for its next
 //!   request, or holding a stream open, keeps no read buffer;
-//! - parses the head with `httparse` and copies head and body into one
-//!   allocation, which the header values and the body slice;
+//! - parses the head with `httparse` and copies it into one allocation that
+//!   the header values slice (the body gets its own);
 //! - writes the head with what of the body is ready in one write, and while
 //!   a stream waits for its next event holds no write buffer either;
 //! - watches the client while the upstream works: a client that goes away
@@ -15,9 +15,10 @@
 //!
 //! What it does not serve goes to hyper, with the bytes read so far: a head
 //! `httparse` refuses or over 64 KiB (hyper answers 400/431), HTTP/1.0,
-//! `HEAD`, `CONNECT`, `Expect`, `Upgrade`, a chunked body, or a body over the
-//! limits (hyper streams it, or answers 413). hyper then serves the rest of
-//! that connection.
+//! `HEAD`, `CONNECT`, `Expect`, `Upgrade`, a chunked body, a body over the
+//! limits (hyper streams it, or answers 413), or one still arriving after
+//! `header_read_timeout` (the route's deadlines then bound it). hyper then
+//! serves the rest of that connection.
 
 use std::future::poll_fn;
 use std::future::Future;
@@ -98,7 +99,10 @@ enum Parse {
 enum Step {
     Request(Parsed),
     Body(usize),
+    /// The client closed.
     Closed,
+    /// sluice closes: idle too long, or draining.
+    Close,
     Hyper,
 }
 
@@ -139,13 +143,13 @@ where
                 .min(MAX_BODY);
             // Whether a request has begun to arrive: a drain closes the
             // connection only while none has.
-            let begun = AtomicBool::new(!self.buf.is_empty());
+            let begun = AtomicBool::new(has_request_bytes(&self.buf));
             // hyper's header_read_timeout also runs from here: it bounds an
             // idle keep-alive connection as well as a slow head.
             let deadline = Instant::now() + self.header_read_timeout;
             let head = poll_fn(|cx| {
                 let step = self.poll_head(cx, max_body);
-                if !self.buf.is_empty() {
+                if has_request_bytes(&self.buf) {
                     begun.store(true, Ordering::Relaxed);
                 }
                 match step {
@@ -161,11 +165,11 @@ where
                     step = &mut head => break match step {
                         Ok(step) => step?,
                         // No request within header_read_timeout.
-                        Err(()) => Step::Closed,
+                        Err(()) => Step::Close,
                     },
                     _ = drain.wait_for(|d| *d), if !draining => {
                         if !begun.load(Ordering::Relaxed) {
-                            break Step::Closed;
+                            break Step::Close;
                         }
                         draining = true;
                     }
@@ -178,6 +182,10 @@ where
             let parsed = match step {
                 Step::Request(p) => p,
                 Step::Closed | Step::Body(_) => return Ok(None),
+                Step::Close => {
+                    self.close().await;
+                    return Ok(None);
+                }
                 Step::Hyper => return Ok(Some((self.io, self.buf.freeze()))),
             };
             let call = Box::pin(self.proxy.load_full().handle(parsed.req));
@@ -193,7 +201,7 @@ where
             };
             let close = parsed.close || *drain.borrow();
             if !self.respond(res, close).await? || *drain.borrow() {
-                let _ = self.io.shutdown().await;
+                self.close().await;
                 return Ok(None);
             }
         }
@@ -260,15 +268,20 @@ where
 
     /// Reads the rest of a body, `total` bytes with the head. A silence over
     /// `timeout` answers 408, and a client that breaks off 400, as when hyper
-    /// reads the body.
+    /// reads the body. A body still arriving after `header_read_timeout` in
+    /// all goes to hyper with what came, to be read under the route's
+    /// deadlines like any streamed body.
     async fn read_body(&mut self, total: usize, max_body: u64, timeout: Duration) -> Step {
         self.buf.reserve(total - self.buf.len());
+        let all = Instant::now() + self.header_read_timeout;
         let mut failed = None;
         while self.buf.len() < total {
-            match tokio::time::timeout(timeout, self.io.read_buf(&mut self.buf)).await {
-                Ok(Ok(n)) if n > 0 => continue,
-                Ok(_) => failed = Some(ProxyError::BadRequest),
-                Err(_) => failed = Some(ProxyError::RequestTimeout),
+            let read = tokio::time::timeout(timeout, self.io.read_buf(&mut self.buf));
+            match tokio::time::timeout_at(all, read).await {
+                Ok(Ok(Ok(n))) if n > 0 => continue,
+                Ok(Ok(_)) => failed = Some(ProxyError::BadRequest),
+                Ok(Err(_)) => failed = Some(ProxyError::RequestTimeout),
+                Err(_) => return Step::Hyper,
             }
             break;
         }
@@ -277,7 +290,8 @@ where
                 self.consume(used);
                 Step::Request(parsed)
             }
-            // The head parsed before and still does: not reached.
+            // The URI or a header value is invalid (checked only once the
+            // request is whole): hyper answers 400.
             _ => Step::Hyper,
         }
     }
@@ -287,7 +301,15 @@ where
         if self.buf.is_empty() {
             // Frees the read buffer: the request owns a copy of what it needs.
             self.buf = BytesMut::new();
+        } else if self.buf.capacity() > 2 * READ_SIZE {
+            // Grown for a large body: keep only the few bytes after it.
+            self.buf = BytesMut::from(&self.buf[..]);
         }
+    }
+
+    /// Closes the connection: a FIN, or TLS's close_notify first.
+    async fn close(&mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.io.shutdown()).await;
     }
 
     /// Writes a response. Returns whether the connection can serve another
@@ -295,6 +317,13 @@ where
     /// broke off (the client must not take it for complete).
     async fn respond(&mut self, res: Response<ResponseBody>, close: bool) -> io::Result<bool> {
         let (parts, mut body) = res.into_parts();
+        // The proxy asks to close too (a 503 while shutting down).
+        let close = close
+            || parts
+                .headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .any(|v| has_token(v.as_bytes(), b"close"));
         let status = parts.status;
         let framing = if status.is_informational() || status == 204 || status == 304 {
             Framing::None
@@ -393,6 +422,10 @@ where
         // The access line is written when the body is dropped: after the last byte.
         self.flush().await?;
         drop(body);
+        if self.out.capacity() > 2 * COPY_MAX {
+            // Grown for a large response: an idle connection keeps little.
+            self.out = Vec::new();
+        }
         Ok(!close)
     }
 
@@ -555,8 +588,10 @@ fn parse(buf: &[u8], max_body: u64, failed: Option<ProxyError>) -> Parse {
     } else {
         return Parse::Body(total);
     };
-    // One allocation for head and body; the values and the body slice it.
-    let copy = Bytes::copy_from_slice(&buf[..take]);
+    // The head gets its own allocation, which the values slice; the body
+    // another. Shared, a value kept longer than the request (h2's header
+    // table keeps some) would keep the body alive too.
+    let copy = Bytes::copy_from_slice(&buf[..head_len]);
     let base = buf.as_ptr() as usize;
     let shared = |s: &[u8]| {
         let at = s.as_ptr() as usize - base;
@@ -578,7 +613,7 @@ fn parse(buf: &[u8], max_body: u64, failed: Option<ProxyError>) -> Parse {
     let body = match failed {
         Some(e) if take < total => ClientBody::Failed(e),
         _ if body_len == 0 => ClientBody::Full(None),
-        _ => ClientBody::Full(Some(copy.slice(head_len..total))),
+        _ => ClientBody::Full(Some(Bytes::copy_from_slice(&buf[head_len..total]))),
     };
     let mut request = Request::new(body);
     *request.method_mut() = method;
@@ -590,6 +625,12 @@ fn parse(buf: &[u8], max_body: u64, failed: Option<ProxyError>) -> Parse {
         close: close || take < total,
     };
     Parse::Ready(parsed, take)
+}
+
+/// Whether `buf` holds more than the blank lines a client may send between
+/// requests.
+fn has_request_bytes(buf: &[u8]) -> bool {
+    buf.iter().any(|&b| b != b'\r' && b != b'\n')
 }
 
 /// A decimal length: digits only, no overflow.

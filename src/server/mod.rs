@@ -233,6 +233,10 @@ async fn until_drained<C: GracefulConnection>(
 ) -> Result<(), C::Error> {
     tokio::pin!(conn);
     tokio::select! {
+        // The connection first: a request sluice handed over is in the bytes
+        // hyper has yet to read, and hyper's graceful shutdown closes at once
+        // a connection it has read nothing of.
+        biased;
         res = conn.as_mut() => return res,
         // An error means the server is gone: drain as well.
         _ = drain.wait_for(|d| *d) => {}

@@ -32,6 +32,10 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Rewind<IO> {
         let n = this.read.len().min(buf.remaining());
         buf.put_slice(&this.read[..n]);
         this.read.advance(n);
+        if this.read.is_empty() {
+            // An empty slice would still hold the whole allocation.
+            this.read = Bytes::new();
+        }
         Poll::Ready(Ok(()))
     }
 }

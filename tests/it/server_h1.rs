@@ -800,6 +800,9 @@ async fn the_drain_closes_an_idle_keep_alive_connection_at_once() {
     let mut conn = Conn::open(sluice.addr).await;
     conn.send(&get_req("/v1/models")).await;
     conn.response().await.assert_ok("GET /v1/models ");
+    // The blank line some clients send after a body is not a request begun.
+    conn.send(b"\r\n").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let started = Instant::now();
     sluice.signal("TERM");
     conn.assert_closed_within(Duration::from_secs(2)).await;
@@ -814,13 +817,11 @@ async fn the_drain_closes_an_idle_keep_alive_connection_at_once() {
     assert!(!log.contains("panicked"), "sluice panicked:\n{log}");
 }
 
-// ---- review: findings (temporary) -------------------------------------------
-
-/// A request whose head began before the drain and that sluice hands to
-/// hyper (HEAD) must still be answered (a 503 is fine, as the fast path gives): sluice kept reading it because it
-/// had begun.
+/// A request whose head began before the drain, and that sluice hands to
+/// hyper (HEAD), is still answered (a 503, as on sluice's own path): hyper
+/// must not take it for an idle connection it can close.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn review_a_request_handed_to_hyper_during_the_drain_is_answered() {
+async fn a_request_handed_to_hyper_during_the_drain_is_answered() {
     let (mock, _) = echo_mock().await;
     let toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\nshutdown_grace = \"30s\"\n\n{}",
@@ -846,4 +847,46 @@ async fn review_a_request_handed_to_hyper_during_the_drain_is_answered() {
     }
     let _ = sluice.exit_within(Duration::from_secs(10)).await;
     assert_eq!(answered, conns.len(), "some closed without a response");
+}
+
+/// A body still trickling in after `header_read_timeout` in all is handed to
+/// hyper, where the route's `total` deadline bounds it: the client is
+/// answered while it is still uploading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_trickling_past_header_read_timeout_is_bounded_by_the_route_deadline() {
+    let (mock, seen) = echo_mock().await;
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\nheader_read_timeout = \"1s\"\n\n{}\n[routes.timeouts]\ntotal = \"1s\"\n",
+        one_route(&mock.url(), "")
+    );
+    let sluice = Sidecar::start(&toml, &[]).await;
+    let body = pattern(40);
+    let mut conn = Conn::open(sluice.addr).await;
+    let started = Instant::now();
+    conn.send(
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await;
+    // 40 bytes, one every 200 ms: 8 s in all, each read well within 1 s.
+    let uploader = async {
+        for b in &body {
+            conn.stream.write_all(std::slice::from_ref(b)).await?;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        std::io::Result::Ok(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(4), uploader).await;
+    let res = conn.response().await;
+    assert_eq!(res.status, 504, "{res:?} {}", res.text());
+    assert!(res.text().contains("deadline_exceeded"), "{}", res.text());
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(bodies(&seen).is_empty(), "nothing reached the upstream");
 }
