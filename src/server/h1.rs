@@ -35,7 +35,7 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response
 use http_body::Body;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
 use crate::body::ClientBody;
@@ -60,6 +60,25 @@ const WRITE_HIGH: usize = 16 * 1024;
 /// Headers the proxy adds to a request (key, request id, ...): room for them
 /// up front, so the map does not grow.
 const ADDED_HEADERS: usize = 3;
+
+/// Tells sluice's HTTP/1.1 connections that the server drains: a flag each
+/// request reads, and a wake-up for the connections waiting idle.
+#[derive(Debug, Default)]
+pub struct DrainSignal {
+    draining: AtomicBool,
+    notify: Notify,
+}
+
+impl DrainSignal {
+    pub fn fire(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    fn is_set(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+}
 
 /// One HTTP/1.1 connection served by sluice.
 pub struct Server<'a, IO> {
@@ -131,10 +150,12 @@ where
 
     /// Serves requests until the connection ends (`None`), or until one is
     /// for hyper: then the connection and the bytes read of it are returned.
-    pub async fn serve(
-        mut self,
-        drain: &mut watch::Receiver<bool>,
-    ) -> io::Result<Option<(IO, Bytes)>> {
+    pub async fn serve(mut self, drain: &DrainSignal) -> io::Result<Option<(IO, Bytes)>> {
+        // One wait for the drain for the connection's life: it registers
+        // once, not once per request.
+        let drained = drain.notify.notified();
+        tokio::pin!(drained);
+        let mut draining = drain.is_set();
         loop {
             let limits = self.proxy.load().body_limits();
             let max_body = limits
@@ -158,7 +179,6 @@ where
                 }
             });
             tokio::pin!(head);
-            let mut draining = false;
             let step = loop {
                 tokio::select! {
                     biased;
@@ -167,11 +187,11 @@ where
                         // No request within header_read_timeout.
                         Err(()) => Step::Close,
                     },
-                    _ = drain.wait_for(|d| *d), if !draining => {
+                    () = &mut drained, if !draining => {
+                        draining = true;
                         if !begun.load(Ordering::Relaxed) {
                             break Step::Close;
                         }
-                        draining = true;
                     }
                 }
             };
@@ -199,8 +219,9 @@ where
                 },
                 () = gone => return Ok(None),
             };
-            let close = parsed.close || *drain.borrow();
-            if !self.respond(res, close).await? || *drain.borrow() {
+            draining |= drain.is_set();
+            let close = parsed.close || draining;
+            if !self.respond(res, close).await? || drain.is_set() {
                 self.close().await;
                 return Ok(None);
             }

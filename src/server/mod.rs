@@ -81,6 +81,7 @@ pub async fn serve(
     // Each connection holds a receiver: the drain sends `true` once, and is
     // over when the last receiver is gone.
     let (drain, watcher) = watch::channel(false);
+    let signal = Arc::new(h1::DrainSignal::default());
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -101,6 +102,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let watcher = watcher.clone();
         let (opts, builders, proxy) = (opts.clone(), builders.clone(), proxy.clone());
+        let signal = signal.clone();
         tokio::spawn(async move {
             let res = match &opts.tls {
                 Some(acceptor) => {
@@ -120,6 +122,7 @@ pub async fn serve(
                                 builders: &builders,
                                 proxy,
                                 drain: watcher,
+                                signal,
                                 header_read_timeout: opts.header_read_timeout,
                             };
                             Box::pin(conn.serve(tls, h2)).await
@@ -134,6 +137,7 @@ pub async fn serve(
                                 builders: &builders,
                                 proxy,
                                 drain: watcher,
+                                signal,
                                 header_read_timeout: opts.header_read_timeout,
                             };
                             conn.serve(stream, h2).await
@@ -152,6 +156,7 @@ pub async fn serve(
     drop(watcher);
     crate::systemd::stopping();
     tracing::info!(connections = drain.receiver_count(), "draining");
+    signal.fire();
     drain.send_replace(true);
     let drained = drain.closed();
     tokio::pin!(drained);
@@ -178,13 +183,16 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
 struct Conn<'a> {
     builders: &'a Builders,
     proxy: Arc<ArcSwap<Proxy>>,
-    /// Turns `true` when the server drains.
+    /// Turns `true` when the server drains; the server waits until every
+    /// connection has dropped its receiver.
     drain: watch::Receiver<bool>,
+    /// The same news for sluice's own HTTP/1.1 server, cheaper to check.
+    signal: Arc<h1::DrainSignal>,
     header_read_timeout: Duration,
 }
 
 impl Conn<'_> {
-    async fn serve<IO>(mut self, io: IO, h2: bool) -> Result<(), BoxError>
+    async fn serve<IO>(self, io: IO, h2: bool) -> Result<(), BoxError>
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -192,7 +200,7 @@ impl Conn<'_> {
             return self.serve_hyper(Rewind::new(io, Bytes::new()), true).await;
         }
         let fast = h1::Server::new(io, &self.proxy, self.header_read_timeout);
-        match fast.serve(&mut self.drain).await? {
+        match fast.serve(&self.signal).await? {
             None => Ok(()),
             // Boxed: hyper's connection state is large and rarely needed.
             Some((io, read)) => Box::pin(self.serve_hyper(Rewind::new(io, read), false)).await,
