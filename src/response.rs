@@ -106,22 +106,29 @@ enum Inner {
 
 /// The idle and total deadlines of one stream. One sleep serves both: it is
 /// armed for the earlier and, on waking, re-armed if frames came meanwhile
-/// (cheaper than resetting a timer on every frame).
+/// (cheaper than resetting a timer on every frame). Sleep and cutoff wait
+/// are made when the body first has to wait: a body that is there at once
+/// (most non-streaming answers) costs no timer.
 #[derive(Debug)]
 struct Timer {
-    sleep: Pin<Box<Sleep>>,
-    /// The end of shutdown_grace.
-    cut: CutoffWait,
+    waits: Option<Waits>,
+    cutoff: Arc<Cutoff>,
     idle: Duration,
     last_frame: Instant,
     deadline: Option<Instant>,
 }
 
-impl Timer {
-    fn next_wake(&self) -> Instant {
-        let idle_at = self.last_frame + self.idle;
-        self.deadline.map_or(idle_at, |d| d.min(idle_at))
-    }
+#[derive(Debug)]
+struct Waits {
+    sleep: Pin<Box<Sleep>>,
+    /// The end of shutdown_grace.
+    cut: CutoffWait,
+}
+
+/// When a stream's timer should wake: at its idle limit or its deadline.
+fn next_wake(last_frame: Instant, idle: Duration, deadline: Option<Instant>) -> Instant {
+    let idle_at = last_frame + idle;
+    deadline.map_or(idle_at, |d| d.min(idle_at))
 }
 
 impl ResponseBody {
@@ -135,16 +142,13 @@ impl ResponseBody {
         cutoff: &Arc<Cutoff>,
         log: AccessLog,
     ) -> Self {
-        let now = Instant::now();
-        let mut timer = Timer {
-            sleep: Box::pin(tokio::time::sleep_until(now)),
-            cut: cutoff.wait(),
+        let timer = Timer {
+            waits: None,
+            cutoff: cutoff.clone(),
             idle,
-            last_frame: now,
+            last_frame: Instant::now(),
             deadline,
         };
-        let wake = timer.next_wake();
-        timer.sleep.as_mut().reset(wake);
         Self {
             inner: Inner::Upstream { head, body },
             timer: Some(timer),
@@ -191,11 +195,17 @@ impl ResponseBody {
 
     fn poll_timer(&mut self, cx: &mut Context<'_>) -> Option<StreamFailure> {
         let timer = self.timer.as_mut()?;
-        if Pin::new(&mut timer.cut).poll(cx).is_ready() {
+        let wake = next_wake(timer.last_frame, timer.idle, timer.deadline);
+        let cutoff = &timer.cutoff;
+        let waits = timer.waits.get_or_insert_with(|| Waits {
+            sleep: Box::pin(tokio::time::sleep_until(wake)),
+            cut: cutoff.wait(),
+        });
+        if Pin::new(&mut waits.cut).poll(cx).is_ready() {
             return Some(StreamFailure::Deadline);
         }
         loop {
-            if timer.sleep.as_mut().poll(cx).is_pending() {
+            if waits.sleep.as_mut().poll(cx).is_pending() {
                 return None;
             }
             let now = Instant::now();
@@ -205,8 +215,8 @@ impl ResponseBody {
             if now >= timer.last_frame + timer.idle {
                 return Some(StreamFailure::IdleTimeout);
             }
-            let wake = timer.next_wake();
-            timer.sleep.as_mut().reset(wake);
+            let wake = next_wake(timer.last_frame, timer.idle, timer.deadline);
+            waits.sleep.as_mut().reset(wake);
         }
     }
 }
@@ -222,7 +232,7 @@ impl Body for ResponseBody {
         let this = self.get_mut();
         // A fast upstream is never Pending: check the total deadline on every frame.
         if let Some(t) = &this.timer {
-            if t.cut.fired() || t.deadline.is_some_and(|d| Instant::now() >= d) {
+            if t.cutoff.fired() || t.deadline.is_some_and(|d| Instant::now() >= d) {
                 return this.fail(StreamFailure::Deadline, cx);
             }
         }
