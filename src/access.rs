@@ -8,7 +8,7 @@
 //! per request (see BENCHMARKS.md). Filtering still goes through tracing
 //! (`RUST_LOG=sluice::access=off` silences it); other events are untouched.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::sync::{Arc, OnceLock};
@@ -150,8 +150,38 @@ pub fn set_format(format: LogFormat) {
 }
 
 thread_local! {
-    /// One reusable line buffer per worker thread.
-    static LINE: RefCell<String> = RefCell::new(String::with_capacity(512));
+    /// Access lines not yet written, one buffer per worker thread.
+    static LINES: RefCell<String> = RefCell::new(String::with_capacity(512));
+    /// Whether this thread writes its lines in batches (see `flush_lines`).
+    static BATCHING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Most bytes of access lines a thread holds before it writes them.
+const BATCH_MAX: usize = 32 * 1024;
+
+/// Writes the access lines this thread holds, and from then on lets it
+/// batch them. The runtime calls this each time a worker thread is about to
+/// wait for events: a busy proxy writes each turn's lines in one `write`
+/// instead of one per request, and an idle one holds none back. Called at
+/// exit too; lines are lost only if the process dies abruptly mid-turn.
+pub fn flush_lines() {
+    let _ = BATCHING.try_with(|b| b.set(true));
+    let _ = LINES.try_with(|lines| {
+        if let Ok(mut lines) = lines.try_borrow_mut() {
+            write_out(&mut lines);
+        }
+    });
+}
+
+fn write_out(lines: &mut String) {
+    if lines.is_empty() {
+        return;
+    }
+    let _ = std::io::stderr().lock().write_all(lines.as_bytes());
+    lines.clear();
+    if lines.capacity() > 2 * BATCH_MAX {
+        lines.shrink_to(BATCH_MAX);
+    }
 }
 
 impl AccessLog {
@@ -161,16 +191,19 @@ impl AccessLog {
             // tests): an ordinary event for whatever subscriber there is.
             return self.event();
         };
-        let _ = LINE.try_with(|line| {
-            let line = &mut *line.borrow_mut();
-            line.clear();
+        let _ = LINES.try_with(|lines| {
+            let Ok(mut lines) = lines.try_borrow_mut() else {
+                return;
+            };
             match format {
-                LogFormat::Json => self.json(line),
-                LogFormat::Text => self.text(line),
+                LogFormat::Json => self.json(&mut lines),
+                LogFormat::Text => self.text(&mut lines),
             }
-            line.push('\n');
-            // One write per line, as the tracing formatter does.
-            let _ = std::io::stderr().lock().write_all(line.as_bytes());
+            lines.push('\n');
+            // A thread outside the runtime's batching writes at once.
+            if !BATCHING.try_with(Cell::get).unwrap_or(false) || lines.len() >= BATCH_MAX {
+                write_out(&mut lines);
+            }
         });
     }
 
@@ -508,6 +541,39 @@ mod tests {
             }
         }
         assert!(!needs_escape(b""));
+    }
+
+    /// A line goes out at once on a thread that does not batch, and is held
+    /// until `flush_lines` on one that does (a runtime worker).
+    #[test]
+    fn lines_are_held_only_on_batching_threads() {
+        set_format(LogFormat::Text);
+        let record = |path: &str| {
+            let log = AccessLog::new(
+                HeaderValue::from_static("id-1"),
+                Instant::now(),
+                Method::GET,
+                path,
+            );
+            log.write_line();
+            std::mem::forget(log);
+        };
+        let held = |needle: &str| LINES.with(|l| l.borrow().contains(needle));
+        std::thread::spawn(move || {
+            record("/at-once");
+            assert!(!held("/at-once"), "written at once");
+            flush_lines();
+            record("/batched-1");
+            record("/batched-2");
+            assert!(
+                held("/batched-1") && held("/batched-2"),
+                "held for the batch"
+            );
+            flush_lines();
+            assert!(!held("/batched"), "written by the flush");
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

@@ -61,6 +61,11 @@ fn main() -> ExitCode {
     } else {
         tokio::runtime::Builder::new_multi_thread()
     };
+    // Access lines are written in one batch per turn of the event loop, just
+    // before a worker waits for events (and when it stops).
+    builder
+        .on_thread_park(sluice::access::flush_lines)
+        .on_thread_stop(sluice::access::flush_lines);
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -68,7 +73,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         // Handlers first: a signal before they exist would kill the process
         // with no drain (or, for SIGHUP, at all).
         use tokio::signal::unix::{signal, SignalKind};
@@ -92,7 +97,9 @@ fn main() -> ExitCode {
         tokio::spawn(reload_on_sighup(cli.config.clone(), hup, reload_tx));
         sluice::run(config, listeners, shutdown_signal(term, int), reloads).await;
         ExitCode::SUCCESS
-    })
+    });
+    sluice::access::flush_lines();
+    code
 }
 
 async fn bind(config: &Config) -> Result<sluice::Listeners, String> {
@@ -149,6 +156,7 @@ async fn shutdown_signal(
             _ = int.recv() => {}
         }
         tracing::warn!("second signal: exiting without waiting for the drain");
+        sluice::access::flush_lines();
         std::process::exit(1);
     });
 }

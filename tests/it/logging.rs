@@ -240,3 +240,43 @@ async fn silencing_the_access_line_keeps_the_request_id_on_warnings() {
         assert!(line.contains("request{id=\"req-quiet-502\"}"), "{line}");
     }
 }
+
+/// Access lines are written in one batch per turn of the event loop: a
+/// burst of requests loses none and tears none, and a line is out as soon
+/// as the proxy goes idle, not at the next burst or at exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_lines_are_batched_per_turn_but_never_held_while_idle() {
+    let mock = Mock::start(|_| async { json(200, "{}") }).await;
+    let mut proxy = Process::start(&config(&mock.url(), ""), &[("UP_KEY", KEY)]).await;
+    let mut burst = tokio::task::JoinSet::new();
+    for i in 0..64 {
+        let req = Request::post(proxy.url("/v1/chat/completions"))
+            .header("x-request-id", format!("req-burst-{i:02}"))
+            .body(Full::from(r#"{"model":"m"}"#))
+            .unwrap();
+        burst.spawn(async move { collect(send(&client(), req).await).await.0.status() });
+    }
+    for status in burst.join_all().await {
+        assert_eq!(status, 200);
+    }
+    // Idle now: the lines must be out without another request or an exit.
+    assert_eq!(request(&proxy, "/v1/models", "req-alone").await, 200);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while !proxy.output().contains("req-alone") && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let out = proxy.output();
+    assert!(out.contains("req-alone"), "held while idle:\n{out}");
+    for i in 0..64 {
+        let id = format!("req-burst-{i:02}");
+        let lines = lines_with(&out, &id);
+        assert_eq!(lines.len(), 1, "{id}: {lines:?}");
+        assert!(
+            lines[0].contains("sluice::access: request method=POST")
+                && lines[0].ends_with("budget_exhausted=false"),
+            "a torn line: {}",
+            lines[0]
+        );
+    }
+    proxy.stop().await;
+}
