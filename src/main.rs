@@ -6,11 +6,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use sluice::Config;
 
-/// mimalloc: a proxied request makes ~19 small allocations, and mimalloc
-/// spends about a third of glibc's instructions on them (callgrind: 33.4k →
-/// 30.2k instructions per request; BENCHMARKS.md). Built with `no_thp`:
+/// mimalloc: the ~19 allocations of a proxied request cost about 2.2k
+/// instructions with it against about 5k with glibc's malloc (callgrind:
+/// 33.4k → 30.2k per request in all; BENCHMARKS.md). Built with `no_thp`:
 /// with transparent huge pages its arenas would raise the idle RSS from ~6
-/// to ~13 MiB.
+/// to ~13 MiB. The `system-allocator` feature leaves it out (for DHAT).
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

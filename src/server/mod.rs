@@ -1,7 +1,7 @@
 //! The data-plane listener: accept, optional TLS, HTTP/1.1 or HTTP/2 per
 //! connection, and a bounded drain on shutdown.
 //!
-//! HTTP/1.1 is served by sluice's own server ([`h1`]) for the requests an
+//! HTTP/1.1 is served by sluice's own server (`h1.rs`) for the requests an
 //! API client sends: a head, and a body whole under a size. Anything else on
 //! an HTTP/1.1 connection (a malformed or huge head, a chunked or large
 //! upload, `Expect`, HTTP/1.0) is handed to hyper with the bytes already
