@@ -104,6 +104,13 @@ pub async fn serve(
         let (opts, builders, proxy) = (opts.clone(), builders.clone(), proxy.clone());
         let signal = signal.clone();
         tokio::spawn(async move {
+            let conn = Conn {
+                builders: &builders,
+                proxy,
+                drain: watcher,
+                signal,
+                header_read_timeout: opts.header_read_timeout,
+            };
             let res = match &opts.tls {
                 Some(acceptor) => {
                     let tls =
@@ -118,13 +125,6 @@ pub async fn serve(
                             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                             // Boxed: a TLS connection's state is several KiB, and
                             // inline it would size every plaintext connection's task too.
-                            let conn = Conn {
-                                builders: &builders,
-                                proxy,
-                                drain: watcher,
-                                signal,
-                                header_read_timeout: opts.header_read_timeout,
-                            };
                             Box::pin(conn.serve(tls, h2)).await
                         }
                         Err(e) => Err(e.into()),
@@ -132,16 +132,7 @@ pub async fn serve(
                 }
                 None => {
                     match tokio::time::timeout(opts.header_read_timeout, sniff_h2(&stream)).await {
-                        Ok(Ok(h2)) => {
-                            let conn = Conn {
-                                builders: &builders,
-                                proxy,
-                                drain: watcher,
-                                signal,
-                                header_read_timeout: opts.header_read_timeout,
-                            };
-                            conn.serve(stream, h2).await
-                        }
+                        Ok(Ok(h2)) => conn.serve(stream, h2).await,
                         Ok(Err(e)) => Err(e.into()),
                         Err(_) => Err("no request within header_read_timeout".into()),
                     }
