@@ -154,6 +154,8 @@ thread_local! {
     static LINES: RefCell<String> = RefCell::new(String::with_capacity(512));
     /// Whether this thread writes its lines in batches (see `flush_lines`).
     static BATCHING: Cell<bool> = const { Cell::new(false) };
+    /// The second of the oldest line held.
+    static HELD_SINCE: Cell<u64> = const { Cell::new(0) };
 }
 
 /// Most bytes of access lines a thread holds before it writes them.
@@ -171,6 +173,14 @@ pub fn flush_lines() {
             write_out(&mut lines);
         }
     });
+}
+
+/// Writes the lines this thread holds and stops batching on it: for the
+/// end of the process, where lines may still come (tasks dropped with the
+/// runtime) but no turn follows to write them.
+pub fn stop_batching() {
+    flush_lines();
+    let _ = BATCHING.try_with(|b| b.set(false));
 }
 
 fn write_out(lines: &mut String) {
@@ -195,13 +205,23 @@ impl AccessLog {
             let Ok(mut lines) = lines.try_borrow_mut() else {
                 return;
             };
+            let now = SystemTime::now();
+            let second = now
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            if lines.is_empty() {
+                let _ = HELD_SINCE.try_with(|h| h.set(second));
+            }
             match format {
-                LogFormat::Json => self.json(&mut lines),
-                LogFormat::Text => self.text(&mut lines),
+                LogFormat::Json => self.json(&mut lines, now),
+                LogFormat::Text => self.text(&mut lines, now),
             }
             lines.push('\n');
-            // A thread outside the runtime's batching writes at once.
-            if !BATCHING.try_with(Cell::get).unwrap_or(false) || lines.len() >= BATCH_MAX {
+            // A thread outside the runtime's batching writes at once; a
+            // worker that never goes idle writes at least each second.
+            let batching = BATCHING.try_with(Cell::get).unwrap_or(false);
+            let stale = HELD_SINCE.try_with(Cell::get).is_ok_and(|h| h != second);
+            if !batching || stale || lines.len() >= BATCH_MAX {
                 write_out(&mut lines);
             }
         });
@@ -243,9 +263,9 @@ impl AccessLog {
     }
 
     /// `2026-01-01T00:00:00.000000Z  INFO request{id="..."}: sluice::access: request k=v ...`
-    fn text(&self, out: &mut String) {
+    fn text(&self, out: &mut String, now: SystemTime) {
         let f = self.fields();
-        timestamp(out, SystemTime::now());
+        timestamp(out, now);
         out.push_str("  INFO ");
         // The span's part, where the filter lets the request span through.
         if span_enabled() {
@@ -294,10 +314,10 @@ impl AccessLog {
     }
 
     /// The same fields as tracing-subscriber's flattened JSON.
-    fn json(&self, out: &mut String) {
+    fn json(&self, out: &mut String, now: SystemTime) {
         let f = self.fields();
         out.push_str("{\"timestamp\":\"");
-        timestamp(out, SystemTime::now());
+        timestamp(out, now);
         out.push_str("\",\"level\":\"INFO\",\"message\":\"request\",\"method\":");
         json_str(out, self.method.as_str());
         out.push_str(",\"path\":");
@@ -571,6 +591,14 @@ mod tests {
             );
             flush_lines();
             assert!(!held("/batched"), "written by the flush");
+            // Lines held since an earlier second go out with the next one.
+            record("/old");
+            HELD_SINCE.with(|h| h.set(h.get() - 1));
+            record("/new");
+            assert!(!held("/old") && !held("/new"), "written within a second");
+            stop_batching();
+            record("/after-stop");
+            assert!(!held("/after-stop"), "written at once after stop_batching");
         })
         .join()
         .unwrap();

@@ -10,8 +10,8 @@ use sluice::Config;
 /// instructions with it against about 5k with glibc's malloc (callgrind:
 /// 33.4k → 30.2k per request in all; BENCHMARKS.md). Built with `no_thp`:
 /// with transparent huge pages its arenas would raise the idle RSS from ~6
-/// to ~13 MiB. The `system-allocator` feature leaves it out (for DHAT).
-#[cfg(not(feature = "system-allocator"))]
+/// to ~13 MiB. `--no-default-features` leaves it out (for DHAT).
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -63,7 +63,14 @@ fn main() -> ExitCode {
         tokio::runtime::Builder::new_multi_thread()
     };
     // Access lines are written in one batch per turn of the event loop, just
-    // before a worker waits for events (and when it stops).
+    // before a worker waits for events (and when it stops). A panic aborts
+    // the process (release profile): the panicking thread writes its lines
+    // first (with one CPU, that is every line held).
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        sluice::access::stop_batching();
+        report(info);
+    }));
     builder
         .on_thread_park(sluice::access::flush_lines)
         .on_thread_stop(sluice::access::flush_lines);
@@ -99,7 +106,10 @@ fn main() -> ExitCode {
         sluice::run(config, listeners, shutdown_signal(term, int), reloads).await;
         ExitCode::SUCCESS
     });
-    sluice::access::flush_lines();
+    // Tasks still open are dropped with the runtime, on this thread when it
+    // is the only one: their lines are written at once from here on.
+    sluice::access::stop_batching();
+    drop(runtime);
     code
 }
 

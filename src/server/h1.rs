@@ -151,11 +151,23 @@ where
     /// Serves requests until the connection ends (`None`), or until one is
     /// for hyper: then the connection and the bytes read of it are returned.
     pub async fn serve(mut self, drain: &DrainSignal) -> io::Result<Option<(IO, Bytes)>> {
-        // One wait for the drain for the connection's life: it registers
-        // once, not once per request.
-        let drained = drain.notify.notified();
-        tokio::pin!(drained);
-        let mut draining = drain.is_set();
+        // One wait for the drain for the connection's life: registered on
+        // its first poll; after that each poll reads the flag only (the
+        // waker is this task's, and stays right).
+        let notified = drain.notify.notified();
+        tokio::pin!(notified);
+        let mut registered = false;
+        let mut drained = poll_fn(move |cx| {
+            if drain.is_set() {
+                return Poll::Ready(());
+            }
+            if !registered {
+                registered = true;
+                return notified.as_mut().poll(cx);
+            }
+            Poll::Pending
+        });
+        let mut draining = false;
         loop {
             let limits = self.proxy.load().body_limits();
             let max_body = limits
@@ -187,6 +199,8 @@ where
                         // No request within header_read_timeout.
                         Err(()) => Step::Close,
                     },
+                    // Also at once when the drain began before this
+                    // connection was served (a TLS handshake under way).
                     () = &mut drained, if !draining => {
                         draining = true;
                         if !begun.load(Ordering::Relaxed) {

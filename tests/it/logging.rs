@@ -280,3 +280,61 @@ async fn access_lines_are_batched_per_turn_but_never_held_while_idle() {
     }
     proxy.stop().await;
 }
+
+/// A request still under way when `shutdown_grace` runs out is dropped
+/// with the runtime: on one CPU on the main thread, on several on a worker.
+/// Either way its access line is written before the process exits.
+async fn line_of_a_request_cut_at_exit(one_cpu: bool) -> String {
+    let mock = Mock::start(|_| async {
+        let (tx, body) = crate::support::channel();
+        tokio::spawn(async move {
+            let chunk = bytes::Bytes::from(vec![b'x'; 64 * 1024]);
+            while tx.send(chunk.clone()).await.is_ok() {}
+        });
+        http::Response::builder()
+            .header("content-type", "application/octet-stream")
+            .body(body)
+            .unwrap()
+    })
+    .await;
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"1s\"\n{}",
+        one_route(&mock.url(), "")
+    );
+    let mut proxy = if one_cpu {
+        Process::start_on_one_cpu(&toml, &[]).await
+    } else {
+        Process::start(&toml, &[]).await
+    };
+    // A client that asks for the stream and never reads it: sluice's write
+    // blocks, the body is not polled, the cutoff cannot end it.
+    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut conn,
+        b"GET /v1/files/x HTTP/1.1\r\nhost: x\r\nx-request-id: req-cut-at-exit\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    while mock.seen().is_empty() {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    proxy.signal("TERM");
+    let code = proxy.exit_within(std::time::Duration::from_secs(10)).await;
+    drop(conn);
+    let out = proxy.output();
+    assert_eq!(code, Some(0), "{out}");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_line_of_a_request_cut_at_exit_is_written_on_several_cpus() {
+    let out = line_of_a_request_cut_at_exit(false).await;
+    assert!(out.contains("req-cut-at-exit"), "line lost:\n{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_line_of_a_request_cut_at_exit_is_written_on_one_cpu() {
+    let out = line_of_a_request_cut_at_exit(true).await;
+    assert!(out.contains("req-cut-at-exit"), "line lost:\n{out}");
+}

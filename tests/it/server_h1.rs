@@ -890,3 +890,37 @@ async fn a_body_trickling_past_header_read_timeout_is_bounded_by_the_route_deadl
     );
     assert!(bodies(&seen).is_empty(), "nothing reached the upstream");
 }
+
+/// A TLS connection accepted before the drain, whose handshake ends after
+/// it began, is idle when sluice starts serving it: it is closed at once,
+/// not after header_read_timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_connection_whose_handshake_ends_in_the_drain_is_closed_at_once() {
+    use crate::support::certs::{Certs, ALPN_H1};
+    let certs = Certs::generate();
+    let (mock, _) = echo_mock().await;
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\nshutdown_grace = \"30s\"\n\
+         tls = {{ cert = \"{}\", key = \"{}\" }}\n\n{}",
+        certs.cert_pem.display(),
+        certs.key_pem.display(),
+        one_route(&mock.url(), "")
+    );
+    let mut sluice = Process::start(&toml, &[]).await;
+    // Accepted now; the TLS handshake waits for our ClientHello.
+    let tcp = TcpStream::connect(sluice.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sluice.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let connector = tokio_rustls::TlsConnector::from(certs.client_config(&[ALPN_H1]));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.expect("handshake");
+    // Idle, as a client's pooled connection: the drain should close it.
+    let (got, after) = read_until_closed(&mut tls, Duration::from_secs(20)).await;
+    assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+    assert!(
+        after < Duration::from_secs(2),
+        "idle connection closed only after {after:?} (header_read_timeout), not by the drain"
+    );
+    let _ = sluice.exit_within(Duration::from_secs(5)).await;
+}
