@@ -7,13 +7,15 @@
 //! # Module map
 //! - [`config`]: TOML in two stages, raw (serde) then resolved; errors carry
 //!   file, line, column and key path.
-//! - [`server`]: accept loop, optional TLS, HTTP/1.1 or h2c, bounded drain.
+//! - [`server`]: accept loop, optional TLS, bounded drain; HTTP/1.1 on our
+//!   own server, h2 and anything unusual on hyper.
 //! - [`proxy`]: the request story; the only module that calls the others.
 //! - [`route`]: first-match routing on path prefix and method.
 //! - [`limit`]: rate limits (governor) and the in-flight cap.
 //! - [`body`]: request bodies, buffered for replay up to a cap or streamed.
 //! - [`upstream`]: request rewrite, error causes, one pool per upstream.
 //! - [`client`]: the pool; HTTP/1.1 on our own codec, h2 (by ALPN) on hyper.
+//!   The two HTTP/1.1 codecs share lengths, tokens and chunk sizes (`http1`).
 //! - [`retry`]: backoff, upstream wait hints, the retry budget.
 //! - [`response`]: the response body: frames untouched, idle/total
 //!   deadlines, the SSE error event.
@@ -35,6 +37,7 @@ pub mod client;
 pub mod config;
 pub mod cutoff;
 pub mod error;
+mod http1;
 pub mod limit;
 pub mod logging;
 pub mod metrics;

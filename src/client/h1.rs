@@ -6,7 +6,7 @@
 //! malformed head, a bad chunk or a short body is an error, never a body
 //! that looks complete.
 
-use std::io::{self, Write as _};
+use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -22,6 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::{Error, Io, Pool, UpstreamBody};
 use crate::body::RequestBody;
+use crate::http1;
 
 /// Largest response head accepted.
 const MAX_HEAD: usize = 64 * 1024;
@@ -222,7 +223,7 @@ impl Sending {
                         Ok(data) if data.is_empty() => {}
                         Ok(data) if self.chunked => {
                             let mut size = Vec::with_capacity(18);
-                            let _ = write!(size, "{:x}\r\n", data.len());
+                            http1::push_chunk_size(&mut size, data.len());
                             self.cur = Bytes::from(size);
                             self.after = Some(data);
                             self.crlf = true;
@@ -476,8 +477,8 @@ fn response_framing(
     let mut length = None;
     for value in headers.get_all(CONTENT_LENGTH) {
         for part in value.as_bytes().split(|&b| b == b',') {
-            let n =
-                parse_length(part.trim_ascii()).ok_or(Error::Invalid("invalid content-length"))?;
+            let n = http1::parse_length(part.trim_ascii())
+                .ok_or(Error::Invalid("invalid content-length"))?;
             if length.is_some_and(|l| l != n) {
                 return Err(Error::Invalid("conflicting content-length values"));
             }
@@ -490,20 +491,12 @@ fn response_framing(
     })
 }
 
-fn parse_length(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    Some(digits.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
-}
-
 /// Whether a comma-separated header has `token` (any case).
 fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
-    })
+    headers
+        .get_all(name)
+        .iter()
+        .any(|v| http1::has_token(v.as_bytes(), token.as_bytes()))
 }
 
 /// A response body read off its connection.

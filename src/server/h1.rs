@@ -40,6 +40,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::body::ClientBody;
 use crate::error::ProxyError;
+use crate::http1;
 use crate::proxy::Proxy;
 use crate::response::ResponseBody;
 
@@ -358,7 +359,7 @@ where
                 .headers
                 .get_all(header::CONNECTION)
                 .iter()
-                .any(|v| has_token(v.as_bytes(), b"close"));
+                .any(|v| http1::has_token(v.as_bytes(), b"close"));
         let status = parts.status;
         let framing = if status.is_informational() || status == 204 || status == 304 {
             Framing::None
@@ -419,7 +420,7 @@ where
             }
             let tail: &[u8] = match framing {
                 Framing::Chunked => {
-                    push_chunk_size(&mut self.out, data.len());
+                    http1::push_chunk_size(&mut self.out, data.len());
                     b"\r\n"
                 }
                 _ => {
@@ -597,13 +598,13 @@ fn parse(buf: &[u8], max_body: u64, failed: Option<ProxyError>) -> Parse {
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
-            match (body_len, parse_digits(h.value)) {
+            match (body_len, http1::parse_length(h.value)) {
                 (None, Some(n)) => body_len = Some(n),
                 // Repeated or not a number: hyper decides.
                 _ => return Parse::Hyper,
             }
         } else if name.eq_ignore_ascii_case(b"connection") {
-            close |= has_token(h.value, b"close");
+            close |= http1::has_token(h.value, b"close");
         } else if name.eq_ignore_ascii_case(b"transfer-encoding")
             || name.eq_ignore_ascii_case(b"expect")
             || name.eq_ignore_ascii_case(b"upgrade")
@@ -668,40 +669,8 @@ fn has_request_bytes(buf: &[u8]) -> bool {
     buf.iter().any(|&b| b != b'\r' && b != b'\n')
 }
 
-/// A decimal length: digits only, no overflow.
-fn parse_digits(v: &[u8]) -> Option<u64> {
-    if v.is_empty() || v.len() > 19 {
-        return None;
-    }
-    v.iter().try_fold(0u64, |n, &b| {
-        b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
-    })
-}
-
 fn parse_length(v: &HeaderValue) -> Option<u64> {
-    parse_digits(v.as_bytes())
-}
-
-/// Whether a comma-separated header value holds `token`.
-fn has_token(v: &[u8], token: &[u8]) -> bool {
-    v.split(|&b| b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-}
-
-fn push_chunk_size(out: &mut Vec<u8>, n: usize) {
-    let mut digits = [0u8; 16];
-    let mut i = digits.len();
-    let mut n = n;
-    loop {
-        i -= 1;
-        digits[i] = b"0123456789abcdef"[n & 0xf];
-        n >>= 4;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
-    out.extend_from_slice(b"\r\n");
+    http1::parse_length(v.as_bytes())
 }
 
 /// Today's `Date` value, formatted once a second per thread.
@@ -820,12 +789,7 @@ mod tests {
     }
 
     #[test]
-    fn chunk_sizes_and_dates_are_formatted() {
-        let mut out = Vec::new();
-        push_chunk_size(&mut out, 0);
-        push_chunk_size(&mut out, 255);
-        push_chunk_size(&mut out, 0x1_0000);
-        assert_eq!(out, b"0\r\nff\r\n10000\r\n");
+    fn dates_are_formatted() {
         let mut date = Vec::new();
         push_date(&mut date);
         let text = String::from_utf8(date).unwrap();
