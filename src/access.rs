@@ -72,6 +72,8 @@ impl RequestSpan {
 pub struct AccessLog {
     pub span: RequestSpan,
     pub start: Instant,
+    /// Start to end, read once when the request ends (for the metric and the line).
+    duration: Option<Duration>,
     pub method: Method,
     /// The client's path (the query is not logged: it may carry secrets).
     /// A copy: a stream's record lives as long as the stream, and a slice
@@ -105,6 +107,7 @@ impl AccessLog {
                 span: OnceLock::new(),
             },
             start,
+            duration: None,
             method,
             path: path.into(),
             route: None,
@@ -124,9 +127,11 @@ impl AccessLog {
 
 impl Drop for AccessLog {
     fn drop(&mut self) {
+        let duration = self.start.elapsed();
+        self.duration = Some(duration);
         if let Some(m) = &self.metrics {
             m.request(self.status.map_or(499, |s| s.as_u16()));
-            m.duration.observe(self.start.elapsed().as_secs_f64());
+            m.duration.observe(duration.as_secs_f64());
             if self.route.is_some() {
                 m.in_flight.dec();
             }
@@ -258,7 +263,7 @@ impl AccessLog {
             route: route.map_or("-", |r| r.name.as_str()),
             upstream: route.map_or("-", |r| r.upstream.name.as_str()),
             status: self.status.map_or(499, |s| s.as_u16()),
-            duration: self.start.elapsed(),
+            duration: self.duration.unwrap_or_else(|| self.start.elapsed()),
         }
     }
 

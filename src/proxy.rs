@@ -68,6 +68,14 @@ struct Forwarded {
     head: VecDeque<Bytes>,
 }
 
+/// When an attempt was sent (its `first_byte` and TTFB run from here) and
+/// when the whole request must be over.
+#[derive(Clone, Copy)]
+struct Times {
+    sent: Instant,
+    deadline: Option<Instant>,
+}
+
 impl Proxy {
     /// Builds the request path for `config`. With `previous` (a reload), a
     /// route of the same name and settings keeps its retry budget and rate
@@ -233,9 +241,14 @@ impl Proxy {
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
         let body = until(deadline, RequestBody::read(body, limits, expects_continue)).await??;
         upstream::rewrite_request(&mut parts, route, id);
-        target.budget.deposit();
-        self.attempts(route, target, parts, body, deadline, log)
-            .await
+        // One clock read serves the deposit and the first attempt's start.
+        let now = Instant::now();
+        target.budget.deposit_at(now.into_std());
+        let times = Times {
+            sent: now,
+            deadline,
+        };
+        self.attempts(route, target, parts, body, times, log).await
     }
 
     /// Tries the upstream up to `attempts` times. A retry happens only before
@@ -247,9 +260,10 @@ impl Proxy {
         target: &Target,
         parts: Parts,
         body: RequestBody,
-        deadline: Option<Instant>,
+        first: Times,
         log: &mut AccessLog,
     ) -> Result<Forwarded, ProxyError> {
+        let deadline = first.deadline;
         let policy = &route.retry;
         // A replayable body is shared by every attempt; any other is moved, once.
         // The head is lent to each attempt, never copied for HTTP/1.1.
@@ -268,14 +282,22 @@ impl Proxy {
                     .take()
                     .expect("a request that cannot be replayed is sent once"),
             };
-            let sent = Instant::now();
+            let sent = if attempt == 1 {
+                first.sent
+            } else {
+                Instant::now()
+            };
+            let times = Times { sent, deadline };
             let outcome = self
-                .attempt(route, target, &parts, body, deadline, &log.span)
+                .attempt(route, target, &parts, body, times, &log.span)
                 .await;
             let m = &target.metrics;
+            let mut ttfb = None;
             match &outcome {
                 Ok(res) => {
-                    m.ttfb.observe(sent.elapsed().as_secs_f64());
+                    let t = sent.elapsed();
+                    ttfb = Some(t);
+                    m.ttfb.observe(t.as_secs_f64());
                     m.attempt(status_class(res.status().as_u16()));
                 }
                 Err(e) => m.attempt(failure_word(*e)),
@@ -283,7 +305,7 @@ impl Proxy {
             let can_retry = replay.is_some() && attempt < policy.attempts;
             let (outcome, hint) = match outcome {
                 Ok(res) if can_retry && policy.on_status.contains(&res.status().as_u16()) => {
-                    log.ttfb = Some(sent.elapsed());
+                    log.ttfb = ttfb;
                     let peeked = if res.status() == StatusCode::TOO_MANY_REQUESTS {
                         let first_byte = sent + route.timeouts.first_byte;
                         Box::pin(peek_quota(
@@ -320,7 +342,7 @@ impl Proxy {
                     }
                 }
                 Ok(res) => {
-                    log.ttfb = Some(sent.elapsed());
+                    log.ttfb = ttfb;
                     return Ok(Forwarded {
                         res,
                         head: VecDeque::new(),
@@ -368,17 +390,20 @@ impl Proxy {
         target: &Target,
         parts: &Parts,
         body: RequestBody,
-        deadline: Option<Instant>,
+        Times { sent, deadline }: Times,
         span: &RequestSpan,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let stream = body.stream_state();
         // first_byte runs from the end of the upload: a slow client's large
         // body is not the upstream being late.
         let first_byte = async {
-            if let Some(s) = &stream {
-                s.uploaded.notified().await;
+            match &stream {
+                Some(s) => {
+                    s.uploaded.notified().await;
+                    tokio::time::sleep(route.timeouts.first_byte).await;
+                }
+                None => tokio::time::sleep_until(sent + route.timeouts.first_byte).await,
             }
-            tokio::time::sleep(route.timeouts.first_byte).await;
         };
         let deadline_passes = async {
             match deadline {

@@ -114,7 +114,9 @@ struct Timer {
     waits: Option<Waits>,
     cutoff: Arc<Cutoff>,
     idle: Duration,
-    last_frame: Instant,
+    /// When the body last began to wait; `None` once a frame has come since
+    /// (the clock is read at the next wait, not per frame).
+    last_frame: Option<Instant>,
     deadline: Option<Instant>,
 }
 
@@ -146,7 +148,7 @@ impl ResponseBody {
             waits: None,
             cutoff: cutoff.clone(),
             idle,
-            last_frame: Instant::now(),
+            last_frame: None,
             deadline,
         };
         Self {
@@ -195,7 +197,10 @@ impl ResponseBody {
 
     fn poll_timer(&mut self, cx: &mut Context<'_>) -> Option<StreamFailure> {
         let timer = self.timer.as_mut()?;
-        let wake = next_wake(timer.last_frame, timer.idle, timer.deadline);
+        // The idle clock starts when the body first waits after a frame (or
+        // after the head): the clock is read then, not on every frame.
+        let last_frame = *timer.last_frame.get_or_insert_with(Instant::now);
+        let wake = next_wake(last_frame, timer.idle, timer.deadline);
         let cutoff = &timer.cutoff;
         let waits = timer.waits.get_or_insert_with(|| Waits {
             sleep: Box::pin(tokio::time::sleep_until(wake)),
@@ -212,10 +217,10 @@ impl ResponseBody {
             if timer.deadline.is_some_and(|d| now >= d) {
                 return Some(StreamFailure::Deadline);
             }
-            if now >= timer.last_frame + timer.idle {
+            if now >= last_frame + timer.idle {
                 return Some(StreamFailure::IdleTimeout);
             }
-            let wake = next_wake(timer.last_frame, timer.idle, timer.deadline);
+            let wake = next_wake(last_frame, timer.idle, timer.deadline);
             waits.sleep.as_mut().reset(wake);
         }
     }
@@ -266,7 +271,7 @@ impl Body for ResponseBody {
                     }
                 }
                 if let Some(t) = &mut this.timer {
-                    t.last_frame = Instant::now();
+                    t.last_frame = None;
                 }
                 Poll::Ready(Some(Ok(f)))
             }

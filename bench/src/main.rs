@@ -69,6 +69,10 @@ struct RunArgs {
     /// Open streams to hold for the memory figures, comma-separated.
     #[arg(long, value_delimiter = ',')]
     held: Option<Vec<usize>>,
+    /// Connection counts of the request/response points, comma-separated
+    /// [default: 1,32,256].
+    #[arg(long, value_delimiter = ',')]
+    conns: Option<Vec<usize>>,
 }
 
 /// What one run measures.
@@ -132,6 +136,9 @@ impl Plan {
         if let Some(h) = &args.held {
             plan.held = h.clone();
         }
+        if let Some(c) = &args.conns {
+            plan.conns = c.iter().copied().filter(|&c| c > 0).collect();
+        }
         plan
     }
 }
@@ -144,25 +151,38 @@ pub struct Point {
     pub cpu_ticks: Option<u64>,
     /// Proxy CPU per answered request, µs (none for the direct path).
     pub cpu_us: Option<f64>,
+    /// Each round's p50 and p99 latency, µs, in order.
+    pub rounds: Vec<(u64, u64)>,
 }
 
 impl Point {
     fn new(conns: usize, fixed: Fixed, cpu_ticks: Option<u64>) -> Point {
+        let rounds = vec![quartiles(&fixed)];
         Point {
             conns,
             fixed,
             cpu_ticks,
             cpu_us: None,
+            rounds,
         }
     }
 
     fn merge(&mut self, more: Fixed, ticks: Option<u64>) {
+        self.rounds.push(quartiles(&more));
         self.fixed.requests += more.requests;
         self.fixed.errors += more.errors;
         self.fixed.seconds += more.seconds;
         self.fixed.latency.add(more.latency).expect("same bounds");
         self.cpu_ticks = self.cpu_ticks.zip(ticks).map(|(a, b)| a + b);
     }
+}
+
+/// A round's p50 and p99 latency, µs.
+fn quartiles(f: &Fixed) -> (u64, u64) {
+    (
+        f.latency.value_at_quantile(0.5),
+        f.latency.value_at_quantile(0.99),
+    )
 }
 
 pub struct Target {
@@ -353,6 +373,12 @@ fn run(runtime: &tokio::runtime::Runtime, args: RunArgs) -> Result<(), String> {
                     )
                 });
                 let ticks_used = c0.zip(c1).map(|(a, b)| b.saturating_sub(a));
+                let (p50, p99) = quartiles(&fixed);
+                say(&format!(
+                    "{}: {conns} connections, round {round}: {:.0} requests/s, p50 {p50} µs, p99 {p99} µs",
+                    t.name,
+                    fixed.rps(),
+                ));
                 match t.points.iter_mut().find(|p| p.conns == conns) {
                     Some(point) => point.merge(fixed, ticks_used),
                     None => t.points.push(Point::new(conns, fixed, ticks_used)),

@@ -94,6 +94,34 @@ fn ratio(a: f64, b: f64) -> String {
     }
 }
 
+/// Each round's added-p99 ratio, sluice to nginx (the two ran seconds apart,
+/// each against the direct round just before it), and their median: drift
+/// on a shared machine moves a merged tail more than it moves these.
+fn round_ratios(d: &Point, s: &Point, n: &Point) -> String {
+    let mut each: Vec<f64> = d
+        .rounds
+        .iter()
+        .zip(&s.rounds)
+        .zip(&n.rounds)
+        .filter_map(|((d, s), n)| {
+            let (sa, na) = (s.1 as f64 - d.1 as f64, n.1 as f64 - d.1 as f64);
+            (na.abs() >= f64::EPSILON).then(|| sa / na)
+        })
+        .collect();
+    if each.is_empty() {
+        return "–".into();
+    }
+    let listed: Vec<String> = each.iter().map(|r| format!("{r:.2}")).collect();
+    each.sort_by(f64::total_cmp);
+    let mid = each.len() / 2;
+    let median = if each.len() % 2 == 1 {
+        each[mid]
+    } else {
+        (each[mid - 1] + each[mid]) / 2.0
+    };
+    format!("{} (median {median:.2})", listed.join(" · "))
+}
+
 fn mib(kib: u64) -> String {
     format!("{:.1}", kib as f64 / 1024.0)
 }
@@ -245,6 +273,11 @@ pub fn markdown(r: &Results) -> String {
                 ));
             }
             t.row(&format!("added p50 / p99 vs direct, {conns} conn"), cells);
+            if ratios {
+                let mut cells = vec![String::new(); pts.len()];
+                cells.push(round_ratios(d, s.unwrap(), n.unwrap()));
+                t.row(&format!("added p99, round by round, {conns} conn"), cells);
+            }
         }
 
         let mut cells: Vec<String> = pts
@@ -498,6 +531,9 @@ pub fn json(r: &Results) -> Value {
                     "rps": p.fixed.rps(),
                     "latency": hist(&p.fixed.latency),
                     "cpu_us_per_request": p.cpu_us,
+                    "rounds": p.rounds.iter().map(|(p50, p99)| json!({
+                        "p50_us": p50, "p99_us": p99,
+                    })).collect::<Vec<_>>(),
                 })).collect::<Vec<_>>(),
                 "streams": t.streams.as_ref().map(|s| json!({
                     "requests": s.requests,
@@ -557,4 +593,35 @@ pub fn write_into(path: &Path, section: &str) -> std::io::Result<()> {
         _ => section.to_string(),
     };
     std::fs::write(path, new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::{histogram, Fixed};
+
+    fn point(rounds: &[(u64, u64)]) -> Point {
+        let fixed = Fixed {
+            requests: 0,
+            errors: 0,
+            seconds: 1.0,
+            latency: histogram(),
+        };
+        let mut p = Point::new(1, fixed, None);
+        p.rounds = rounds.to_vec();
+        p
+    }
+
+    #[test]
+    fn round_ratios_pair_each_round_with_its_own_direct_run() {
+        let d = point(&[(10, 100), (10, 200), (10, 100)]);
+        let s = point(&[(20, 150), (20, 300), (20, 400)]);
+        let n = point(&[(20, 200), (20, 300), (20, 200)]);
+        // (150-100)/(200-100), (300-200)/(300-200), (400-100)/(200-100)
+        assert_eq!(round_ratios(&d, &s, &n), "0.50 · 1.00 · 3.00 (median 1.00)");
+        let even = point(&[(20, 150), (20, 300)]);
+        assert_eq!(round_ratios(&d, &even, &n), "0.50 · 1.00 (median 0.75)");
+        // A round where nginx added nothing has no ratio.
+        assert_eq!(round_ratios(&d, &s, &point(&[(1, 100)])), "–");
+    }
 }

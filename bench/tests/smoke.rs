@@ -79,6 +79,10 @@ fn a_smoke_run_measures_every_phase() {
                 p["latency"]["p99_us"].as_u64().unwrap()
                     >= p["latency"]["p50_us"].as_u64().unwrap()
             );
+            // One round per point in a smoke run, each with its tail.
+            let rounds = p["rounds"].as_array().unwrap();
+            assert_eq!(rounds.len(), 1, "{name}: {p}");
+            assert!(rounds[0]["p99_us"].as_u64().unwrap() >= rounds[0]["p50_us"].as_u64().unwrap());
             // Proxies have a CPU figure, the direct path has none.
             assert_eq!(
                 p["cpu_us_per_request"].is_number(),
@@ -126,5 +130,11 @@ fn a_smoke_run_measures_every_phase() {
         assert!(md.contains(heading), "{heading} missing:\n{md}");
     }
     assert!(md.contains("| requests/s, 8 conn |"), "{md}");
+    // Round-by-round tail ratios need both proxies.
+    assert_eq!(
+        md.contains("| added p99, round by round, 8 conn |"),
+        names.contains(&"nginx"),
+        "{md}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
