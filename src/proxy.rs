@@ -364,7 +364,8 @@ impl Proxy {
             if deadline.is_some_and(|d| Instant::now() + wait >= d) {
                 return outcome;
             }
-            if !target.budget.try_withdraw() {
+            // tokio's clock, as for the deposit (the same clock outside tests).
+            if !target.budget.try_withdraw_at(Instant::now().into_std()) {
                 log.budget_exhausted = true;
                 target.metrics.budget_exhausted.inc();
                 return outcome;

@@ -108,7 +108,9 @@ enum Inner {
 /// armed for the earlier and, on waking, re-armed if frames came meanwhile
 /// (cheaper than resetting a timer on every frame). Sleep and cutoff wait
 /// are made when the body first has to wait: a body that is there at once
-/// (most non-streaming answers) costs no timer.
+/// (most non-streaming answers) costs no timer. Idle time runs from when
+/// the body waits on the upstream, so time the client takes to accept the
+/// last frame (while nothing asks for the next) is not counted as silence.
 #[derive(Debug)]
 struct Timer {
     waits: Option<Waits>,

@@ -181,6 +181,35 @@ async fn idle_silence_mid_plain_body_aborts_it() {
 }
 
 #[tokio::test]
+async fn chunks_closer_than_idle_keep_a_long_stream_alive() {
+    // 12 events 100 ms apart last 1.2 s, three times the idle limit: the
+    // idle clock must restart with each event (its timer, armed once, is
+    // re-armed when it wakes early), so the stream ends whole.
+    let mock = Mock::start(|_| async {
+        let (tx, body) = channel();
+        tokio::spawn(async move {
+            for i in 0..12 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let event = Bytes::from(format!("data: {{\"n\":{i}}}\n\n"));
+                if tx.send(event).await.is_err() {
+                    return;
+                }
+            }
+        });
+        sse(body)
+    })
+    .await;
+    let proxy = Sidecar::start(&route(&mock, "idle = \"400ms\"", "attempts = 1"), &[]).await;
+    let (head, body) = get(&proxy.url("/v1/chat/completions")).await;
+    assert_eq!(head.status(), 200);
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    let expected: String = (0..12)
+        .map(|i| format!("data: {{\"n\":{i}}}\n\n"))
+        .collect();
+    assert_eq!(text, expected);
+}
+
+#[tokio::test]
 async fn total_deadline_mid_sse_ends_with_deadline_exceeded() {
     // The upstream keeps talking (so idle never fires) but total is short.
     let mock = Mock::start(|_| async {
