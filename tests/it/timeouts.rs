@@ -61,6 +61,25 @@ fn silent_after(
     .unwrap()
 }
 
+/// An SSE answer of `data: {"n":i}` events, `every` apart: `count` of
+/// them then the end, or without end. The first comes at once when
+/// `first_at_once`, else after one interval.
+fn ticking_sse(every: Duration, count: Option<u32>, first_at_once: bool) -> Response<MockBody> {
+    let (tx, body) = channel();
+    tokio::spawn(async move {
+        for i in 0..count.unwrap_or(u32::MAX) {
+            if !first_at_once || i > 0 {
+                tokio::time::sleep(every).await;
+            }
+            let event = Bytes::from(format!("data: {{\"n\":{i}}}\n\n"));
+            if tx.send(event).await.is_err() {
+                return;
+            }
+        }
+    });
+    sse(body)
+}
+
 /// An upstream whose first `slow` answers take `delay`; later ones are instant.
 async fn slow_then_fast(slow: usize, delay: Duration) -> (Mock, Arc<AtomicUsize>) {
     let count = Arc::new(AtomicUsize::new(0));
@@ -185,20 +204,8 @@ async fn chunks_closer_than_idle_keep_a_long_stream_alive() {
     // 12 events 100 ms apart last 1.2 s, three times the idle limit: the
     // idle clock must restart with each event (its timer, armed once, is
     // re-armed when it wakes early), so the stream ends whole.
-    let mock = Mock::start(|_| async {
-        let (tx, body) = channel();
-        tokio::spawn(async move {
-            for i in 0..12 {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                let event = Bytes::from(format!("data: {{\"n\":{i}}}\n\n"));
-                if tx.send(event).await.is_err() {
-                    return;
-                }
-            }
-        });
-        sse(body)
-    })
-    .await;
+    let mock =
+        Mock::start(|_| async { ticking_sse(Duration::from_millis(100), Some(12), false) }).await;
     let proxy = Sidecar::start(&route(&mock, "idle = \"400ms\"", "attempts = 1"), &[]).await;
     let (head, body) = get(&proxy.url("/v1/chat/completions")).await;
     assert_eq!(head.status(), 200);
@@ -212,23 +219,7 @@ async fn chunks_closer_than_idle_keep_a_long_stream_alive() {
 #[tokio::test]
 async fn total_deadline_mid_sse_ends_with_deadline_exceeded() {
     // The upstream keeps talking (so idle never fires) but total is short.
-    let mock = Mock::start(|_| async {
-        let (tx, body) = channel();
-        tokio::spawn(async move {
-            for i in 0.. {
-                if tx
-                    .send(Bytes::from(format!("data: {{\"n\":{i}}}\n\n")))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        });
-        sse(body)
-    })
-    .await;
+    let mock = Mock::start(|_| async { ticking_sse(Duration::from_millis(50), None, true) }).await;
     let proxy = Sidecar::start(
         &route(&mock, "idle = \"10s\"\ntotal = \"600ms\"", "attempts = 1"),
         &[],
