@@ -8,6 +8,22 @@ set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
 
+# The interpreters themselves: on a fresh Debian machine, installed from
+# Debian's packages when we are root; otherwise a clear line on what to install.
+missing=()
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3 python3-venv)
+command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "install-sdks: apt-get install ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    else
+        echo "install-sdks: missing ${missing[*]} (Debian: apt-get install ${missing[*]})" >&2
+        exit 1
+    fi
+fi
+
 venv="$repo_root/.venv"
 if [ ! -x "$venv/bin/python" ]; then
     echo "install-sdks: creating venv at .venv"
