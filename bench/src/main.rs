@@ -157,7 +157,7 @@ pub struct Point {
 
 impl Point {
     fn new(conns: usize, fixed: Fixed, cpu_ticks: Option<u64>) -> Point {
-        let rounds = vec![quartiles(&fixed)];
+        let rounds = vec![p50_p99(&fixed)];
         Point {
             conns,
             fixed,
@@ -168,7 +168,7 @@ impl Point {
     }
 
     fn merge(&mut self, more: Fixed, ticks: Option<u64>) {
-        self.rounds.push(quartiles(&more));
+        self.rounds.push(p50_p99(&more));
         self.fixed.requests += more.requests;
         self.fixed.errors += more.errors;
         self.fixed.seconds += more.seconds;
@@ -178,7 +178,7 @@ impl Point {
 }
 
 /// A round's p50 and p99 latency, µs.
-fn quartiles(f: &Fixed) -> (u64, u64) {
+fn p50_p99(f: &Fixed) -> (u64, u64) {
     (
         f.latency.value_at_quantile(0.5),
         f.latency.value_at_quantile(0.99),
@@ -373,7 +373,7 @@ fn run(runtime: &tokio::runtime::Runtime, args: RunArgs) -> Result<(), String> {
                     )
                 });
                 let ticks_used = c0.zip(c1).map(|(a, b)| b.saturating_sub(a));
-                let (p50, p99) = quartiles(&fixed);
+                let (p50, p99) = p50_p99(&fixed);
                 say(&format!(
                     "{}: {conns} connections, round {round}: {:.0} requests/s, p50 {p50} µs, p99 {p99} µs",
                     t.name,
