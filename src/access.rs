@@ -1,49 +1,28 @@
-//! The access log: one info line per request, written when the response body
-//! is dropped (so it knows how many bytes went out and how the body ended).
-//! It carries no header values and no body, so no key can reach it.
+//! The access log: one info line per request, formatted and written here;
+//! the request context (`proxy/ctx.rs`) hands over a [`Record`] when the
+//! request ends (when its response body is dropped, so it knows how many
+//! bytes went out and how the body ended). A record carries no header value
+//! and no body, so no key can reach it.
 //!
 //! The line is the one tracing-subscriber's formatter would write for an
 //! info event in the request span, built here by hand: on the proxy's hot
-//! path the generic formatter cost more than a quarter of all instructions
-//! per request (see BENCHMARKS.md). Filtering still goes through tracing
+//! path the generic formatter was among the largest costs of a request
+//! (BENCHMARKS.md). Filtering still goes through tracing
 //! (`RUST_LOG=sluice::access=off` silences it); other events are untouched.
 
 use std::cell::{Cell, RefCell};
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime};
 
-use http::{HeaderValue, Method, StatusCode};
+use http::{HeaderValue, Method};
 
-use crate::config::{LogFormat, Route};
-use crate::metrics::RouteMetrics;
-use crate::response::StreamFailure;
-
-/// How the response body ended, as far as the client is concerned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BodyEnd {
-    /// Dropped before its end: the client went away (or the server stopped).
-    Unfinished,
-    Complete,
-    /// Cut after the headers: an SSE error event, or an abort.
-    Failed(StreamFailure),
-}
-
-impl BodyEnd {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Unfinished => "client_gone",
-            Self::Complete => "complete",
-            Self::Failed(why) => why.code(),
-        }
-    }
-}
+use crate::config::LogFormat;
 
 /// The request's tracing span, made on first use. Most requests log
 /// nothing but their access line, which names the id itself, and a span
-/// per request (made, entered and left on every poll) cost about a tenth of
-/// the proxy's instructions.
+/// made, entered and left on every poll of every request is a real cost.
 #[derive(Debug)]
 pub struct RequestSpan {
     id: HeaderValue,
@@ -51,11 +30,22 @@ pub struct RequestSpan {
 }
 
 impl RequestSpan {
+    pub fn new(id: HeaderValue) -> Self {
+        Self {
+            id,
+            span: OnceLock::new(),
+        }
+    }
+
+    /// The request id as a header value.
+    pub fn id_value(&self) -> &HeaderValue {
+        &self.id
+    }
+
     /// The span to give as `parent:` to an event about this request.
     pub fn get(&self) -> &tracing::Span {
-        // The target is the proxy's, as before this span was made lazily:
-        // `sluice::access=off` silences the access line, not the request id
-        // on warnings. No parent: whatever span is current at first use is
+        // The target is the proxy's: `sluice::access=off` silences the
+        // access line, not the request id on warnings. No parent: whatever span is current at first use is
         // not this request's.
         self.span.get_or_init(|| {
             tracing::info_span!(target: "sluice::proxy", parent: None, "request", id = self.id())
@@ -67,83 +57,35 @@ impl RequestSpan {
     }
 }
 
-/// What one request did; logged on drop.
+/// What one request did, as the access line says it.
 #[derive(Debug)]
-pub struct AccessLog {
-    pub span: RequestSpan,
-    pub start: Instant,
-    /// Start to end, read once when the request ends (for the metric and the line).
-    duration: Option<Duration>,
-    pub method: Method,
+pub struct Record<'a> {
+    pub span: &'a RequestSpan,
+    pub method: &'a Method,
     /// The client's path (the query is not logged: it may carry secrets).
-    /// A copy: a stream's record lives as long as the stream, and a slice
-    /// of the request would keep hyper's whole 8 KiB read buffer with it.
-    pub path: Box<str>,
-    pub route: Option<Arc<Route>>,
-    /// None until a response exists; logged as 499 (nginx's "client closed request").
-    pub status: Option<StatusCode>,
+    pub path: &'a str,
+    pub route: &'a str,
+    pub upstream: &'a str,
+    /// 499 (nginx's "client closed request") when no response existed.
+    pub status: u16,
     pub attempts: u32,
+    pub duration: Duration,
     pub ttfb: Option<Duration>,
     pub bytes_out: u64,
-    pub end: BodyEnd,
+    /// How the body ended: `complete`, `client_gone`, or a failure code.
+    pub body: &'static str,
     /// sluice's own error code, when sluice answered.
     pub error: Option<&'static str>,
     /// The retry budget refused a retry.
     pub budget_exhausted: bool,
     /// The upstream's own `x-request-id`, if it sent one.
-    pub upstream_request_id: Option<String>,
-    /// The route's in-flight slot: released when this record drops, that
-    /// is when the response ends or the client leaves.
-    pub in_flight: Option<tokio::sync::OwnedSemaphorePermit>,
-    /// The route's metric handles (or the unrouted ones).
-    pub metrics: Option<Arc<RouteMetrics>>,
+    pub upstream_request_id: Option<&'a str>,
 }
 
-impl AccessLog {
-    pub fn new(id: HeaderValue, start: Instant, method: Method, path: &str) -> Self {
-        Self {
-            span: RequestSpan {
-                id,
-                span: OnceLock::new(),
-            },
-            start,
-            duration: None,
-            method,
-            path: path.into(),
-            route: None,
-            status: None,
-            attempts: 0,
-            ttfb: None,
-            bytes_out: 0,
-            end: BodyEnd::Unfinished,
-            error: None,
-            budget_exhausted: false,
-            upstream_request_id: None,
-            in_flight: None,
-            metrics: None,
-        }
-    }
-}
-
-impl Drop for AccessLog {
-    fn drop(&mut self) {
-        let duration = self.start.elapsed();
-        self.duration = Some(duration);
-        if let Some(m) = &self.metrics {
-            m.request(self.status.map_or(499, |s| s.as_u16()));
-            m.duration.observe(duration.as_secs_f64());
-            if self.route.is_some() {
-                m.in_flight.dec();
-            }
-            match self.end {
-                BodyEnd::Failed(why) => m.stream_abort(why.code()),
-                BodyEnd::Unfinished if self.status.is_some() => m.stream_abort("client_gone"),
-                _ => {}
-            }
-        }
-        if tracing::enabled!(target: "sluice::access", tracing::Level::INFO) {
-            self.write_line();
-        }
+/// Writes the access line of `record`, if the filter lets it through.
+pub fn write(record: &Record<'_>) {
+    if tracing::enabled!(target: "sluice::access", tracing::Level::INFO) {
+        record.write_line();
     }
 }
 
@@ -199,7 +141,7 @@ fn write_out(lines: &mut String) {
     }
 }
 
-impl AccessLog {
+impl Record<'_> {
     fn write_line(&self) {
         let Some(&format) = FORMAT.get() else {
             // No `logging::init` (sluice as a library, or the in-process
@@ -233,141 +175,152 @@ impl AccessLog {
     }
 
     fn event(&self) {
-        let f = self.fields();
         let ms = |d: Duration| d.as_micros() as f64 / 1000.0;
         tracing::info!(
             target: "sluice::access",
             parent: self.span.get(),
             method = %self.method,
-            path = f.path,
-            route = f.route,
-            upstream = f.upstream,
-            status = f.status,
+            path = self.path,
+            route = self.route,
+            upstream = self.upstream,
+            status = self.status,
             attempts = self.attempts,
-            duration_ms = ms(f.duration),
+            duration_ms = ms(self.duration),
             ttfb_ms = self.ttfb.map(ms),
             bytes_out = self.bytes_out,
-            body = self.end.as_str(),
+            body = self.body,
             error = self.error,
             budget_exhausted = self.budget_exhausted,
-            upstream_request_id = self.upstream_request_id.as_deref(),
+            upstream_request_id = self.upstream_request_id,
             "request"
         );
     }
 
-    fn fields(&self) -> Fields<'_> {
-        let route = self.route.as_deref();
-        Fields {
-            id: self.span.id(),
-            path: &self.path,
-            route: route.map_or("-", |r| r.name.as_str()),
-            upstream: route.map_or("-", |r| r.upstream.name.as_str()),
-            status: self.status.map_or(499, |s| s.as_u16()),
-            duration: self.duration.unwrap_or_else(|| self.start.elapsed()),
-        }
-    }
-
     /// `2026-01-01T00:00:00.000000Z  INFO request{id="..."}: sluice::access: request k=v ...`
     fn text(&self, out: &mut String, now: SystemTime) {
-        let f = self.fields();
         timestamp(out, now);
         out.push_str("  INFO ");
         // The span's part, where the filter lets the request span through.
         if span_enabled() {
             out.push_str("request{id=");
-            debug_str(out, f.id);
+            debug_str(out, self.span.id());
             out.push_str("}: ");
         }
-        out.push_str("sluice::access: request method=");
-        out.push_str(self.method.as_str());
-        out.push_str(" path=");
-        debug_str(out, f.path);
-        out.push_str(" route=");
-        debug_str(out, f.route);
-        out.push_str(" upstream=");
-        debug_str(out, f.upstream);
-        out.push_str(" status=");
-        num(out, f.status);
-        out.push_str(" attempts=");
-        num(out, self.attempts);
-        out.push_str(" duration_ms=");
-        millis(out, f.duration);
-        if let Some(t) = self.ttfb {
-            out.push_str(" ttfb_ms=");
-            millis(out, t);
-        }
-        out.push_str(" bytes_out=");
-        num(out, self.bytes_out);
-        out.push_str(" body=\"");
-        out.push_str(self.end.as_str());
-        out.push('"');
-        if let Some(e) = self.error {
-            out.push_str(" error=\"");
-            out.push_str(e);
-            out.push('"');
-        }
-        out.push_str(" budget_exhausted=");
-        out.push_str(if self.budget_exhausted {
-            "true"
-        } else {
-            "false"
-        });
-        if let Some(id) = &self.upstream_request_id {
-            out.push_str(" upstream_request_id=");
-            debug_str(out, id);
-        }
+        out.push_str("sluice::access: request");
+        self.fields(&mut Text(out));
     }
 
     /// The same fields as tracing-subscriber's flattened JSON.
     fn json(&self, out: &mut String, now: SystemTime) {
-        let f = self.fields();
         out.push_str("{\"timestamp\":\"");
         timestamp(out, now);
-        out.push_str("\",\"level\":\"INFO\",\"message\":\"request\",\"method\":");
-        json_str(out, self.method.as_str());
-        out.push_str(",\"path\":");
-        json_str(out, f.path);
-        out.push_str(",\"route\":");
-        json_str(out, f.route);
-        out.push_str(",\"upstream\":");
-        json_str(out, f.upstream);
-        out.push_str(",\"status\":");
-        num(out, f.status);
-        out.push_str(",\"attempts\":");
-        num(out, self.attempts);
-        out.push_str(",\"duration_ms\":");
-        millis(out, f.duration);
-        if let Some(t) = self.ttfb {
-            out.push_str(",\"ttfb_ms\":");
-            millis(out, t);
-        }
-        out.push_str(",\"bytes_out\":");
-        num(out, self.bytes_out);
-        out.push_str(",\"body\":\"");
-        out.push_str(self.end.as_str());
-        out.push('"');
-        if let Some(e) = self.error {
-            out.push_str(",\"error\":\"");
-            out.push_str(e);
-            out.push('"');
-        }
-        out.push_str(",\"budget_exhausted\":");
-        out.push_str(if self.budget_exhausted {
-            "true"
-        } else {
-            "false"
-        });
-        if let Some(id) = &self.upstream_request_id {
-            out.push_str(",\"upstream_request_id\":");
-            json_str(out, id);
-        }
+        out.push_str("\",\"level\":\"INFO\",\"message\":\"request\"");
+        self.fields(&mut Json(out));
         out.push_str(",\"target\":\"sluice::access\"");
         if span_enabled() {
             out.push_str(",\"span\":{\"id\":");
-            json_str(out, f.id);
+            json_str(out, self.span.id());
             out.push_str(",\"name\":\"request\"},\"spans\":[]");
         }
         out.push('}');
+    }
+
+    /// The fields in order, for either format.
+    fn fields(&self, f: &mut impl Fields) {
+        f.plain("method", self.method.as_str());
+        f.string("path", self.path);
+        f.string("route", self.route);
+        f.string("upstream", self.upstream);
+        f.num("status", self.status.into());
+        f.num("attempts", self.attempts.into());
+        f.millis("duration_ms", self.duration);
+        if let Some(t) = self.ttfb {
+            f.millis("ttfb_ms", t);
+        }
+        f.num("bytes_out", self.bytes_out);
+        f.word("body", self.body);
+        if let Some(e) = self.error {
+            f.word("error", e);
+        }
+        f.raw(
+            "budget_exhausted",
+            if self.budget_exhausted {
+                "true"
+            } else {
+                "false"
+            },
+        );
+        if let Some(id) = self.upstream_request_id {
+            f.string("upstream_request_id", id);
+        }
+    }
+}
+
+/// Where the fields of a line go: ` key=value` text or `,"key":value` JSON.
+trait Fields {
+    /// Starts field `key` and returns the line.
+    fn key(&mut self, key: &str) -> &mut String;
+    /// A value of ours that needs no quotes in text (the method).
+    fn plain(&mut self, key: &str, value: &str);
+    /// Any string, quoted and escaped.
+    fn string(&mut self, key: &str, value: &str);
+
+    /// A fixed word of ours: quoted, nothing to escape.
+    fn word(&mut self, key: &str, value: &'static str) {
+        let out = self.key(key);
+        out.push('"');
+        out.push_str(value);
+        out.push('"');
+    }
+
+    /// A number, a boolean: as is in either format.
+    fn raw(&mut self, key: &str, value: &str) {
+        self.key(key).push_str(value);
+    }
+
+    fn num(&mut self, key: &str, n: u64) {
+        num(self.key(key), n);
+    }
+
+    fn millis(&mut self, key: &str, d: Duration) {
+        millis(self.key(key), d);
+    }
+}
+
+struct Text<'a>(&'a mut String);
+struct Json<'a>(&'a mut String);
+
+impl Fields for Text<'_> {
+    fn key(&mut self, key: &str) -> &mut String {
+        self.0.push(' ');
+        self.0.push_str(key);
+        self.0.push('=');
+        self.0
+    }
+
+    fn plain(&mut self, key: &str, value: &str) {
+        self.key(key).push_str(value);
+    }
+
+    fn string(&mut self, key: &str, value: &str) {
+        debug_str(self.key(key), value);
+    }
+}
+
+impl Fields for Json<'_> {
+    fn key(&mut self, key: &str) -> &mut String {
+        self.0.push_str(",\"");
+        self.0.push_str(key);
+        self.0.push_str("\":");
+        self.0
+    }
+
+    fn plain(&mut self, key: &str, value: &str) {
+        self.string(key, value);
+    }
+
+    fn string(&mut self, key: &str, value: &str) {
+        json_str(self.key(key), value);
     }
 }
 
@@ -375,15 +328,6 @@ impl AccessLog {
 /// makes it).
 fn span_enabled() -> bool {
     tracing::enabled!(target: "sluice::proxy", tracing::Level::INFO)
-}
-
-struct Fields<'a> {
-    id: &'a str,
-    path: &'a str,
-    route: &'a str,
-    upstream: &'a str,
-    status: u16,
-    duration: Duration,
 }
 
 /// Milliseconds with microsecond precision, as a float would print:
@@ -574,14 +518,24 @@ mod tests {
     fn lines_are_held_only_on_batching_threads() {
         set_format(LogFormat::Text);
         let record = |path: &str| {
-            let log = AccessLog::new(
-                HeaderValue::from_static("id-1"),
-                Instant::now(),
-                Method::GET,
+            let span = RequestSpan::new(HeaderValue::from_static("id-1"));
+            Record {
+                span: &span,
+                method: &Method::GET,
                 path,
-            );
-            log.write_line();
-            std::mem::forget(log);
+                route: "-",
+                upstream: "-",
+                status: 200,
+                attempts: 1,
+                duration: Duration::from_millis(3),
+                ttfb: None,
+                bytes_out: 0,
+                body: "complete",
+                error: None,
+                budget_exhausted: false,
+                upstream_request_id: None,
+            }
+            .write_line();
         };
         let held = |needle: &str| LINES.with(|l| l.borrow().contains(needle));
         std::thread::spawn(move || {
@@ -607,6 +561,45 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    #[test]
+    fn text_and_json_lines_carry_the_same_fields() {
+        let span = RequestSpan::new(HeaderValue::from_static("id-1"));
+        let r = Record {
+            span: &span,
+            method: &Method::POST,
+            path: "/v1/\"x\"",
+            route: "chat",
+            upstream: "openai",
+            status: 429,
+            attempts: 2,
+            duration: Duration::from_micros(12_500),
+            ttfb: Some(Duration::from_micros(7)),
+            bytes_out: 99,
+            body: "complete",
+            error: Some("rate_limit_exceeded"),
+            budget_exhausted: true,
+            upstream_request_id: Some("req_1"),
+        };
+        let mut text = String::new();
+        r.fields(&mut Text(&mut text));
+        assert_eq!(
+            text,
+            r#" method=POST path="/v1/\"x\"" route="chat" upstream="openai" status=429 attempts=2 duration_ms=12.5 ttfb_ms=0.007 bytes_out=99 body="complete" error="rate_limit_exceeded" budget_exhausted=true upstream_request_id="req_1""#
+        );
+        let mut json = String::from("{\"a\":1");
+        r.fields(&mut Json(&mut json));
+        json.push('}');
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["method"], "POST");
+        assert_eq!(v["path"], "/v1/\"x\"");
+        assert_eq!(v["status"], 429);
+        assert_eq!(v["duration_ms"], 12.5);
+        assert_eq!(v["ttfb_ms"], 0.007);
+        assert_eq!(v["error"], "rate_limit_exceeded");
+        assert_eq!(v["budget_exhausted"], true);
+        assert_eq!(v["upstream_request_id"], "req_1");
     }
 
     #[test]

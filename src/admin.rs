@@ -3,7 +3,6 @@
 //! keeps answering through the drain so probes see the 503.
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -15,26 +14,11 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use crate::drain;
 use crate::metrics::Metrics;
 
-/// What the admin endpoints report.
-#[derive(Debug, Default)]
-pub struct Health {
-    draining: AtomicBool,
-}
-
-impl Health {
-    pub fn start_draining(&self) {
-        self.draining.store(true, Ordering::Relaxed);
-    }
-
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
-    }
-}
-
 /// Serves until the task is dropped.
-pub async fn serve(listener: TcpListener, health: Arc<Health>, metrics: Arc<Metrics>) {
+pub async fn serve(listener: TcpListener, drain: drain::Watch, metrics: Arc<Metrics>) {
     // Probes and scrapes are short: one request per connection, headers
     // within 5 s, so idle connections cannot pile up.
     let mut http = http1::Builder::new();
@@ -50,10 +34,10 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>, metrics: Arc<Metr
                 continue;
             }
         };
-        let (health, metrics, http) = (health.clone(), metrics.clone(), http.clone());
+        let (drain, metrics, http) = (drain.clone(), metrics.clone(), http.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let res = respond(&req, &health, &metrics);
+                let res = respond(&req, &drain, &metrics);
                 async move { Ok::<_, Infallible>(res) }
             });
             let _ = http.serve_connection(TokioIo::new(stream), svc).await;
@@ -61,7 +45,11 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>, metrics: Arc<Metr
     }
 }
 
-fn respond(req: &Request<Incoming>, health: &Health, metrics: &Metrics) -> Response<Full<Bytes>> {
+fn respond(
+    req: &Request<Incoming>,
+    drain: &drain::Watch,
+    metrics: &Metrics,
+) -> Response<Full<Bytes>> {
     let text = |status: StatusCode, body: &'static str| {
         let mut res = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
         *res.status_mut() = status;
@@ -72,7 +60,7 @@ fn respond(req: &Request<Incoming>, health: &Health, metrics: &Metrics) -> Respo
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if health.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        "/readyz" if drain.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
         "/readyz" => text(StatusCode::OK, "ready\n"),
         "/metrics" => {
             let mut res = Response::new(Full::new(Bytes::from(metrics.encode())));

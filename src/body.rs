@@ -11,9 +11,9 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use crate::error::ProxyError;
+use crate::server::{whole_frame, whole_hint, ClientBody};
 
 /// How long sluice keeps reading (and discarding) a body it refused, so its
 /// answer is not lost to a TCP reset: nginx's lingering close.
@@ -26,65 +26,6 @@ pub struct BodyLimits {
     pub retry_buffer: u64,
     /// Longest silence from the client while its body is being collected.
     pub read_timeout: Duration,
-}
-
-/// A request body as it came from the client.
-#[derive(Debug)]
-pub enum ClientBody {
-    /// Read by hyper (HTTP/2, and HTTP/1.1 requests the fast path hands over).
-    Hyper(Incoming),
-    /// Read whole by sluice's own HTTP/1.1 server before the request was
-    /// dispatched.
-    Full(Option<Bytes>),
-    /// The client stopped short while sluice's own server read the body:
-    /// the request is answered with this error.
-    Failed(ProxyError),
-}
-
-/// A client body that broke off; the proxy answers for it.
-#[derive(Debug)]
-pub struct ClientBodyError;
-
-impl std::fmt::Display for ClientBodyError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("the client's body broke off")
-    }
-}
-
-impl std::error::Error for ClientBodyError {}
-
-impl Body for ClientBody {
-    type Data = Bytes;
-    type Error = ClientBodyError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        match self.get_mut() {
-            Self::Hyper(b) => Pin::new(b)
-                .poll_frame(cx)
-                .map(|f| f.map(|f| f.map_err(|_| ClientBodyError))),
-            Self::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            Self::Failed(_) => Poll::Ready(Some(Err(ClientBodyError))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            Self::Hyper(b) => b.is_end_stream(),
-            Self::Full(d) => d.is_none(),
-            Self::Failed(_) => false,
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            Self::Hyper(b) => b.size_hint(),
-            Self::Full(d) => SizeHint::with_exact(d.as_ref().map_or(0, |d| d.len() as u64)),
-            Self::Failed(_) => SizeHint::default(),
-        }
-    }
 }
 
 /// A request body as sent upstream.
@@ -137,7 +78,7 @@ impl RequestBody {
         expects_continue: bool,
     ) -> Result<Self, ProxyError> {
         match body {
-            ClientBody::Failed(e) => return Err(e),
+            ClientBody::Failed(e) => return Err(e.into()),
             // In memory already: nothing is gained by streaming it.
             ClientBody::Full(data) => {
                 return match data {
@@ -247,7 +188,7 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
-            Self::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Self::Full(data) => Poll::Ready(whole_frame(data)),
             Self::Streaming(s) => {
                 if let Some(d) = s.head.pop_front() {
                     // An h2 client stops polling once is_end_stream() is
@@ -290,7 +231,7 @@ impl Body for RequestBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Self::Full(d) => SizeHint::with_exact(d.as_ref().map_or(0, |d| d.len() as u64)),
+            Self::Full(d) => whole_hint(d),
             Self::Streaming(s) => prefixed_size_hint(&s.head, s.rest.size_hint()),
         }
     }

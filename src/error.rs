@@ -1,12 +1,14 @@
 //! Errors sluice answers itself. This is the one place that turns a failure
-//! into HTTP: OpenAI's error shape, so SDKs raise their usual exceptions.
+//! into HTTP, in the route's dialect (OpenAI's shape by default), so SDKs
+//! raise their usual exceptions.
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderName, HeaderValue, Response, StatusCode};
+use http::{header, HeaderValue, Response, StatusCode};
 
-use crate::retry::format_go_duration;
+use crate::provider::{ErrorInfo, Provider};
+use crate::server::BodyError;
 
 /// Who caused a failure: it decides the status family and the log level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,19 +163,18 @@ impl ProxyError {
         self.shape().fault
     }
 
-    /// The JSON body, `{"error":{...}}`. Every part is a constant of ours, so
-    /// nothing needs escaping.
-    pub fn body(self) -> Bytes {
+    fn info(self) -> ErrorInfo {
         let s = self.shape();
-        Bytes::from(format!(
-            r#"{{"error":{{"message":"{}","type":"{}","param":null,"code":"{}"}}}}"#,
-            s.message, s.kind, s.code
-        ))
+        ErrorInfo {
+            code: s.code,
+            kind: s.kind,
+            message: s.message,
+        }
     }
 
-    /// The whole response, headers included.
-    pub fn into_response(self) -> Response<Bytes> {
-        let mut res = Response::new(self.body());
+    /// The whole response in `provider`'s dialect, headers included.
+    pub fn into_response(self, provider: &dyn Provider) -> Response<Bytes> {
+        let mut res = Response::new(provider.error_body(self.info()));
         *res.status_mut() = self.status();
         let h = res.headers_mut();
         h.insert(
@@ -182,15 +183,8 @@ impl ProxyError {
         );
         h.insert("x-sluice-error", HeaderValue::from_static(self.code()));
         match self {
-            // As OpenAI sends them, so SDKs back off for the right time.
-            Self::RateLimited { wait, limit } => {
-                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-                h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-                h.insert(X_LIMIT.clone(), HeaderValue::from(limit));
-                h.insert(X_REMAINING.clone(), HeaderValue::from_static("0"));
-                let reset = HeaderValue::from_str(&format_go_duration(wait)).expect("ASCII");
-                h.insert(X_RESET.clone(), reset);
-            }
+            // As the provider sends them, so SDKs back off for the right time.
+            Self::RateLimited { wait, limit } => provider.rate_limit_headers(h, wait, limit),
             Self::ConcurrencyLimited => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
@@ -203,10 +197,6 @@ impl ProxyError {
     }
 }
 
-static X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
-static X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
-static X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
-
 impl std::fmt::Display for ProxyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.shape().message)
@@ -215,13 +205,69 @@ impl std::fmt::Display for ProxyError {
 
 impl std::error::Error for ProxyError {}
 
+impl From<BodyError> for ProxyError {
+    fn from(e: BodyError) -> Self {
+        match e {
+            BodyError::TimedOut => Self::RequestTimeout,
+            // A client that breaks its body off cannot get a useful answer.
+            BodyError::Incomplete => Self::BadRequest,
+        }
+    }
+}
+
+/// Why a response could not finish after its headers went out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamFailure {
+    IdleTimeout,
+    Deadline,
+    UpstreamReset,
+}
+
+impl StreamFailure {
+    pub fn code(self) -> &'static str {
+        self.info().code
+    }
+
+    /// What an SSE stream's last event says.
+    pub fn info(self) -> ErrorInfo {
+        let (code, message) = match self {
+            Self::IdleTimeout => (
+                "upstream_idle_timeout",
+                "sluice: the upstream sent nothing for longer than the route's idle timeout",
+            ),
+            Self::Deadline => (
+                "deadline_exceeded",
+                "sluice: a deadline was reached mid-stream (the route's total, or the shutdown grace)",
+            ),
+            Self::UpstreamReset => (
+                "upstream_reset",
+                "sluice: the upstream connection broke mid-stream",
+            ),
+        };
+        ErrorInfo {
+            code,
+            kind: "proxy_error",
+            message,
+        }
+    }
+}
+
+impl std::fmt::Display for StreamFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+impl std::error::Error for StreamFailure {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::provider::OPENAI;
 
     #[test]
     fn body_has_openai_shape() {
-        let res = ProxyError::RouteNotFound.into_response();
+        let res = ProxyError::RouteNotFound.into_response(&OPENAI);
         assert_eq!(res.status(), 404);
         assert_eq!(res.headers()["x-sluice-error"], "route_not_found");
         let text = std::str::from_utf8(res.body()).unwrap();
@@ -232,22 +278,14 @@ mod tests {
     }
 
     #[test]
-    fn rate_limited_carries_openai_headers_rounded_up() {
+    fn rate_limited_carries_the_providers_headers() {
         let e = ProxyError::RateLimited {
             wait: Duration::from_millis(1200),
             limit: 60,
         };
-        let res = e.into_response();
+        let res = e.into_response(&OPENAI);
         assert_eq!(res.status(), 429);
-        let h = res.headers();
-        assert_eq!(h["retry-after"], "2");
-        assert_eq!(h["x-ratelimit-limit-requests"], "60");
-        assert_eq!(h["x-ratelimit-remaining-requests"], "0");
-        assert_eq!(h["x-ratelimit-reset-requests"], "1.2s");
-        let e = ProxyError::RateLimited {
-            wait: Duration::from_millis(80),
-            limit: 60,
-        };
-        assert_eq!(e.into_response().headers()["retry-after"], "1");
+        assert_eq!(res.headers()["retry-after"], "2");
+        assert_eq!(res.headers()["x-ratelimit-limit-requests"], "60");
     }
 }

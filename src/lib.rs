@@ -5,51 +5,66 @@
 //! streams the response back frame by frame.
 //!
 //! # Module map
-//! - [`config`]: TOML in two stages, raw (serde) then resolved; errors carry
-//!   file, line, column and key path.
-//! - [`server`]: accept loop, optional TLS, bounded drain; HTTP/1.1 on our
-//!   own server, h2 and anything unusual on hyper.
+//! Transport (imports nothing above it; a test holds it to that):
+//! - [`server`]: accept loop, optional TLS, HTTP/1.1 on our own server, h2
+//!   and anything unusual on hyper; serves a [`server::Handler`].
+//! - [`client`]: upstream connection pools; HTTP/1.1 on our own codec, h2
+//!   (by ALPN) on hyper.
+//! - [`http1`]: what the two HTTP/1.1 codecs share (framing, the head
+//!   copy, reads, the header encoder, the body decoder) and the rules that
+//!   guard against smuggling and desync.
+//! - [`drain`]: the drain, one signal for connections, requests and streams.
+//!
+//! The proxy:
 //! - [`proxy`]: the request story; the only module that calls the others.
-//! - [`route`]: first-match routing on path prefix and method.
+//!   Per-config state (`build.rs`), per-request context (`ctx.rs`), the
+//!   attempt loop (`attempts.rs`), one attempt (`exchange.rs`), the
+//!   response body (`response.rs`).
+//! - [`route`]: first-match routing on path prefix and method; path checks.
+//! - [`backend`]: where an attempt goes: an upstream's pool, its provider,
+//!   per-backend metrics; the request rewrite.
+//! - [`provider`]: API dialects (OpenAI today): auth headers, wait hints,
+//!   the quota check, error shapes.
 //! - [`limit`]: rate limits (governor) and the in-flight cap.
 //! - [`body`]: request bodies, buffered for replay up to a cap or streamed.
-//! - [`upstream`]: request rewrite, error causes, one pool per upstream.
-//! - [`client`]: the pool; HTTP/1.1 on our own codec, h2 (by ALPN) on hyper.
-//!   The two HTTP/1.1 codecs share lengths, tokens and chunk sizes (`http1`).
-//! - [`retry`]: backoff, upstream wait hints, the retry budget.
-//! - [`response`]: the response body: frames untouched, idle/total
-//!   deadlines, the SSE error event.
-//! - [`error`]: the errors sluice answers itself, in OpenAI's shape.
-//! - [`access`]: the one log line (and metrics) per request.
+//! - [`retry`]: the retry verdict, backoff, the retry budget.
+//! - [`error`]: the errors sluice answers itself.
+//! - [`access`]: the access line's format and its batched writer.
+//! - [`config`]: TOML in two stages, raw (serde) then resolved; errors carry
+//!   file, line, column and key path.
 //! - [`admin`], [`metrics`]: /healthz /readyz /metrics.
-//! - [`cutoff`]: the drain as requests and streams see it.
-//! - [`logging`]: text or JSON logs.
-//! - [`systemd`]: sd_notify states and the open-file limit.
+//! - [`logging`]: text or JSON logs. [`systemd`]: sd_notify, the fd limit.
 //!
 //! # Request flow
-//! `server -> proxy::Proxy::handle -> route -> limit -> body -> upstream
-//! (attempts, under retry) -> response`
+//! `server -> proxy::Proxy::handle -> route -> limit -> body -> attempts
+//! (route picks a backend, backend sends, retry judges) -> response body ->
+//! ctx.finish (metrics, slot, access line)`. docs/ARCHITECTURE.md has the
+//! longer version.
 
 pub mod access;
 pub mod admin;
+pub mod backend;
 pub mod body;
 pub mod client;
 pub mod config;
-pub mod cutoff;
+pub mod drain;
 pub mod error;
-mod http1;
+pub mod http1;
 pub mod limit;
 pub mod logging;
 pub mod metrics;
+pub mod provider;
 pub mod proxy;
-pub mod response;
 pub mod retry;
 pub mod route;
 pub mod server;
 pub mod systemd;
-pub mod upstream;
+
+#[cfg(test)]
+mod layering;
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -57,6 +72,10 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 pub use config::{Config, ConfigErrors};
+
+/// Bodies up to this are read whole by sluice's own HTTP/1.1 server, when
+/// the config's limits allow.
+const WHOLE_BODY_MAX: u64 = 1024 * 1024;
 
 /// The sockets sluice serves, bound by the caller (tests bind port 0).
 pub struct Listeners {
@@ -77,12 +96,16 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     mut reloads: mpsc::UnboundedReceiver<Reload>,
 ) {
-    let shared = Arc::new(proxy::Shared::default());
+    let (signal, drain) = drain::channel();
+    let shared = Arc::new(proxy::Shared {
+        metrics: Arc::default(),
+        drain: drain.clone(),
+    });
     let metrics = shared.metrics.clone();
-    let health = Arc::new(admin::Health::default());
     let proxy = Arc::new(ArcSwap::from_pointee(proxy::Proxy::new(
         &config, &shared, None,
     )));
+    let whole_body = Arc::new(AtomicU64::new(whole_body_limit(&config)));
     let opts = server::ServerOptions {
         header_read_timeout: config.server.header_read_timeout,
         shutdown_grace: config.server.shutdown_grace,
@@ -91,7 +114,7 @@ pub async fn run(
             .tls
             .clone()
             .map(tokio_rustls::TlsAcceptor::from),
-        cutoff: shared.cutoff.clone(),
+        whole_body: whole_body.clone(),
     };
     if let Ok(addr) = listeners.data.local_addr() {
         let tls = if opts.tls.is_some() { "https" } else { "http" };
@@ -101,7 +124,7 @@ pub async fn run(
         if let Ok(addr) = l.local_addr() {
             tracing::info!("admin listening on http://{addr}");
         }
-        tokio::spawn(admin::serve(l, health.clone(), metrics.clone()))
+        tokio::spawn(admin::serve(l, drain.clone(), metrics.clone()))
     });
     let (swap, m, sh) = (proxy.clone(), metrics.clone(), shared.clone());
     let at_start = restart_only(&config);
@@ -119,6 +142,7 @@ pub async fn run(
                     // Building it parses root certificates: off the runtime
                     // thread, which may be the only one (a 1-CPU sidecar).
                     let routes = new.routes.len();
+                    let limit = whole_body_limit(&new);
                     let (prev, sh) = (swap.load_full(), sh.clone());
                     let built = tokio::task::spawn_blocking(move || {
                         proxy::Proxy::new(&new, &sh, Some(&prev))
@@ -130,6 +154,7 @@ pub async fn run(
                         continue;
                     };
                     swap.store(Arc::new(next));
+                    whole_body.store(limit, Ordering::Relaxed);
                     m.reload(true);
                     tracing::info!(routes, "config reloaded");
                 }
@@ -144,18 +169,26 @@ pub async fn run(
         }
     });
     systemd::ready();
-    let cutoff = shared.cutoff.clone();
     let draining = async {
         shutdown.await;
-        health.start_draining();
-        cutoff.start_draining();
+        systemd::stopping();
         // No reload (nor its READY=1) after STOPPING=1.
         reloader.abort();
     };
-    server::serve(listeners.data, opts, proxy, draining).await;
+    let service = Arc::new(proxy::Service(proxy));
+    server::serve(listeners.data, opts, service, signal, draining).await;
     if let Some(a) = admin {
         a.abort();
     }
+}
+
+/// The largest body the HTTP/1.1 server reads whole: one the proxy would
+/// hold for replay anyway, and within what it accepts.
+fn whole_body_limit(c: &Config) -> u64 {
+    c.server
+        .max_request_body
+        .min(c.server.retry_buffer)
+        .min(WHOLE_BODY_MAX)
 }
 
 /// The settings read only at start; a reload that changes them says so.

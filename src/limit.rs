@@ -7,7 +7,6 @@
 
 use std::hash::{BuildHasher, RandomState};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -39,8 +38,6 @@ pub struct Limiter<C: Clock = DefaultClock> {
     requests_per_minute: u32,
     config: RateLimitConfig,
     clock: C,
-    /// Requests refused, for the metrics to report.
-    pub rejected: AtomicU64,
 }
 
 enum Rate<C: Clock> {
@@ -88,7 +85,6 @@ impl<C: Clock + Clone> Limiter<C> {
             requests_per_minute: config.requests_per_minute,
             config: config.clone(),
             clock,
-            rejected: AtomicU64::new(0),
         }
     }
 
@@ -111,17 +107,13 @@ impl<C: Clock + Clone> Limiter<C> {
                 Err(_) => match tokio::time::timeout_at(give_up, sem.clone().acquire_owned()).await
                 {
                     Ok(Ok(slot)) => Some(slot),
-                    _ => {
-                        self.rejected.fetch_add(1, Relaxed);
-                        return Err(ProxyError::ConcurrencyLimited);
-                    }
+                    _ => return Err(ProxyError::ConcurrencyLimited),
                 },
             },
         };
         let key = self.client_key(headers);
         while let Err(wait) = self.check(key) {
             if Instant::now() + wait > give_up {
-                self.rejected.fetch_add(1, Relaxed);
                 let limit = self.requests_per_minute;
                 return Err(ProxyError::RateLimited { wait, limit });
             }

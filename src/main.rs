@@ -6,11 +6,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use sluice::Config;
 
-/// mimalloc: the ~19 allocations of a proxied request cost about 2.2k
-/// instructions with it against about 5k with glibc's malloc (callgrind:
-/// 33.4k → 30.2k per request in all; BENCHMARKS.md). Built with `no_thp`:
-/// with transparent huge pages its arenas would raise the idle RSS from ~6
-/// to ~13 MiB. `--no-default-features` leaves it out (for DHAT).
+/// mimalloc: a proxied request's allocations cost less than half what they
+/// cost with glibc's malloc (BENCHMARKS.md has the figures). Built with
+/// `no_thp`: with transparent huge pages its arenas would double the idle
+/// RSS. `--no-default-features` leaves it out (for DHAT).
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -1,8 +1,8 @@
 //! The metric families (prometheus-client), registered once per process.
 //! Labels stay bounded: route and upstream names from the config, status
 //! codes, and fixed reason words; never a path, a model or a client key.
-//! Per-route handles are built at config load, so a request records its
-//! metrics without building label sets for the fixed labels.
+//! Per-route and per-backend handles are built at config load, so a request
+//! records its metrics without building label sets for the fixed labels.
 
 use std::sync::{Arc, OnceLock};
 
@@ -58,86 +58,51 @@ struct ResultLabel {
     result: &'static str,
 }
 
-/// Every family SPEC §6 names.
-#[derive(Debug)]
-pub struct Metrics {
-    registry: Registry,
-    requests: Family<StatusLabels, Counter>,
-    duration: Family<RouteLabel, Histogram, fn() -> Histogram>,
-    ttfb: Family<UpstreamLabels, Histogram, fn() -> Histogram>,
-    attempts: Family<OutcomeLabels, Counter>,
-    retries: Family<ReasonLabels, Counter>,
-    budget_exhausted: Family<RouteLabel, Counter>,
-    rate_limited: Family<RouteLabel, Counter>,
-    in_flight: Family<RouteLabel, Gauge>,
-    stream_aborts: Family<ReasonLabels, Counter>,
-    reloads: Family<ResultLabel, Counter>,
+/// Declares the families, each with its name and help, and registers them
+/// all in one `Default`.
+macro_rules! families {
+    ($($field:ident: $ty:ty = $make:expr, $name:literal, $help:literal;)*) => {
+        /// Every family SPEC §6 names.
+        #[derive(Debug)]
+        pub struct Metrics {
+            registry: Registry,
+            $($field: $ty,)*
+        }
+
+        impl Default for Metrics {
+            fn default() -> Self {
+                let mut registry = Registry::with_prefix("sluice");
+                $(
+                    let $field: $ty = $make;
+                    registry.register($name, $help, $field.clone());
+                )*
+                Self { registry, $($field,)* }
+            }
+        }
+    };
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        let mut m = Self {
-            registry: Registry::with_prefix("sluice"),
-            requests: Family::default(),
-            duration: Family::new_with_constructor(latency),
-            ttfb: Family::new_with_constructor(latency),
-            attempts: Family::default(),
-            retries: Family::default(),
-            budget_exhausted: Family::default(),
-            rate_limited: Family::default(),
-            in_flight: Family::default(),
-            stream_aborts: Family::default(),
-            reloads: Family::default(),
-        };
-        let r = &mut m.registry;
-        r.register(
-            "requests",
-            "Requests answered, by route and status",
-            m.requests.clone(),
-        );
-        r.register(
-            "request_duration_seconds",
-            "Whole request, until the body ended",
-            m.duration.clone(),
-        );
-        r.register(
-            "upstream_ttfb_seconds",
-            "Attempt sent to response headers",
-            m.ttfb.clone(),
-        );
-        r.register(
-            "upstream_attempts",
-            "Upstream attempts by outcome",
-            m.attempts.clone(),
-        );
-        r.register("retries", "Retries by reason", m.retries.clone());
-        r.register(
-            "retry_budget_exhausted",
-            "Retries the budget refused",
-            m.budget_exhausted.clone(),
-        );
-        r.register(
-            "rate_limited",
-            "Requests refused by a rate limit or in-flight cap",
-            m.rate_limited.clone(),
-        );
-        r.register(
-            "in_flight_requests",
-            "Requests in flight, streams until they end",
-            m.in_flight.clone(),
-        );
-        r.register(
-            "stream_aborts",
-            "Responses cut after their headers, by reason",
-            m.stream_aborts.clone(),
-        );
-        r.register(
-            "config_reloads",
-            "Config reloads by result",
-            m.reloads.clone(),
-        );
-        m
-    }
+families! {
+    requests: Family<StatusLabels, Counter> = Family::default(),
+        "requests", "Requests answered, by route and status";
+    duration: Family<RouteLabel, Histogram, fn() -> Histogram> = Family::new_with_constructor(latency),
+        "request_duration_seconds", "Whole request, until the body ended";
+    ttfb: Family<UpstreamLabels, Histogram, fn() -> Histogram> = Family::new_with_constructor(latency),
+        "upstream_ttfb_seconds", "Attempt sent to response headers";
+    attempts: Family<OutcomeLabels, Counter> = Family::default(),
+        "upstream_attempts", "Upstream attempts by outcome";
+    retries: Family<ReasonLabels, Counter> = Family::default(),
+        "retries", "Retries by reason";
+    budget_exhausted: Family<RouteLabel, Counter> = Family::default(),
+        "retry_budget_exhausted", "Retries the budget refused";
+    rate_limited: Family<RouteLabel, Counter> = Family::default(),
+        "rate_limited", "Requests refused by a rate limit or in-flight cap";
+    in_flight: Family<RouteLabel, Gauge> = Family::default(),
+        "in_flight_requests", "Requests in flight, streams until they end";
+    stream_aborts: Family<ReasonLabels, Counter> = Family::default(),
+        "stream_aborts", "Responses cut after their headers, by reason";
+    reloads: Family<ResultLabel, Counter> = Family::default(),
+        "config_reloads", "Config reloads by result";
 }
 
 impl Metrics {
@@ -156,29 +121,34 @@ impl Metrics {
     }
 
     /// Handles for one route (or for requests no route matched, as `-`).
-    pub fn route(self: &Arc<Self>, route: &str, upstream: &str) -> Arc<RouteMetrics> {
-        let (route, upstream) = (Arc::new(route.to_owned()), Arc::new(upstream.to_owned()));
+    pub fn route(self: &Arc<Self>, route: &str) -> RouteMetrics {
+        let route = Arc::new(route.to_owned());
         let label = RouteLabel {
             route: route.clone(),
         };
-        Arc::new(RouteMetrics {
+        RouteMetrics {
             ok_request: OnceLock::new(),
-            ok_attempt: OnceLock::new(),
             duration: self.duration.get_or_create(&label).clone(),
-            ttfb: self
-                .ttfb
-                .get_or_create(&UpstreamLabels {
-                    route: route.clone(),
-                    upstream: upstream.clone(),
-                })
-                .clone(),
             in_flight: self.in_flight.get_or_create(&label).clone(),
             budget_exhausted: self.budget_exhausted.get_or_create(&label).clone(),
             rate_limited: self.rate_limited.get_or_create(&label).clone(),
             route,
-            upstream,
             all: self.clone(),
-        })
+        }
+    }
+
+    /// Handles for one of a route's backends.
+    pub fn backend(self: &Arc<Self>, route: &str, upstream: &str) -> BackendMetrics {
+        let labels = UpstreamLabels {
+            route: Arc::new(route.to_owned()),
+            upstream: Arc::new(upstream.to_owned()),
+        };
+        BackendMetrics {
+            ok_attempt: OnceLock::new(),
+            ttfb: self.ttfb.get_or_create(&labels).clone(),
+            labels,
+            all: self.clone(),
+        }
     }
 }
 
@@ -186,15 +156,12 @@ impl Metrics {
 #[derive(Debug)]
 pub struct RouteMetrics {
     route: Arc<String>,
-    upstream: Arc<String>,
     all: Arc<Metrics>,
-    /// The series of the common outcome (status 200, attempt 2xx), kept
-    /// once looked up: a Family lookup takes a lock and hashes the labels.
-    /// Not made up front, so a series appears only once it has counted.
+    /// The series of the common status (200), kept once looked up: a Family
+    /// lookup takes a lock and hashes the labels. Not made up front, so a
+    /// series appears only once it has counted.
     ok_request: OnceLock<Counter>,
-    ok_attempt: OnceLock<Counter>,
     pub duration: Histogram,
-    pub ttfb: Histogram,
     pub in_flight: Gauge,
     pub budget_exhausted: Counter,
     pub rate_limited: Counter,
@@ -211,23 +178,6 @@ impl RouteMetrics {
         };
         if status == 200 {
             self.ok_request.get_or_init(series).inc();
-        } else {
-            series().inc();
-        }
-    }
-
-    /// `outcome`: "2xx".."5xx" or a failure code.
-    pub fn attempt(&self, outcome: &'static str) {
-        let series = || {
-            let labels = OutcomeLabels {
-                route: self.route.clone(),
-                upstream: self.upstream.clone(),
-                outcome,
-            };
-            self.all.attempts.get_or_create(&labels).clone()
-        };
-        if outcome == "2xx" {
-            self.ok_attempt.get_or_init(series).inc();
         } else {
             series().inc();
         }
@@ -250,13 +200,31 @@ impl RouteMetrics {
     }
 }
 
-/// A status code's class as a fixed word.
-pub fn status_class(status: u16) -> &'static str {
-    match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+/// One backend's metric handles, labelled `{route, upstream}`.
+#[derive(Debug)]
+pub struct BackendMetrics {
+    labels: UpstreamLabels,
+    all: Arc<Metrics>,
+    /// The series of the common outcome (2xx), kept once looked up.
+    ok_attempt: OnceLock<Counter>,
+    pub ttfb: Histogram,
+}
+
+impl BackendMetrics {
+    /// `outcome`: "2xx".."5xx" or a failure word.
+    pub fn attempt(&self, outcome: &'static str) {
+        let series = || {
+            let labels = OutcomeLabels {
+                route: self.labels.route.clone(),
+                upstream: self.labels.upstream.clone(),
+                outcome,
+            };
+            self.all.attempts.get_or_create(&labels).clone()
+        };
+        if outcome == "2xx" {
+            self.ok_attempt.get_or_init(series).inc();
+        } else {
+            series().inc();
+        }
     }
 }

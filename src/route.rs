@@ -5,6 +5,42 @@ use std::sync::Arc;
 use http::Method;
 
 use crate::config::Route;
+use crate::error::ProxyError;
+
+/// Refuses what no route may see: CONNECT, a target that is not a path,
+/// and dot segments, which would let "/v1/chat/../files" match one route
+/// and reach another path upstream, with the provider key attached.
+pub fn check_request(method: &Method, path: &str) -> Result<(), ProxyError> {
+    if method == Method::CONNECT || !path.starts_with('/') || has_dot_segment(path) {
+        return Err(ProxyError::BadRequest);
+    }
+    Ok(())
+}
+
+/// Whether a path has a "." or ".." segment, literal or percent-encoded.
+fn has_dot_segment(path: &str) -> bool {
+    if !path.bytes().any(|b| b == b'.' || b == b'%') {
+        return false;
+    }
+    path.split('/').any(|seg| {
+        let (mut dots, mut rest) = (0, seg.as_bytes());
+        while !rest.is_empty() {
+            if rest[0] == b'.' {
+                rest = &rest[1..];
+            } else if rest.len() >= 3
+                && rest[0] == b'%'
+                && rest[1] == b'2'
+                && rest[2] | 0x20 == b'e'
+            {
+                rest = &rest[3..];
+            } else {
+                return false;
+            }
+            dots += 1;
+        }
+        dots == 1 || dots == 2
+    })
+}
 
 /// Routes in file order, each with what the proxy attaches to it (`T`);
 /// the first that matches wins.
@@ -71,5 +107,29 @@ mod tests {
         assert!(!prefix_matches("/v1", "/"));
         assert!(prefix_matches("", "/anything"));
         assert!(prefix_matches("", "/"));
+    }
+
+    #[test]
+    fn dot_segments_are_found_raw_and_encoded() {
+        for bad in [
+            "/v1/../x",
+            "/v1/./x",
+            "/..",
+            "/v1/%2e%2e/x",
+            "/v1/%2E./x",
+            "/v1/.%2e",
+            "/a/%2e/b",
+        ] {
+            assert!(has_dot_segment(bad), "{bad}");
+        }
+        for ok in [
+            "/v1/chat/completions",
+            "/v1/files/file-abc.jsonl",
+            "/v1/...",
+            "/v1/.well-known",
+            "/",
+        ] {
+            assert!(!has_dot_segment(ok), "{ok}");
+        }
     }
 }

@@ -10,7 +10,9 @@
 //! upstream that picks `h2` by ALPN gets hyper's HTTP/2 client instead, one
 //! multiplexed connection shared by every request.
 //!
-//! Client-facing parsing (untrusted input) stays with hyper's server.
+//! This is transport: it knows connections and bytes, not routes or the
+//! proxy. The framing rules it keeps against response desync are in
+//! [`crate::http1`].
 
 mod h1;
 
@@ -26,7 +28,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::uri::Scheme;
+use http::uri::Authority;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -39,8 +41,30 @@ use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use crate::body::RequestBody;
-use crate::config;
+use crate::http1::decode::DecodeError;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What the client can send as a request body.
+pub trait SendBody:
+    http_body::Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static
+{
+}
+
+impl<T> SendBody for T where
+    T: http_body::Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static
+{
+}
+
+/// Where a client connects.
+pub struct Target<'a> {
+    pub authority: &'a Authority,
+    pub https: bool,
+    /// Roots and settings for an HTTPS upstream (ALPN is set here).
+    pub tls: &'a rustls::ClientConfig,
+    /// Resolving, TCP and the TLS handshake together.
+    pub connect_timeout: Duration,
+}
 
 /// An idle connection older than this is closed rather than reused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -53,12 +77,19 @@ const REAP_EVERY: Duration = Duration::from_secs(10);
 const MAX_IDLE: usize = 1024;
 
 /// The connection pool of one upstream.
-#[derive(Clone)]
-pub struct Client {
-    pool: Arc<Pool>,
+pub struct Client<B: SendBody> {
+    pool: Arc<Pool<B>>,
 }
 
-impl fmt::Debug for Client {
+impl<B: SendBody> Clone for Client<B> {
+    fn clone(&self) -> Self {
+        Self {
+            pool: self.pool.clone(),
+        }
+    }
+}
+
+impl<B: SendBody> fmt::Debug for Client<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Client")
             .field("addr", &self.pool.addr)
@@ -66,7 +97,7 @@ impl fmt::Debug for Client {
     }
 }
 
-struct Pool {
+struct Pool<B> {
     /// `host:port`, resolved on every new connection.
     addr: String,
     tls: Option<(TlsConnector, ServerName<'static>)>,
@@ -74,7 +105,7 @@ struct Pool {
     /// Idle HTTP/1.1 connections, the most recently used last.
     idle: Mutex<VecDeque<Idle>>,
     /// The shared connection of an upstream that chose h2.
-    h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
+    h2: Mutex<Option<http2::SendRequest<B>>>,
     /// Set once the upstream has chosen h2: from then on one request at a
     /// time makes the shared connection, the others wait and use it.
     speaks_h2: AtomicBool,
@@ -90,21 +121,21 @@ struct Idle {
     since: Instant,
 }
 
-enum Connected {
+enum Connected<B> {
     H1(h1::Conn),
-    H2(http2::SendRequest<RequestBody>),
+    H2(http2::SendRequest<B>),
 }
 
-impl Client {
-    pub fn new(upstream: &config::Upstream) -> Self {
-        let host = upstream.authority.host();
-        let https = upstream.scheme == Scheme::HTTPS;
-        let port = upstream
+impl<B: SendBody> Client<B> {
+    pub fn new(target: Target<'_>) -> Self {
+        let host = target.authority.host();
+        let https = target.https;
+        let port = target
             .authority
             .port_u16()
             .unwrap_or(if https { 443 } else { 80 });
         let tls = https.then(|| {
-            let mut tls = (*upstream.tls).clone();
+            let mut tls = target.tls.clone();
             tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
             let bare = host.trim_start_matches('[').trim_end_matches(']');
             // The URL was parsed as a URI; a host rustls cannot name is an IP literal form it
@@ -117,7 +148,7 @@ impl Client {
             pool: Arc::new(Pool {
                 addr: format!("{host}:{port}"),
                 tls,
-                connect_timeout: upstream.connect_timeout,
+                connect_timeout: target.connect_timeout,
                 idle: Mutex::new(VecDeque::new()),
                 h2: Mutex::new(None),
                 speaks_h2: AtomicBool::new(false),
@@ -131,11 +162,7 @@ impl Client {
     /// Sends a request (`parts` with an absolute URI and `Host` set) and
     /// waits for the response head. The head is only read: a retry sends
     /// it again without a copy.
-    pub async fn send(
-        &self,
-        parts: &Parts,
-        body: RequestBody,
-    ) -> Result<Response<UpstreamBody>, Error> {
+    pub async fn send(&self, parts: &Parts, body: B) -> Result<Response<UpstreamBody<B>>, Error> {
         // The rarer paths are boxed: every request's future is as large as
         // its largest branch, and a TLS or h2 handshake is several KiB.
         if let Some(h2) = self.pool.shared_h2() {
@@ -155,14 +182,14 @@ impl Client {
     }
 }
 
-impl Client {
+impl<B: SendBody> Client<B> {
     /// The shared h2 connection is gone (closed, or a GOAWAY): one request
     /// makes the next, the others wait for it instead of each handshaking.
     async fn send_on_new_h2(
         &self,
         parts: &Parts,
-        body: RequestBody,
-    ) -> Result<Response<UpstreamBody>, Error> {
+        body: B,
+    ) -> Result<Response<UpstreamBody<B>>, Error> {
         let tries = self.pool.h2_tries.load(Ordering::Acquire);
         let connecting = self.pool.h2_connecting.lock().await;
         let h2 = match self.pool.shared_h2() {
@@ -185,11 +212,11 @@ impl Client {
     }
 }
 
-async fn send_h2(
-    mut h2: http2::SendRequest<RequestBody>,
+async fn send_h2<B: SendBody>(
+    mut h2: http2::SendRequest<B>,
     parts: &Parts,
-    body: RequestBody,
-) -> Result<Response<UpstreamBody>, Error> {
+    body: B,
+) -> Result<Response<UpstreamBody<B>>, Error> {
     // hyper's client takes the request whole.
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
@@ -200,8 +227,8 @@ async fn send_h2(
     Ok(res.map(UpstreamBody::H2))
 }
 
-impl Pool {
-    fn shared_h2(&self) -> Option<http2::SendRequest<RequestBody>> {
+impl<B: SendBody> Pool<B> {
+    fn shared_h2(&self) -> Option<http2::SendRequest<B>> {
         let h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
         h2.as_ref().filter(|h2| !h2.is_closed()).cloned()
     }
@@ -256,14 +283,14 @@ impl Pool {
 
     /// A new connection: resolve, TCP, then TLS and ALPN, all within
     /// `connect_timeout` (SPEC: a TLS failure is a connect failure).
-    async fn connect(&self) -> Result<Connected, Error> {
+    async fn connect(&self) -> Result<Connected<B>, Error> {
         let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
         tokio::time::timeout(self.connect_timeout, self.connect_unbounded())
             .await
             .unwrap_or_else(|_| Err(Error::Connect(timed_out())))
     }
 
-    async fn connect_unbounded(&self) -> Result<Connected, Error> {
+    async fn connect_unbounded(&self) -> Result<Connected<B>, Error> {
         let tcp = connect_tcp(&self.addr, self.connect_timeout)
             .await
             .map_err(Error::Connect)?;
@@ -296,7 +323,7 @@ impl Pool {
 
     /// A reconnect of the shared h2 connection, counted so that requests
     /// that waited for a failed one fail at once instead of each trying.
-    async fn h2_connect(&self) -> Result<Connected, Error> {
+    async fn h2_connect(&self) -> Result<Connected<B>, Error> {
         self.h2_tries.fetch_add(1, Ordering::AcqRel);
         self.connect().await
     }
@@ -320,7 +347,7 @@ impl Pool {
 }
 
 /// Runs while the pool lives (a reload drops it with its config).
-async fn reap(pool: Weak<Pool>) {
+async fn reap<B: SendBody>(pool: Weak<Pool<B>>) {
     let mut tick = tokio::time::interval(REAP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -420,12 +447,12 @@ impl AsyncWrite for Io {
 }
 
 /// A response body from the upstream.
-pub enum UpstreamBody {
-    H1(h1::Body),
+pub enum UpstreamBody<B: SendBody> {
+    H1(h1::Body<B>),
     H2(Incoming),
 }
 
-impl fmt::Debug for UpstreamBody {
+impl<B: SendBody> fmt::Debug for UpstreamBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Self::H1(_) => "UpstreamBody::H1",
@@ -434,7 +461,7 @@ impl fmt::Debug for UpstreamBody {
     }
 }
 
-impl Body for UpstreamBody {
+impl<B: SendBody> Body for UpstreamBody<B> {
     type Data = Bytes;
     type Error = Error;
 
@@ -487,6 +514,15 @@ pub enum Error {
 impl Error {
     pub fn is_connect(&self) -> bool {
         matches!(self, Self::Connect(_))
+    }
+}
+
+impl From<DecodeError> for Error {
+    fn from(e: DecodeError) -> Self {
+        match e {
+            DecodeError::Invalid(why) => Self::Invalid(why),
+            DecodeError::Truncated => Self::Truncated,
+        }
     }
 }
 

@@ -124,20 +124,8 @@ fn default_connect_timeout() -> Dur {
     Dur(Duration::from_secs(10))
 }
 
-/// `auth = ...`: which header carries the upstream key.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum AuthScheme {
-    /// `Authorization: Bearer KEY` (OpenAI and most compatibles).
-    #[default]
-    Bearer,
-    /// `api-key: KEY` (Azure OpenAI).
-    ApiKey,
-    /// `x-api-key: KEY` (Anthropic).
-    XApiKey,
-    /// Send no key; the client's auth headers pass through.
-    None,
-}
+/// `auth = ...`: which header carries the upstream key (a dialect's choice).
+pub use crate::provider::AuthScheme;
 
 /// `[[routes]]`: which requests go to which upstream.
 #[derive(Debug, Deserialize)]

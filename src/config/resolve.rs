@@ -276,16 +276,10 @@ fn api_key(
         let m = format!("the key in {source} starts with \"Bearer \": store the bare key, sluice adds the scheme");
         return fail(problems, m);
     }
-    let (header, value) = match raw.auth {
-        AuthScheme::None => {
-            let m = format!(
-                "auth = \"none\" sends no key, but {source} names one; remove it or set auth"
-            );
-            return fail(problems, m);
-        }
-        AuthScheme::Bearer => (http::header::AUTHORIZATION, format!("Bearer {secret}")),
-        AuthScheme::ApiKey => (HeaderName::from_static("api-key"), secret.to_owned()),
-        AuthScheme::XApiKey => (HeaderName::from_static("x-api-key"), secret.to_owned()),
+    let Some((header, value)) = raw.auth.key_header(secret) else {
+        let m =
+            format!("auth = \"none\" sends no key, but {source} names one; remove it or set auth");
+        return fail(problems, m);
     };
     match HeaderValue::from_str(&value) {
         Ok(mut v) => {

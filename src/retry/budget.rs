@@ -34,8 +34,6 @@ pub struct Budget {
     withdraw: i64,
     /// Units always available: `min_per_second * ttl` retries' worth.
     reserve: i64,
-    /// Retries refused, for the metrics to report.
-    pub exhausted: AtomicU64,
 }
 
 impl Budget {
@@ -50,7 +48,6 @@ impl Budget {
             withdraw,
             reserve: (i64::from(config.min_per_second) * config.ttl.as_millis() as i64 / 1000)
                 .saturating_mul(withdraw),
-            exhausted: AtomicU64::new(0),
         }
     }
 
@@ -76,13 +73,11 @@ impl Budget {
     pub fn try_withdraw_at(&self, now: Instant) -> bool {
         let epoch = self.epoch(now);
         // Check then act: concurrent retries can overdraw by a few, as in tower.
-        if self.reserve + self.balance(epoch) >= self.withdraw {
+        let granted = self.reserve + self.balance(epoch) >= self.withdraw;
+        if granted {
             self.add(epoch, -self.withdraw);
-            true
-        } else {
-            self.exhausted.fetch_add(1, Relaxed);
-            false
         }
+        granted
     }
 
     fn epoch(&self, now: Instant) -> u64 {
@@ -158,7 +153,6 @@ mod tests {
         let granted = (0..1000).take_while(|_| b.try_withdraw_at(t0)).count();
         assert_eq!(granted, 30);
         assert!(!b.try_withdraw_at(t0));
-        assert_eq!(b.exhausted.load(Relaxed), 2);
     }
 
     #[test]

@@ -1,56 +1,46 @@
 //! sluice's own HTTP/1.1 server, for the requests API clients send: a head
-//! and a body of known length that fits the config's replay buffer.
+//! and a body of known length that fits the server's whole-body limit.
 //!
-//! It exists for what a held stream costs and what a request costs. hyper's
-//! server keeps two 8 KiB buffers for a connection's whole life, and most of
-//! a proxied request's instructions were its dispatch. This one:
+//! It exists for what a held stream costs and what a request costs: hyper's
+//! server keeps two read/write buffers for a connection's whole life, and
+//! its dispatch is a large share of a proxied request's work. This one:
 //! - reads into a buffer on the stack, so a connection waiting for its next
 //!   request, or holding a stream open, keeps no read buffer;
 //! - parses the head with `httparse` and copies it into one allocation that
 //!   the header values slice (the body gets its own);
 //! - writes the head with what of the body is ready in one write, and while
 //!   a stream waits for its next event holds no write buffer either;
-//! - watches the client while the upstream works: a client that goes away
+//! - watches the client while the handler works: a client that goes away
 //!   cancels its request (as hyper does).
 //!
 //! What it does not serve goes to hyper, with the bytes read so far: a head
 //! `httparse` refuses or over 64 KiB (hyper answers 400/431), HTTP/1.0,
-//! `HEAD`, `CONNECT`, `Expect`, `Upgrade`, a chunked body, a body over the
-//! limits (hyper streams it, or answers 413), or one still arriving after
-//! `header_read_timeout` (the route's deadlines then bound it). hyper then
-//! serves the rest of that connection.
+//! `HEAD`, `CONNECT`, `Expect`, `Upgrade`, `Transfer-Encoding`, a repeated or
+//! odd `Content-Length`, a body over the limit (hyper streams it), or one
+//! still arriving after `header_read_timeout` (the handler's deadlines then
+//! bound it). hyper then serves the rest of that connection. So every
+//! request whose framing could be read two ways is hyper's to refuse.
 
 use std::future::poll_fn;
 use std::future::Future;
 use std::io::{self, IoSlice};
-use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use arc_swap::ArcSwap;
 use bytes::{Buf, Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri, Version};
 use http_body::Body;
 use http_body_util::BodyExt;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::sync::Notify;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 
-use crate::body::ClientBody;
-use crate::error::ProxyError;
-use crate::http1;
-use crate::proxy::Proxy;
-use crate::response::ResponseBody;
+use super::{BodyError, ClientBody, Handler, ServerOptions};
+use crate::drain;
+use crate::http1::{self, Framing, HeadCopy, READ_SIZE};
 
 /// At most this many request headers (hyper's limit too).
 const MAX_HEADERS: usize = 100;
-/// Bodies up to this (and within the config's limits) are read whole before
-/// the request is dispatched; a larger one goes to hyper and streams.
-const MAX_BODY: u64 = 1024 * 1024;
-/// One read from the client, into a buffer on the stack.
-const READ_SIZE: usize = 8 * 1024;
 /// Pipelined bytes kept while a response is under way; beyond, reading stops.
 const MAX_PIPELINED: usize = 64 * 1024;
 /// Body frames up to this are gathered with the head and each other; a
@@ -58,38 +48,19 @@ const MAX_PIPELINED: usize = 64 * 1024;
 const COPY_MAX: usize = 4 * 1024;
 /// Gathered response bytes written once they reach this.
 const WRITE_HIGH: usize = 16 * 1024;
-/// Headers the proxy adds to a request (key, request id, ...): room for them
-/// up front, so the map does not grow.
+/// Headers the handler adds to a request (key, request id, ...): room for
+/// them up front, so the map does not grow.
 const ADDED_HEADERS: usize = 3;
 
-/// Tells sluice's HTTP/1.1 connections that the server drains: a flag each
-/// request reads, and a wake-up for the connections waiting idle.
-#[derive(Debug, Default)]
-pub struct DrainSignal {
-    draining: AtomicBool,
-    notify: Notify,
-}
-
-impl DrainSignal {
-    pub fn fire(&self) {
-        self.draining.store(true, Ordering::SeqCst);
-        self.notify.notify_waiters();
-    }
-
-    fn is_set(&self) -> bool {
-        self.draining.load(Ordering::SeqCst)
-    }
-}
-
 /// One HTTP/1.1 connection served by sluice.
-pub struct Server<'a, IO> {
+pub struct Server<'a, IO, H> {
     io: IO,
     /// Bytes read and not yet used: the start of a request, or pipelined ones.
     buf: BytesMut,
     /// Response bytes not yet written.
     out: Vec<u8>,
-    proxy: &'a ArcSwap<Proxy>,
-    header_read_timeout: Duration,
+    handler: &'a H,
+    opts: &'a ServerOptions,
     /// Bounds the wait for a request head; made on the first wait.
     timer: Option<Pin<Box<Sleep>>>,
 }
@@ -115,9 +86,11 @@ enum Parse {
     Hyper,
 }
 
+/// Where reading the next request stands.
 #[allow(clippy::large_enum_variant)]
 enum Step {
     Request(Parsed),
+    /// The head is in; the body needs this many bytes with it.
     Body(usize),
     /// The client closed.
     Closed,
@@ -126,92 +99,71 @@ enum Step {
     Hyper,
 }
 
-/// How a response body is delimited.
-#[derive(Clone, Copy, PartialEq)]
-enum Framing {
-    None,
-    Length(u64),
-    Chunked,
+/// Whether the connection between requests holds part of one: the drain
+/// closes an idle connection at once, but lets a request under way arrive.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reading {
+    Idle,
+    Begun,
 }
 
-impl<'a, IO> Server<'a, IO>
+/// What follows a response on the connection.
+#[derive(PartialEq, Eq)]
+enum Next {
+    KeepAlive,
+    /// Either side asked to close, or the body broke off (the client must
+    /// not take it for complete).
+    Close,
+}
+
+impl<'a, IO, H> Server<'a, IO, H>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
+    H: Handler,
 {
-    pub fn new(io: IO, proxy: &'a ArcSwap<Proxy>, header_read_timeout: Duration) -> Self {
+    pub fn new(io: IO, handler: &'a H, opts: &'a ServerOptions) -> Self {
         Self {
             io,
             buf: BytesMut::new(),
             out: Vec::new(),
-            proxy,
-            header_read_timeout,
+            handler,
+            opts,
             timer: None,
         }
     }
 
     /// Serves requests until the connection ends (`None`), or until one is
     /// for hyper: then the connection and the bytes read of it are returned.
-    pub async fn serve(mut self, drain: &DrainSignal) -> io::Result<Option<(IO, Bytes)>> {
-        // One wait for the drain for the connection's life: registered on
-        // its first poll; after that each poll reads the flag only (the
-        // waker is this task's, and stays right).
-        let notified = drain.notify.notified();
-        tokio::pin!(notified);
-        let mut registered = false;
-        let mut drained = poll_fn(move |cx| {
-            if drain.is_set() {
-                return Poll::Ready(());
-            }
-            if !registered {
-                registered = true;
-                return notified.as_mut().poll(cx);
-            }
-            Poll::Pending
-        });
+    pub async fn serve(mut self, drain: &drain::Watch) -> io::Result<Option<(IO, Bytes)>> {
+        // One wait for the drain for the connection's life.
+        let drained = drain.draining();
+        tokio::pin!(drained);
         let mut draining = false;
         loop {
-            let limits = self.proxy.load().body_limits();
-            let max_body = limits
-                .max_request_body
-                .min(limits.retry_buffer)
-                .min(MAX_BODY);
-            // Whether a request has begun to arrive: a drain closes the
-            // connection only while none has.
-            let begun = AtomicBool::new(has_request_bytes(&self.buf));
+            // Bodies up to this are read whole before the request is handed
+            // on; a larger one goes to hyper.
+            let max_body = self.opts.whole_body();
             // hyper's header_read_timeout also runs from here: it bounds an
             // idle keep-alive connection as well as a slow head.
-            let deadline = Instant::now() + self.header_read_timeout;
-            let head = poll_fn(|cx| {
-                let step = self.poll_head(cx, max_body);
-                if has_request_bytes(&self.buf) {
-                    begun.store(true, Ordering::Relaxed);
+            let deadline = Instant::now() + self.opts.header_read_timeout;
+            let step = poll_fn(|cx| {
+                if let Poll::Ready(step) = self.poll_head(cx, max_body) {
+                    return Poll::Ready(step);
                 }
-                match step {
-                    Poll::Ready(step) => Poll::Ready(Ok(step)),
-                    Poll::Pending => self.poll_deadline(cx, deadline).map(Err),
-                }
-            });
-            tokio::pin!(head);
-            let step = loop {
-                tokio::select! {
-                    biased;
-                    step = &mut head => break match step {
-                        Ok(step) => step?,
-                        // No request within header_read_timeout.
-                        Err(()) => Step::Close,
-                    },
-                    // Also at once when the drain began before this
-                    // connection was served (a TLS handshake under way).
-                    () = &mut drained, if !draining => {
-                        draining = true;
-                        if !begun.load(Ordering::Relaxed) {
-                            break Step::Close;
-                        }
+                // Also at once when the drain began before this connection
+                // was served (a TLS handshake under way).
+                if !draining && drained.as_mut().poll(cx).is_ready() {
+                    draining = true;
+                    if reading_state(&self.buf) == Reading::Idle {
+                        return Poll::Ready(Ok(Step::Close));
                     }
                 }
-            };
+                // No request within header_read_timeout.
+                self.poll_deadline(cx, deadline).map(|()| Ok(Step::Close))
+            })
+            .await?;
             let step = match step {
-                Step::Body(total) => self.read_body(total, max_body, limits.read_timeout).await,
+                Step::Body(total) => self.read_body(total, max_body).await,
                 step => step,
             };
             let parsed = match step {
@@ -223,20 +175,17 @@ where
                 }
                 Step::Hyper => return Ok(Some((self.io, self.buf.freeze()))),
             };
-            let call = Box::pin(self.proxy.load_full().handle(parsed.req));
+            let call = self.handler.call(parsed.req);
             // Until the response is ready, a client that goes away cancels it.
             let gone = poll_fn(|cx| poll_gone(&mut self.io, &mut self.buf, cx));
             let res = tokio::select! {
                 biased;
-                res = call => match res {
-                    Ok(res) => res,
-                    Err(never) => match never {},
-                },
+                res = call => res,
                 () = gone => return Ok(None),
             };
-            draining |= drain.is_set();
+            draining |= drain.is_draining();
             let close = parsed.close || draining;
-            if !self.respond(res, close).await? || drain.is_set() {
+            if self.respond(res, close).await? == Next::Close || drain.is_draining() {
                 self.close().await;
                 return Ok(None);
             }
@@ -249,18 +198,21 @@ where
     fn poll_head(&mut self, cx: &mut Context<'_>, max_body: u64) -> Poll<io::Result<Step>> {
         loop {
             if self.buf.is_empty() {
-                let mut stack = [const { MaybeUninit::<u8>::uninit() }; READ_SIZE];
-                let mut read = ReadBuf::uninit(&mut stack);
-                ready!(Pin::new(&mut self.io).poll_read(cx, &mut read))?;
-                let got = read.filled();
-                if got.is_empty() {
-                    return Poll::Ready(Ok(Step::Closed));
+                let buf = &mut self.buf;
+                let step = ready!(http1::poll_read_stack(Pin::new(&mut self.io), cx, |got| {
+                    if got.is_empty() {
+                        return Some(Step::Closed);
+                    }
+                    if let Parse::Ready(parsed, used) = parse(got, max_body, None) {
+                        buf.extend_from_slice(&got[used..]);
+                        return Some(Step::Request(parsed));
+                    }
+                    buf.extend_from_slice(got);
+                    None
+                }))?;
+                if let Some(step) = step {
+                    return Poll::Ready(Ok(step));
                 }
-                if let Parse::Ready(parsed, used) = parse(got, max_body, None) {
-                    self.buf.extend_from_slice(&got[used..]);
-                    return Poll::Ready(Ok(Step::Request(parsed)));
-                }
-                self.buf.extend_from_slice(got);
             }
             match parse(&self.buf, max_body, None) {
                 Parse::Ready(parsed, used) => {
@@ -303,20 +255,21 @@ where
     }
 
     /// Reads the rest of a body, `total` bytes with the head. A silence over
-    /// `timeout` answers 408, and a client that breaks off 400, as when hyper
-    /// reads the body. A body still arriving after `header_read_timeout` in
-    /// all goes to hyper with what came, to be read under the route's
-    /// deadlines like any streamed body.
-    async fn read_body(&mut self, total: usize, max_body: u64, timeout: Duration) -> Step {
+    /// `header_read_timeout` is answered 408, and a client that breaks off
+    /// 400, as when hyper reads the body. A body still arriving after
+    /// `header_read_timeout` in all goes to hyper with what came, to be read
+    /// under the handler's deadlines like any streamed body.
+    async fn read_body(&mut self, total: usize, max_body: u64) -> Step {
         self.buf.reserve(total - self.buf.len());
-        let all = Instant::now() + self.header_read_timeout;
+        let timeout = self.opts.header_read_timeout;
+        let all = Instant::now() + timeout;
         let mut failed = None;
         while self.buf.len() < total {
             let read = tokio::time::timeout(timeout, self.io.read_buf(&mut self.buf));
             match tokio::time::timeout_at(all, read).await {
                 Ok(Ok(Ok(n))) if n > 0 => continue,
-                Ok(Ok(_)) => failed = Some(ProxyError::BadRequest),
-                Ok(Err(_)) => failed = Some(ProxyError::RequestTimeout),
+                Ok(Ok(_)) => failed = Some(BodyError::Incomplete),
+                Ok(Err(_)) => failed = Some(BodyError::TimedOut),
                 Err(_) => return Step::Hyper,
             }
             break;
@@ -348,21 +301,19 @@ where
         let _ = tokio::time::timeout(Duration::from_secs(1), self.io.shutdown()).await;
     }
 
-    /// Writes a response. Returns whether the connection can serve another
-    /// request: not when either side asked to close, nor after a body that
-    /// broke off (the client must not take it for complete).
-    async fn respond(&mut self, res: Response<ResponseBody>, close: bool) -> io::Result<bool> {
+    /// Writes a response, framed by what its body says of its length.
+    async fn respond<B>(&mut self, res: Response<B>, close: bool) -> io::Result<Next>
+    where
+        B: Body<Data = Bytes> + Unpin,
+    {
         let (parts, mut body) = res.into_parts();
-        // The proxy asks to close too (a 503 while shutting down).
-        let close = close
-            || parts
-                .headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .any(|v| http1::has_token(v.as_bytes(), b"close"));
+        // The handler asks to close too (a 503 while shutting down).
+        let close =
+            close || http1::headers_have_token(&parts.headers, &header::CONNECTION, b"close");
+        let next = if close { Next::Close } else { Next::KeepAlive };
         let status = parts.status;
         let framing = if status.is_informational() || status == 204 || status == 304 {
-            Framing::None
+            Framing::Empty
         } else {
             match parts.headers.get(header::CONTENT_LENGTH).map(parse_length) {
                 Some(Some(n)) => Framing::Length(n),
@@ -372,11 +323,11 @@ where
                 },
             }
         };
-        self.encode_head(&parts, framing, close);
-        if framing == Framing::None {
+        encode_head(&mut self.out, &parts, framing, close);
+        if framing == Framing::Empty {
             drop(body);
             self.flush().await?;
-            return Ok(!close);
+            return Ok(next);
         }
         let mut left = match framing {
             Framing::Length(n) => n,
@@ -398,7 +349,7 @@ where
                     tokio::select! {
                         biased;
                         frame = body.frame() => frame,
-                        () = gone => return Ok(false),
+                        () = gone => return Ok(Next::Close),
                     }
                 }
             };
@@ -412,7 +363,7 @@ where
                 Some(Err(_)) => {
                     // Aborted: what was written goes out, the end never does.
                     self.flush().await?;
-                    return Ok(false);
+                    return Ok(Next::Close);
                 }
             };
             if data.is_empty() {
@@ -427,7 +378,7 @@ where
                     if data.len() as u64 > left {
                         // More than the length said: the body is wrong, end it short.
                         self.flush().await?;
-                        return Ok(false);
+                        return Ok(Next::Close);
                     }
                     left -= data.len() as u64;
                     b""
@@ -451,67 +402,19 @@ where
             _ if left > 0 => {
                 // Shorter than the length said: the client must see it cut.
                 self.flush().await?;
-                return Ok(false);
+                return Ok(Next::Close);
             }
             _ => {}
         }
-        // The access line is written when the body is dropped: after the last byte.
+        // The handler's end of the request comes when the body is dropped:
+        // after the last byte.
         self.flush().await?;
         drop(body);
         if self.out.capacity() > 2 * COPY_MAX {
             // Grown for a large response: an idle connection keeps little.
             self.out = Vec::new();
         }
-        Ok(!close)
-    }
-
-    fn encode_head(&mut self, parts: &http::response::Parts, framing: Framing, close: bool) {
-        let out = &mut self.out;
-        out.clear();
-        out.extend_from_slice(b"HTTP/1.1 ");
-        out.extend_from_slice(parts.status.as_str().as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
-        out.extend_from_slice(b"\r\n");
-        let mut has_length = false;
-        for (name, value) in &parts.headers {
-            // Framing and connection headers are this hop's, written below.
-            if name == header::TRANSFER_ENCODING || name == header::CONNECTION {
-                continue;
-            }
-            if name == header::CONTENT_LENGTH {
-                match framing {
-                    Framing::Length(n) if !has_length && parse_length(value) == Some(n) => {
-                        has_length = true;
-                    }
-                    // A 304 tells the length of what it stands for.
-                    Framing::None if parts.status == 304 => {}
-                    _ => continue,
-                }
-            }
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
-        match framing {
-            Framing::Length(n) if !has_length => {
-                out.extend_from_slice(b"content-length: ");
-                out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-                out.extend_from_slice(b"\r\n");
-            }
-            Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-            _ => {}
-        }
-        if !parts.headers.contains_key(header::DATE) {
-            out.extend_from_slice(b"date: ");
-            push_date(out);
-            out.extend_from_slice(b"\r\n");
-        }
-        if close {
-            out.extend_from_slice(b"connection: close\r\n");
-        }
-        out.extend_from_slice(b"\r\n");
+        Ok(next)
     }
 
     async fn flush(&mut self) -> io::Result<()> {
@@ -543,6 +446,33 @@ where
     }
 }
 
+/// The status line and headers; framing and connection headers are ours.
+fn encode_head(out: &mut Vec<u8>, parts: &http::response::Parts, framing: Framing, close: bool) {
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(parts.status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    http1::push_headers(out, &parts.headers);
+    if parts.status == 304 {
+        // A 304 tells the length of what it stands for.
+        for value in parts.headers.get_all(header::CONTENT_LENGTH) {
+            http1::push_header(out, b"content-length", value.as_bytes());
+        }
+    }
+    http1::push_framing(out, framing);
+    if !parts.headers.contains_key(header::DATE) {
+        out.extend_from_slice(b"date: ");
+        push_date(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Reads what the client sends while its response is under way. Ready when
 /// the client has gone (closed or broken); pipelined bytes are kept in `buf`
 /// for the next request, up to a limit.
@@ -556,21 +486,21 @@ fn poll_gone<IO: AsyncRead + Unpin>(
             // Enough queued: stop reading, and let TCP push back.
             return Poll::Pending;
         }
-        let mut stack = [const { MaybeUninit::<u8>::uninit() }; READ_SIZE];
-        let mut read = ReadBuf::uninit(&mut stack);
-        match Pin::new(&mut *io).poll_read(cx, &mut read) {
+        let read = http1::poll_read_stack(Pin::new(&mut *io), cx, |got| {
+            buf.extend_from_slice(got);
+            got.len()
+        });
+        match read {
             Poll::Pending => return Poll::Pending,
-            Poll::Ready(Ok(())) if !read.filled().is_empty() => {
-                buf.extend_from_slice(read.filled());
-            }
+            Poll::Ready(Ok(n)) if n > 0 => {}
             Poll::Ready(_) => return Poll::Ready(()),
         }
     }
 }
 
 /// Parses a request in `buf`. With `failed`, a body that is not all there
-/// is dispatched as failed (the proxy answers for it) instead of awaited.
-fn parse(buf: &[u8], max_body: u64, failed: Option<ProxyError>) -> Parse {
+/// is handed on as failed (the handler answers for it) instead of awaited.
+fn parse(buf: &[u8], max_body: u64, failed: Option<BodyError>) -> Parse {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let head_len = match req.parse(buf) {
@@ -625,22 +555,18 @@ fn parse(buf: &[u8], max_body: u64, failed: Option<ProxyError>) -> Parse {
         return Parse::Body(total);
     };
     // The head gets its own allocation, which the values slice; the body
-    // another. Shared, a value kept longer than the request (h2's header
-    // table keeps some) would keep the body alive too.
-    let copy = Bytes::copy_from_slice(&buf[..head_len]);
-    let base = buf.as_ptr() as usize;
-    let shared = |s: &[u8]| {
-        let at = s.as_ptr() as usize - base;
-        copy.slice(at..at + s.len())
-    };
-    let Ok(uri) = Uri::from_maybe_shared(shared(req.path.unwrap_or_default().as_bytes())) else {
+    // another. Shared, a value kept longer than the request would keep the
+    // body alive too.
+    let copy = HeadCopy::new(buf, head_len);
+    let Ok(uri) = Uri::from_maybe_shared(copy.slice(req.path.unwrap_or_default().as_bytes()))
+    else {
         return Parse::Hyper;
     };
     let mut map = HeaderMap::with_capacity(req.headers.len() + ADDED_HEADERS);
     for h in req.headers.iter() {
         let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(h.name.as_bytes()),
-            HeaderValue::from_maybe_shared(shared(h.value)),
+            HeaderValue::from_maybe_shared(copy.slice(h.value)),
         ) else {
             return Parse::Hyper;
         };
@@ -665,8 +591,12 @@ fn parse(buf: &[u8], max_body: u64, failed: Option<ProxyError>) -> Parse {
 
 /// Whether `buf` holds more than the blank lines a client may send between
 /// requests.
-fn has_request_bytes(buf: &[u8]) -> bool {
-    buf.iter().any(|&b| b != b'\r' && b != b'\n')
+fn reading_state(buf: &[u8]) -> Reading {
+    if buf.iter().any(|&b| b != b'\r' && b != b'\n') {
+        Reading::Begun
+    } else {
+        Reading::Idle
+    }
 }
 
 fn parse_length(v: &HeaderValue) -> Option<u64> {
@@ -698,6 +628,8 @@ fn push_date(out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MAX_BODY: u64 = 1024 * 1024;
 
     fn ready(buf: &[u8]) -> (Parsed, usize) {
         match parse(buf, MAX_BODY, None) {
@@ -737,13 +669,13 @@ mod tests {
             Parse::Body(total) => assert_eq!(total, req.len() + 7),
             _ => panic!("the body is awaited"),
         }
-        match parse(req, MAX_BODY, Some(ProxyError::RequestTimeout)) {
+        match parse(req, MAX_BODY, Some(BodyError::TimedOut)) {
             Parse::Ready(p, used) => {
                 assert_eq!(used, req.len());
                 assert!(p.close, "a broken body ends the connection");
                 assert!(matches!(
                     p.req.body(),
-                    ClientBody::Failed(ProxyError::RequestTimeout)
+                    ClientBody::Failed(BodyError::TimedOut)
                 ));
             }
             _ => panic!("dispatched as failed"),

@@ -1,5 +1,7 @@
 //! The data-plane listener: accept, optional TLS, HTTP/1.1 or HTTP/2 per
-//! connection, and a bounded drain on shutdown.
+//! connection, and a bounded drain on shutdown. It serves a [`Handler`] and
+//! knows nothing of what the handler does (hyper's `serve_connection(io,
+//! service)` is the model).
 //!
 //! HTTP/1.1 is served by sluice's own server (`h1.rs`) for the requests an
 //! API client sends: a head, and a body whole under a size. Anything else on
@@ -12,11 +14,14 @@
 //! sends two bytes would hold a connection forever. Here the sniff (or the
 //! TLS handshake) is bounded by `header_read_timeout`.
 
+mod body;
 mod h1;
 mod rewind;
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,32 +29,42 @@ use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper::Request;
+use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use arc_swap::ArcSwap;
-
-use crate::body::ClientBody;
-use crate::proxy::Proxy;
+use crate::drain;
+pub use body::{whole_frame, whole_hint, BodyError, ClientBody};
 use rewind::Rewind;
 
 /// Largest request head accepted (431 above), near Envoy's 60 KiB default;
-/// hyper alone would take ~400 KiB, far more than an API request needs.
+/// hyper's own limit is far more than an API request needs.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 
-/// Listener settings from `[server]`.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What the server serves: a request in, a response out. Errors are the
+/// handler's to turn into responses.
+pub trait Handler: Send + Sync + 'static {
+    type Body: http_body::Body<Data = Bytes, Error = BoxError> + Send + Unpin + 'static;
+    type Future: Future<Output = Response<Self::Body>> + Send + Unpin + 'static;
+
+    fn call(&self, req: Request<ClientBody>) -> Self::Future;
+}
+
+/// Listener settings, fixed at start.
 #[derive(Clone)]
 pub struct ServerOptions {
     pub header_read_timeout: Duration,
     pub shutdown_grace: Duration,
     pub tls: Option<TlsAcceptor>,
-    /// Fired when the drain runs out of time.
-    pub cutoff: Arc<crate::cutoff::Cutoff>,
+    /// The largest body sluice's HTTP/1.1 server reads whole before it
+    /// hands the request on; larger ones go to hyper and stream. Shared, so
+    /// a reload can move it.
+    pub whole_body: Arc<AtomicU64>,
 }
 
 /// Protocol builders, shared by every connection.
@@ -59,10 +74,11 @@ struct Builders {
 }
 
 /// Accepts until `shutdown` resolves, then drains for up to `shutdown_grace`.
-pub async fn serve(
+pub async fn serve<H: Handler>(
     listener: TcpListener,
     opts: ServerOptions,
-    proxy: Arc<ArcSwap<Proxy>>,
+    handler: Arc<H>,
+    signal: drain::Signal,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut h1 = http1::Builder::new();
@@ -78,10 +94,7 @@ pub async fn serve(
         .keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(20));
     let builders = Arc::new(Builders { h1, h2 });
-    // Each connection holds a receiver: the drain sends `true` once, and is
-    // over when the last receiver is gone.
-    let (drain, watcher) = watch::channel(false);
-    let signal = Arc::new(h1::DrainSignal::default());
+    let watch = signal.watch();
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -100,56 +113,23 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let watcher = watcher.clone();
-        let (opts, builders, proxy) = (opts.clone(), builders.clone(), proxy.clone());
-        let signal = signal.clone();
+        let conn = Conn {
+            builders: builders.clone(),
+            handler: handler.clone(),
+            drain: watch.clone(),
+            _held: watch.hold(),
+            opts: opts.clone(),
+        };
         tokio::spawn(async move {
-            let conn = Conn {
-                builders: &builders,
-                proxy,
-                drain: watcher,
-                signal,
-                header_read_timeout: opts.header_read_timeout,
-            };
-            let res = match &opts.tls {
-                Some(acceptor) => {
-                    let tls =
-                        tokio::time::timeout(opts.header_read_timeout, acceptor.accept(stream))
-                            .await
-                            .map_err(|_| {
-                                io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
-                            })
-                            .and_then(|r| r);
-                    match tls {
-                        Ok(tls) => {
-                            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                            // Boxed: a TLS connection's state is several KiB, and
-                            // inline it would size every plaintext connection's task too.
-                            Box::pin(conn.serve(tls, h2)).await
-                        }
-                        Err(e) => Err(e.into()),
-                    }
-                }
-                None => {
-                    match tokio::time::timeout(opts.header_read_timeout, sniff_h2(&stream)).await {
-                        Ok(Ok(h2)) => conn.serve(stream, h2).await,
-                        Ok(Err(e)) => Err(e.into()),
-                        Err(_) => Err("no request within header_read_timeout".into()),
-                    }
-                }
-            };
-            if let Err(e) = res {
+            if let Err(e) = conn.accept(stream).await {
                 tracing::debug!(%peer, "connection ended: {e}");
             }
         });
     }
     drop(listener);
-    drop(watcher);
-    crate::systemd::stopping();
-    tracing::info!(connections = drain.receiver_count(), "draining");
-    signal.fire();
-    drain.send_replace(true);
-    let drained = drain.closed();
+    tracing::info!(connections = signal.connections(), "draining");
+    signal.start();
+    let drained = signal.drained();
     tokio::pin!(drained);
     tokio::select! {
         () = &mut drained => tracing::info!("drained"),
@@ -157,13 +137,11 @@ pub async fn serve(
             tracing::warn!("shutdown_grace elapsed; cutting the streams still open");
             // SSE streams end with a deadline_exceeded event, others abort;
             // give them a moment to go out, then stop regardless.
-            opts.cutoff.fire();
+            signal.cut();
             let _ = tokio::time::timeout(Duration::from_secs(1), &mut drained).await;
         }
     }
 }
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// ENFILE, EMFILE, ENOMEM, ENOBUFS (Linux numbering).
 fn is_resource_exhaustion(e: &io::Error) -> bool {
@@ -171,18 +149,36 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
 }
 
 /// One accepted connection's share of the server.
-struct Conn<'a> {
-    builders: &'a Builders,
-    proxy: Arc<ArcSwap<Proxy>>,
-    /// Turns `true` when the server drains; the server waits until every
-    /// connection has dropped its receiver.
-    drain: watch::Receiver<bool>,
-    /// The same news for sluice's own HTTP/1.1 server, cheaper to check.
-    signal: Arc<h1::DrainSignal>,
-    header_read_timeout: Duration,
+struct Conn<H> {
+    builders: Arc<Builders>,
+    handler: Arc<H>,
+    drain: drain::Watch,
+    /// The drain waits for this connection until it is dropped.
+    _held: drain::Held,
+    opts: ServerOptions,
 }
 
-impl Conn<'_> {
+impl<H: Handler> Conn<H> {
+    /// TLS or the protocol sniff, each within `header_read_timeout`, then
+    /// the connection's requests.
+    async fn accept(self, stream: TcpStream) -> Result<(), BoxError> {
+        let bound = self.opts.header_read_timeout;
+        let Some(acceptor) = self.opts.tls.clone() else {
+            return match tokio::time::timeout(bound, sniff_h2(&stream)).await {
+                Ok(Ok(h2)) => self.serve(stream, h2).await,
+                Ok(Err(e)) => Err(e.into()),
+                Err(_) => Err("no request within header_read_timeout".into()),
+            };
+        };
+        let tls = tokio::time::timeout(bound, acceptor.accept(stream))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        // Boxed: a TLS connection's state is several KiB, and inline it
+        // would size every plaintext connection's task too.
+        Box::pin(self.serve(tls, h2)).await
+    }
+
     async fn serve<IO>(self, io: IO, h2: bool) -> Result<(), BoxError>
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -190,8 +186,8 @@ impl Conn<'_> {
         if h2 {
             return self.serve_hyper(Rewind::new(io, Bytes::new()), true).await;
         }
-        let fast = h1::Server::new(io, &self.proxy, self.header_read_timeout);
-        match fast.serve(&self.signal).await? {
+        let fast = h1::Server::new(io, &*self.handler, &self.opts);
+        match fast.serve(&self.drain).await? {
             None => Ok(()),
             // Boxed: hyper's connection state is large and rarely needed.
             Some((io, read)) => Box::pin(self.serve_hyper(Rewind::new(io, read), false)).await,
@@ -205,22 +201,25 @@ impl Conn<'_> {
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let io = TokioIo::new(io);
-        let proxy = self.proxy;
-        // Each request takes the config current when it arrives (one atomic load).
-        // The request's future is boxed: hyper keeps a slot of the future's size
-        // for the connection's whole life, and unboxed that is ~4 KiB held by
-        // every open stream long after its request phase ended.
+        let handler = self.handler;
         let svc = service_fn(move |req: Request<Incoming>| {
-            Box::pin(proxy.load_full().handle(req.map(ClientBody::Hyper)))
+            let call = handler.call(req.map(ClientBody::Hyper));
+            async move { Ok::<_, Infallible>(call.await) }
         });
         if h2 {
             let conn = self.builders.h2.serve_connection(io, svc);
-            until_drained(conn, self.drain).await?;
+            until_drained(conn, &self.drain).await?;
         } else {
             let conn = self.builders.h1.serve_connection(io, svc);
-            until_drained(conn, self.drain).await?;
+            until_drained(conn, &self.drain).await?;
         }
         Ok(())
+    }
+}
+
+impl ServerOptions {
+    fn whole_body(&self) -> u64 {
+        self.whole_body.load(Ordering::Relaxed)
     }
 }
 
@@ -228,7 +227,7 @@ impl Conn<'_> {
 /// flight finish and then closes it.
 async fn until_drained<C: GracefulConnection>(
     conn: C,
-    mut drain: watch::Receiver<bool>,
+    drain: &drain::Watch,
 ) -> Result<(), C::Error> {
     tokio::pin!(conn);
     tokio::select! {
@@ -237,8 +236,7 @@ async fn until_drained<C: GracefulConnection>(
         // a connection it has read nothing of.
         biased;
         res = conn.as_mut() => return res,
-        // An error means the server is gone: drain as well.
-        _ = drain.wait_for(|d| *d) => {}
+        () = drain.draining() => {}
     }
     conn.as_mut().graceful_shutdown();
     conn.await

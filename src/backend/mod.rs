@@ -1,19 +1,31 @@
-//! Talking to a provider: its connection pool ([`crate::client`]), the
-//! rewrite of a client request into an upstream one (URI, Host, hop-by-hop
-//! headers, key injection), and what a failed exchange tells the client.
+//! A backend: where a route's attempt goes. It owns the upstream's
+//! connection pool ([`crate::client`], shared with the other routes that use
+//! the upstream), the provider (dialect) the upstream speaks, and metric
+//! handles labelled `{route, upstream}`. Here too: the rewrite of a client
+//! request into an upstream one (URI, Host, hop-by-hop headers, key
+//! injection), and what a failed exchange tells the client.
+//!
+//! A route holds a list of backends (today: one); the proxy asks it for a
+//! backend on every attempt (`pick.rs`).
+
+mod pick;
 
 use std::error::Error as StdError;
+use std::sync::Arc;
 
 use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
-use http::uri::PathAndQuery;
+use http::uri::{PathAndQuery, Scheme};
 use http::Response;
 use http::{HeaderMap, Uri, Version};
 
+use crate::access::RequestSpan;
 use crate::body::RequestBody;
 use crate::client::{self, Client, UpstreamBody};
 use crate::config::{self, Route};
 use crate::error::ProxyError;
+use crate::metrics::BackendMetrics;
+use crate::provider::Provider;
 use crate::route::forwarded_path;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -30,59 +42,89 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::EXPECT,
 ];
 
-/// Client key headers, removed when the upstream has a key of its own.
-static CLIENT_AUTH: [HeaderName; 3] = [
-    header::AUTHORIZATION,
-    HeaderName::from_static("api-key"),
-    HeaderName::from_static("x-api-key"),
-];
+pub use pick::{Backends, Step, Trail};
 
-/// One upstream with its connection pool.
+/// A response body from an upstream.
+pub type Upstream = UpstreamBody<RequestBody>;
+
+/// One upstream as one route sees it.
 #[derive(Debug)]
-pub struct Upstream {
-    pub config: std::sync::Arc<config::Upstream>,
-    client: Client,
+pub struct Backend {
+    pub upstream: Arc<config::Upstream>,
+    pool: Client<RequestBody>,
+    pub provider: &'static dyn Provider,
+    pub metrics: BackendMetrics,
 }
 
-impl Upstream {
-    pub fn new(config: std::sync::Arc<config::Upstream>) -> Self {
-        let client = Client::new(&config);
-        Self { config, client }
+impl Backend {
+    pub fn new(
+        upstream: Arc<config::Upstream>,
+        pool: Client<RequestBody>,
+        provider: &'static dyn Provider,
+        metrics: BackendMetrics,
+    ) -> Self {
+        Self {
+            upstream,
+            pool,
+            provider,
+            metrics,
+        }
     }
 
+    /// A new connection pool for `upstream`.
+    pub fn pool(upstream: &config::Upstream) -> Client<RequestBody> {
+        Client::new(client::Target {
+            authority: &upstream.authority,
+            https: upstream.scheme == Scheme::HTTPS,
+            tls: &upstream.tls,
+            connect_timeout: upstream.connect_timeout,
+        })
+    }
+
+    /// Sends a request aimed at this backend (see [`Backend::aim`]); a
+    /// failure is logged with its cause and told as the client will see it.
     pub async fn send(
         &self,
         parts: &Parts,
         body: RequestBody,
-    ) -> Result<Response<UpstreamBody>, client::Error> {
-        self.client.send(parts, body).await
+        span: &RequestSpan,
+    ) -> Result<Response<Upstream>, ProxyError> {
+        let res = self.pool.send(parts, body).await;
+        res.map_err(|e| classify(&e, &self.upstream.name, span))
+    }
+
+    /// Points a prepared request head (see [`prepare`]) at this backend:
+    /// URI, `Host`, the key, the upstream's extra headers.
+    pub fn aim(&self, parts: &mut Parts, route: &Route) {
+        let up = &self.upstream;
+        parts.uri = upstream_uri(&parts.uri, route, up);
+        let h = &mut parts.headers;
+        h.insert(header::HOST, up.host.clone());
+        if let Some((name, value)) = &up.key {
+            for name in self.provider.client_key_headers() {
+                h.remove(name);
+            }
+            h.insert(name.clone(), value.clone());
+        }
+        for (name, value) in &up.headers {
+            h.insert(name.clone(), value.clone());
+        }
     }
 }
 
-/// Turns the client's request head into the upstream's, in place.
-pub fn rewrite_request(parts: &mut Parts, route: &Route, request_id: &HeaderValue) {
-    let up = &route.upstream;
-    parts.uri = upstream_uri(&parts.uri, route);
+/// What every attempt's request head shares, whichever backend it goes to:
+/// HTTP/1.1, no hop-by-hop headers, the request id.
+pub fn prepare(parts: &mut Parts, request_id: &HeaderValue) {
     parts.version = Version::HTTP_11;
-    let h = &mut parts.headers;
-    // Hop-by-hop first, so `Connection: authorization` cannot remove the injected key.
-    strip_hop_by_hop(h);
-    h.insert(header::HOST, up.host.clone());
-    if let Some((name, value)) = &up.key {
-        for name in &CLIENT_AUTH {
-            h.remove(name);
-        }
-        h.insert(name.clone(), value.clone());
-    }
-    for (name, value) in &up.headers {
-        h.insert(name.clone(), value.clone());
-    }
-    h.insert(X_REQUEST_ID.clone(), request_id.clone());
+    // Before any key is set, so `Connection: authorization` cannot remove it.
+    strip_hop_by_hop(&mut parts.headers);
+    parts
+        .headers
+        .insert(X_REQUEST_ID.clone(), request_id.clone());
 }
 
 /// The upstream's base path joined with the (maybe stripped) path and the query.
-fn upstream_uri(uri: &Uri, route: &Route) -> Uri {
-    let up = &route.upstream;
+fn upstream_uri(uri: &Uri, route: &Route, up: &config::Upstream) -> Uri {
     let path = forwarded_path(route, uri.path());
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(up.scheme.clone());
@@ -150,11 +192,7 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 
 /// Maps a failed upstream exchange to what the client is told, and logs the
 /// cause (the chain of errors never holds a header value, so no key).
-pub fn classify(
-    err: &client::Error,
-    upstream: &str,
-    span: &crate::access::RequestSpan,
-) -> ProxyError {
+fn classify(err: &client::Error, upstream: &str, span: &RequestSpan) -> ProxyError {
     let chain = ErrorChain(err);
     if let Some(rustls::Error::InvalidCertificate(why)) = find_cause::<rustls::Error>(err) {
         tracing::warn!(

@@ -1,9 +1,10 @@
 //! The response body sent to the client.
 //!
-//! The upstream's frames pass through untouched, one at a time, so hyper's
-//! backpressure reaches the upstream and memory stays at a few frames per
-//! stream. The wrapper counts bytes for the access log, and enforces the
-//! route's `idle` and `total` deadlines. When the stream fails after the
+//! The upstream's frames pass through untouched, one at a time, so the
+//! server's backpressure reaches the upstream and memory stays at a few
+//! frames per stream. The wrapper counts bytes, enforces the route's `idle`
+//! and `total` deadlines, and owns the request's context: dropping the body
+//! ends the request. When the stream fails after the
 //! headers went out (silence, deadline, upstream reset), an SSE stream gets
 //! one last `data: {"error":...}` event and a clean end, so SDKs raise while
 //! iterating; any other body is aborted (h1: no final chunk; h2: reset), so
@@ -19,67 +20,14 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
-use std::sync::Arc;
-
-use crate::access::{AccessLog, BodyEnd};
+use super::ctx::{BodyEnd, RequestCtx};
+use crate::backend::Upstream;
 use crate::body::prefixed_size_hint;
-use crate::client::UpstreamBody;
-use crate::cutoff::{Cutoff, CutoffWait};
+use crate::drain;
+use crate::error::StreamFailure;
+use crate::server::{whole_frame, whole_hint};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Why a started response could not finish.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StreamFailure {
-    IdleTimeout,
-    Deadline,
-    UpstreamReset,
-}
-
-impl StreamFailure {
-    pub fn code(self) -> &'static str {
-        match self {
-            Self::IdleTimeout => "upstream_idle_timeout",
-            Self::Deadline => "deadline_exceeded",
-            Self::UpstreamReset => "upstream_reset",
-        }
-    }
-
-    /// The final SSE event, preceded by a blank line in case the upstream
-    /// stopped inside an event.
-    fn sse_event(self, at_boundary: bool) -> Bytes {
-        let event = match self {
-            Self::IdleTimeout => concat!(
-                r#"data: {"error":{"message":"sluice: the upstream sent nothing for longer than the route's idle timeout","#,
-                r#""type":"proxy_error","param":null,"code":"upstream_idle_timeout"}}"#,
-                "\n\n"
-            ),
-            Self::Deadline => concat!(
-                r#"data: {"error":{"message":"sluice: a deadline was reached mid-stream (the route's total, or the shutdown grace)","#,
-                r#""type":"proxy_error","param":null,"code":"deadline_exceeded"}}"#,
-                "\n\n"
-            ),
-            Self::UpstreamReset => concat!(
-                r#"data: {"error":{"message":"sluice: the upstream connection broke mid-stream","#,
-                r#""type":"proxy_error","param":null,"code":"upstream_reset"}}"#,
-                "\n\n"
-            ),
-        };
-        if at_boundary {
-            Bytes::from_static(event.as_bytes())
-        } else {
-            Bytes::from([b"\n\n", event.as_bytes()].concat())
-        }
-    }
-}
-
-impl std::fmt::Display for StreamFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.code())
-    }
-}
-
-impl std::error::Error for StreamFailure {}
 
 /// The response body sent to the client.
 #[derive(Debug)]
@@ -89,7 +37,7 @@ pub struct ResponseBody {
     sse: bool,
     /// Whether what went out so far ends on an SSE event boundary.
     at_boundary: bool,
-    log: AccessLog,
+    ctx: RequestCtx,
 }
 
 #[derive(Debug)]
@@ -98,7 +46,7 @@ enum Inner {
     Failed(StreamFailure),
     Upstream {
         head: VecDeque<Bytes>,
-        body: UpstreamBody,
+        body: Upstream,
     },
     Full(Option<Bytes>),
     Done,
@@ -106,7 +54,7 @@ enum Inner {
 
 /// The idle and total deadlines of one stream. One sleep serves both: it is
 /// armed for the earlier and, on waking, re-armed if frames came meanwhile
-/// (cheaper than resetting a timer on every frame). Sleep and cutoff wait
+/// (cheaper than resetting a timer on every frame). Sleep and cut wait
 /// are made when the body first has to wait: a body that is there at once
 /// (most non-streaming answers) costs no timer. Idle time runs from when
 /// the body waits on the upstream, so time the client takes to accept the
@@ -114,7 +62,7 @@ enum Inner {
 #[derive(Debug)]
 struct Timer {
     waits: Option<Waits>,
-    cutoff: Arc<Cutoff>,
+    drain: drain::Watch,
     idle: Duration,
     /// When the body last began to wait; `None` once a frame has come since
     /// (the clock is read at the next wait, not per frame).
@@ -126,7 +74,7 @@ struct Timer {
 struct Waits {
     sleep: Pin<Box<Sleep>>,
     /// The end of shutdown_grace.
-    cut: CutoffWait,
+    cut: drain::CutWait,
 }
 
 /// When a stream's timer should wake: at its idle limit or its deadline.
@@ -136,39 +84,39 @@ fn next_wake(last_frame: Instant, idle: Duration, deadline: Option<Instant>) -> 
 }
 
 impl ResponseBody {
-    /// An upstream body (maybe with a part already read) under the route's deadlines.
+    /// An upstream body (maybe with a part already read) under the
+    /// request's deadlines.
     pub fn upstream(
         head: VecDeque<Bytes>,
-        body: UpstreamBody,
+        body: Upstream,
         sse: bool,
-        idle: Duration,
-        deadline: Option<Instant>,
-        cutoff: &Arc<Cutoff>,
-        log: AccessLog,
+        drain: &drain::Watch,
+        ctx: RequestCtx,
     ) -> Self {
         let timer = Timer {
             waits: None,
-            cutoff: cutoff.clone(),
-            idle,
+            drain: drain.clone(),
+            idle: ctx.deadlines.idle,
             last_frame: None,
-            deadline,
+            deadline: ctx.deadlines.total,
         };
         Self {
             inner: Inner::Upstream { head, body },
             timer: Some(timer),
             sse,
             at_boundary: true,
-            log,
+            ctx,
         }
     }
 
-    pub fn full(body: Bytes, log: AccessLog) -> Self {
+    /// A body sluice wrote itself (an error).
+    pub fn full(body: Bytes, ctx: RequestCtx) -> Self {
         Self {
             inner: Inner::Full(Some(body)),
             timer: None,
             sse: false,
             at_boundary: true,
-            log,
+            ctx,
         }
     }
 
@@ -181,10 +129,13 @@ impl ResponseBody {
         // Dropping the upstream body cancels the upstream request.
         self.inner = Inner::Done;
         self.timer = None;
-        self.log.end = BodyEnd::Failed(why);
+        self.ctx.end = BodyEnd::Failed(why);
         if self.sse {
-            let event = why.sse_event(self.at_boundary);
-            self.log.bytes_out += event.len() as u64;
+            let event = self
+                .ctx
+                .provider()
+                .sse_error_event(why.info(), self.at_boundary);
+            self.ctx.bytes_out += event.len() as u64;
             Poll::Ready(Some(Ok(Frame::data(event))))
         } else {
             // The abort comes on the next poll: hyper first flushes what it
@@ -203,10 +154,10 @@ impl ResponseBody {
         // after the head): the clock is read then, not on every frame.
         let last_frame = *timer.last_frame.get_or_insert_with(Instant::now);
         let wake = next_wake(last_frame, timer.idle, timer.deadline);
-        let cutoff = &timer.cutoff;
+        let drain = &timer.drain;
         let waits = timer.waits.get_or_insert_with(|| Waits {
             sleep: Box::pin(tokio::time::sleep_until(wake)),
-            cut: cutoff.wait(),
+            cut: drain.cut(),
         });
         if Pin::new(&mut waits.cut).poll(cx).is_ready() {
             return Some(StreamFailure::Deadline);
@@ -239,7 +190,7 @@ impl Body for ResponseBody {
         let this = self.get_mut();
         // A fast upstream is never Pending: check the total deadline on every frame.
         if let Some(t) = &this.timer {
-            if t.cutoff.fired() || t.deadline.is_some_and(|d| Instant::now() >= d) {
+            if t.drain.is_cut() || t.deadline.is_some_and(|d| Instant::now() >= d) {
                 return this.fail(StreamFailure::Deadline, cx);
             }
         }
@@ -250,7 +201,7 @@ impl Body for ResponseBody {
                 this.inner = Inner::Done;
                 return Poll::Ready(Some(Err(Box::new(why))));
             }
-            Inner::Full(data) => data.take().map(|d| Ok(Frame::data(d))),
+            Inner::Full(data) => whole_frame(data),
             Inner::Upstream { head, body } => match head.pop_front() {
                 Some(d) => Some(Ok(Frame::data(d))),
                 None => match Pin::new(body).poll_frame(cx) {
@@ -267,7 +218,7 @@ impl Body for ResponseBody {
         match frame {
             Some(Ok(f)) => {
                 if let Some(d) = f.data_ref() {
-                    this.log.bytes_out += d.len() as u64;
+                    this.ctx.bytes_out += d.len() as u64;
                     if this.sse && !d.is_empty() {
                         this.at_boundary = d.ends_with(b"\n\n") || d.ends_with(b"\r\n\r\n");
                     }
@@ -278,11 +229,11 @@ impl Body for ResponseBody {
                 Poll::Ready(Some(Ok(f)))
             }
             Some(Err(e)) => {
-                tracing::warn!(parent: this.log.span.get(), "upstream body broke off: {e}");
+                tracing::warn!(parent: this.ctx.span.get(), "upstream body broke off: {e}");
                 this.fail(StreamFailure::UpstreamReset, cx)
             }
             None => {
-                this.log.end = BodyEnd::Complete;
+                this.ctx.end = BodyEnd::Complete;
                 this.inner = Inner::Done;
                 Poll::Ready(None)
             }
@@ -303,7 +254,7 @@ impl Body for ResponseBody {
         match &self.inner {
             Inner::Done => SizeHint::with_exact(0),
             Inner::Failed(_) => SizeHint::default(),
-            Inner::Full(d) => SizeHint::with_exact(d.as_ref().map_or(0, |d| d.len() as u64)),
+            Inner::Full(d) => whole_hint(d),
             Inner::Upstream { head, body } => prefixed_size_hint(head, body.size_hint()),
         }
     }
@@ -311,9 +262,10 @@ impl Body for ResponseBody {
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
-        // hyper may stop polling once is_end_stream() is true.
-        if self.log.end == BodyEnd::Unfinished && self.is_end_stream() {
-            self.log.end = BodyEnd::Complete;
+        // The server may stop polling once is_end_stream() is true.
+        if self.ctx.end == BodyEnd::Unfinished && self.is_end_stream() {
+            self.ctx.end = BodyEnd::Complete;
         }
+        self.ctx.finish();
     }
 }

@@ -1,0 +1,257 @@
+//! One request's state, from arrival to the end of its response body: its
+//! id and span, its deadlines, the trail of its attempts, its in-flight
+//! slot and its route's metric handles. It ends in one [`RequestCtx::finish`]
+//! (called when the response body is dropped, or when the request is
+//! abandoned) that records the metrics, releases the slot and writes the
+//! access line.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+
+use super::build::RouteState;
+use crate::access::{self, RequestSpan};
+use crate::backend::{Trail, X_REQUEST_ID};
+use crate::config::Timeouts;
+use crate::error::StreamFailure;
+use crate::metrics::RouteMetrics;
+use crate::provider::{Provider, OPENAI};
+
+static X_SLUICE_ATTEMPTS: HeaderName = HeaderName::from_static("x-sluice-attempts");
+
+/// A route's deadlines for one request, computed once at routing.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadlines {
+    /// Per attempt: request sent (or upload ended) to response headers.
+    pub first_byte: Duration,
+    /// Longest silence between response body frames.
+    pub idle: Duration,
+    /// When the whole exchange must be over, if the route says.
+    pub total: Option<Instant>,
+}
+
+impl Deadlines {
+    fn new(start: Instant, t: &Timeouts) -> Self {
+        Self {
+            first_byte: t.first_byte,
+            idle: t.idle,
+            total: t.total.map(|d| start + d),
+        }
+    }
+
+    /// When an attempt sent at `sent` must have its response headers.
+    pub fn first_byte_at(&self, sent: Instant) -> Instant {
+        let at = sent + self.first_byte;
+        self.total.map_or(at, |d| d.min(at))
+    }
+}
+
+/// How the response body ended, as far as the client is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyEnd {
+    /// Dropped before its end: the client went away (or the server stopped).
+    Unfinished,
+    Complete,
+    /// Cut after the headers: an SSE error event, or an abort.
+    Failed(StreamFailure),
+}
+
+impl BodyEnd {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Unfinished => "client_gone",
+            Self::Complete => "complete",
+            Self::Failed(why) => why.code(),
+        }
+    }
+}
+
+/// Who the request's metrics and log line belong to.
+#[derive(Debug)]
+enum Owner {
+    Unrouted(Arc<RouteMetrics>),
+    Route(Arc<RouteState>),
+}
+
+#[derive(Debug)]
+pub struct RequestCtx {
+    pub span: RequestSpan,
+    start: Instant,
+    method: Method,
+    /// A copy: a stream's context lives as long as the stream, and a slice
+    /// of the request would keep the server's read buffer with it.
+    path: Box<str>,
+    owner: Owner,
+    pub deadlines: Deadlines,
+    pub trail: Trail,
+    /// Time to the last response's headers.
+    pub ttfb: Option<Duration>,
+    /// `None` until a response exists; logged as 499.
+    pub status: Option<StatusCode>,
+    /// sluice's own error code, when sluice answered.
+    pub error: Option<&'static str>,
+    /// The retry budget refused a retry.
+    pub budget_exhausted: bool,
+    /// The upstream's own `x-request-id`, if it sent one.
+    pub upstream_request_id: Option<Box<str>>,
+    pub bytes_out: u64,
+    pub end: BodyEnd,
+    /// The route's in-flight slot, held until the request ends.
+    pub permit: Option<OwnedSemaphorePermit>,
+    finished: bool,
+}
+
+impl RequestCtx {
+    pub fn new<B>(req: &Request<B>, unrouted: Arc<RouteMetrics>) -> Self {
+        let start = Instant::now();
+        Self {
+            span: RequestSpan::new(request_id(req.headers())),
+            start,
+            method: req.method().clone(),
+            path: req.uri().path().into(),
+            owner: Owner::Unrouted(unrouted),
+            // Set at routing; a request no route takes has none.
+            deadlines: Deadlines {
+                first_byte: Duration::ZERO,
+                idle: Duration::ZERO,
+                total: None,
+            },
+            trail: Trail::default(),
+            ttfb: None,
+            status: None,
+            error: None,
+            budget_exhausted: false,
+            upstream_request_id: None,
+            bytes_out: 0,
+            end: BodyEnd::Unfinished,
+            permit: None,
+            finished: false,
+        }
+    }
+
+    /// The request matched this route: its metrics, deadlines and dialect
+    /// from now on.
+    pub fn routed(&mut self, state: &Arc<RouteState>) {
+        state.metrics.in_flight.inc();
+        self.deadlines = Deadlines::new(self.start, &state.route.timeouts);
+        self.owner = Owner::Route(state.clone());
+    }
+
+    pub fn route(&self) -> Option<&RouteState> {
+        match &self.owner {
+            Owner::Route(r) => Some(r),
+            Owner::Unrouted(_) => None,
+        }
+    }
+
+    fn metrics(&self) -> &RouteMetrics {
+        match &self.owner {
+            Owner::Route(r) => &r.metrics,
+            Owner::Unrouted(m) => m,
+        }
+    }
+
+    /// The dialect of sluice's own errors for this request.
+    pub fn provider(&self) -> &'static dyn Provider {
+        self.route().map_or(&OPENAI, |r| r.provider)
+    }
+
+    /// The headers sluice adds to every response: the request id, and what
+    /// the attempts were.
+    pub fn response_headers(&self, h: &mut HeaderMap) {
+        h.insert(X_REQUEST_ID.clone(), self.span.id_value().clone());
+        let attempts = self.trail.attempts();
+        if attempts > 1 {
+            h.insert(X_SLUICE_ATTEMPTS.clone(), HeaderValue::from(attempts));
+        }
+        if attempts > 1 || self.budget_exhausted {
+            self.provider().forbid_client_retry(h);
+        }
+    }
+
+    /// The request is over: metrics, the slot, the access line. Once.
+    pub fn finish(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        let duration = self.start.elapsed();
+        let status = self.status.map_or(499, |s| s.as_u16());
+        let m = self.metrics();
+        m.request(status);
+        m.duration.observe(duration.as_secs_f64());
+        if self.route().is_some() {
+            m.in_flight.dec();
+        }
+        match self.end {
+            BodyEnd::Failed(why) => m.stream_abort(why.code()),
+            BodyEnd::Unfinished if self.status.is_some() => m.stream_abort("client_gone"),
+            _ => {}
+        }
+        self.permit = None;
+        let route = self.route();
+        // The backend of the last attempt, or before any the route's first.
+        let backend = route.map(|r| {
+            let i = self.trail.last().map_or(0, |s| s.backend);
+            r.backends.get(i).upstream.name.as_str()
+        });
+        access::write(&access::Record {
+            span: &self.span,
+            method: &self.method,
+            path: &self.path,
+            route: route.map_or("-", |r| r.route.name.as_str()),
+            upstream: backend.unwrap_or("-"),
+            status,
+            attempts: self.trail.attempts(),
+            duration,
+            ttfb: self.ttfb,
+            bytes_out: self.bytes_out,
+            body: self.end.as_str(),
+            error: self.error,
+            budget_exhausted: self.budget_exhausted,
+            upstream_request_id: self.upstream_request_id.as_deref(),
+        });
+    }
+}
+
+impl Drop for RequestCtx {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// The client's `x-request-id` when it is sane, else a new UUID.
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(&X_REQUEST_ID) {
+        let b = v.as_bytes();
+        if !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic()) {
+            // A copy, not a slice of the request's head: the id lives as
+            // long as the stream, and would keep that buffer alive.
+            return HeaderValue::from_bytes(b).unwrap_or_else(|_| v.clone());
+        }
+    }
+    let mut buf = uuid::Uuid::encode_buffer();
+    let s = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+    HeaderValue::from_str(s).expect("a UUID is a valid header value")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_byte_never_runs_past_the_total_deadline() {
+        let start = Instant::now();
+        let d = Deadlines {
+            first_byte: Duration::from_secs(10),
+            idle: Duration::from_secs(1),
+            total: Some(start + Duration::from_secs(3)),
+        };
+        assert_eq!(d.first_byte_at(start), start + Duration::from_secs(3));
+        let d = Deadlines { total: None, ..d };
+        assert_eq!(d.first_byte_at(start), start + Duration::from_secs(10));
+    }
+}

@@ -1,0 +1,274 @@
+//! One attempt, as the proxy makes it: ask the route for a backend, aim the
+//! request head at it, send under the `first_byte` and `total` deadlines,
+//! record what came of it, and judge the response for the retry policy
+//! (reading the start of a 429's body for `insufficient_quota`).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{header, HeaderMap, HeaderValue, Response, StatusCode, Uri};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use tokio::time::Instant;
+
+use super::attempts::Attempt;
+use super::build::RouteState;
+use super::ctx::RequestCtx;
+use crate::backend::{Backend, Step, Upstream};
+use crate::body::RequestBody;
+use crate::error::ProxyError;
+use crate::retry::Outcome;
+
+/// How much of a 429 body is read to look for `insufficient_quota`.
+const QUOTA_PEEK: usize = 64 * 1024;
+
+/// An upstream response on its way to the client.
+pub struct Forwarded {
+    pub res: Response<Upstream>,
+    /// Body bytes already read (a peeked 429), sent before the rest.
+    pub head: VecDeque<Bytes>,
+}
+
+/// The request's attempts at its route's backends.
+pub struct Exchange<'a> {
+    state: &'a RouteState,
+    head: Outgoing,
+    body: Replay,
+    ctx: &'a mut RequestCtx,
+    /// Most attempts this request can make.
+    pub max: u32,
+}
+
+/// The request body each attempt sends.
+enum Replay {
+    /// Held whole: every attempt shares it.
+    Copy(Option<Bytes>),
+    /// Streamed, or a route that does not retry: sent once.
+    Once(Option<RequestBody>),
+}
+
+impl<'a> Exchange<'a> {
+    /// `parts` was prepared (`backend::prepare`); a whole body is replayed
+    /// when the route retries.
+    pub fn new(
+        state: &'a RouteState,
+        parts: Parts,
+        body: RequestBody,
+        ctx: &'a mut RequestCtx,
+    ) -> Self {
+        let attempts = state.route.retry.attempts;
+        let (body, max) = match body {
+            RequestBody::Full(b) if attempts > 1 => (Replay::Copy(b), attempts),
+            body => (Replay::Once(Some(body)), 1),
+        };
+        let head = Outgoing {
+            parts,
+            aimed: None,
+            pristine: None,
+        };
+        Self {
+            state,
+            head,
+            body,
+            ctx,
+            max,
+        }
+    }
+
+    fn body(&mut self) -> RequestBody {
+        match &mut self.body {
+            Replay::Copy(b) => RequestBody::Full(b.clone()),
+            Replay::Once(b) => b
+                .take()
+                .expect("a request that cannot be replayed is sent once"),
+        }
+    }
+
+    /// Reads the retry policy's view of a response: a hint to wait, and
+    /// for a 429 worth retrying whether its body says the quota is gone.
+    async fn judge(
+        &self,
+        res: Response<Upstream>,
+        can_retry: bool,
+        backend: &Backend,
+        sent: Instant,
+    ) -> Result<(Forwarded, Outcome), ProxyError> {
+        let policy = &self.state.route.retry;
+        let status = res.status();
+        let retryable = can_retry && policy.on_status.contains(&status.as_u16());
+        let mut fwd = Forwarded {
+            res,
+            head: VecDeque::new(),
+        };
+        let mut quota = false;
+        if retryable && status == StatusCode::TOO_MANY_REQUESTS {
+            let until = self.ctx.deadlines.first_byte_at(sent);
+            (fwd, quota) = Box::pin(peek_quota(fwd.res, until, backend)).await?;
+        }
+        let hint = (retryable && policy.honor_retry_after)
+            .then(|| {
+                let h = fwd.res.headers();
+                backend.provider.wait_hint(h, status, SystemTime::now())
+            })
+            .flatten();
+        Ok((
+            fwd,
+            Outcome::Response {
+                status,
+                hint,
+                quota,
+            },
+        ))
+    }
+}
+
+impl Attempt for Exchange<'_> {
+    type Response = Forwarded;
+
+    async fn attempt(&mut self, n: u32, sent: Instant) -> Result<(Forwarded, Outcome), ProxyError> {
+        let state = self.state;
+        let (index, backend) = state.backends.pick(&self.ctx.trail);
+        self.head
+            .aim(state.backends.as_slice(), index, &state.route);
+        let body = self.body();
+        let res = send(backend, &self.head.parts, body, sent, self.ctx).await;
+        let m = &backend.metrics;
+        let result = match &res {
+            Ok(res) => {
+                let ttfb = sent.elapsed();
+                self.ctx.ttfb = Some(ttfb);
+                m.ttfb.observe(ttfb.as_secs_f64());
+                Ok(res.status())
+            }
+            Err(e) => Err(Outcome::Failed(*e).label()),
+        };
+        m.attempt(result.map_or_else(|word| word, |s| crate::retry::status_class(s.as_u16())));
+        self.ctx.trail.push(Step {
+            backend: index,
+            result,
+        });
+        self.judge(res?, n < self.max, backend, sent).await
+    }
+
+    fn budget_refused(&mut self) {
+        self.ctx.budget_exhausted = true;
+        self.state.metrics.budget_exhausted.inc();
+    }
+
+    fn retrying(&mut self, n: u32, reason: &'static str, wait: Duration) {
+        self.state.metrics.retry(reason);
+        tracing::debug!(parent: self.ctx.span.get(), attempt = n, ?wait, reason, "retrying");
+    }
+}
+
+/// The request head as it goes to a backend.
+struct Outgoing {
+    parts: Parts,
+    /// The backend it is aimed at now.
+    aimed: Option<usize>,
+    /// The client's URI and headers, kept when a route has several backends
+    /// so a switch starts again from them.
+    pristine: Option<(Uri, HeaderMap)>,
+}
+
+impl Outgoing {
+    /// Aims the head at backend `i`: a no-op when it already is, so the
+    /// head is lent to each attempt, never copied, while the backend stays.
+    fn aim(&mut self, backends: &[Arc<Backend>], i: usize, route: &crate::config::Route) {
+        if self.aimed == Some(i) {
+            return;
+        }
+        match &self.pristine {
+            Some((uri, headers)) if self.aimed.is_some() => {
+                self.parts.uri = uri.clone();
+                self.parts.headers = headers.clone();
+            }
+            None if backends.len() > 1 => {
+                self.pristine = Some((self.parts.uri.clone(), self.parts.headers.clone()));
+            }
+            _ => {}
+        }
+        backends[i].aim(&mut self.parts, route);
+        self.aimed = Some(i);
+    }
+}
+
+/// One attempt, bounded by `first_byte` and the total deadline.
+async fn send(
+    backend: &Backend,
+    parts: &Parts,
+    body: RequestBody,
+    sent: Instant,
+    ctx: &RequestCtx,
+) -> Result<Response<Upstream>, ProxyError> {
+    let deadlines = ctx.deadlines;
+    let stream = body.stream_state();
+    // first_byte runs from the end of the upload: a slow client's large
+    // body is not the upstream being late.
+    let first_byte = async {
+        match &stream {
+            Some(s) => {
+                s.uploaded.notified().await;
+                tokio::time::sleep(deadlines.first_byte).await;
+            }
+            None => tokio::time::sleep_until(sent + deadlines.first_byte).await,
+        }
+    };
+    let total = async {
+        match deadlines.total {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        res = backend.send(parts, body, &ctx.span) => res.map_err(|e| {
+            // When the client's body broke (too large, cut off), that is the cause.
+            stream.as_ref().and_then(|s| s.failure.get().copied()).unwrap_or(e)
+        }),
+        () = first_byte => Err(ProxyError::UpstreamTimeout),
+        () = total => Err(ProxyError::DeadlineExceeded),
+    }
+}
+
+/// Reads the start of a 429's body to see whether it is `insufficient_quota`
+/// (true: never retry it); what was read is kept so the response can still
+/// pass on intact. A body that breaks off is a reset: passed on, it would
+/// look complete.
+async fn peek_quota(
+    res: Response<Upstream>,
+    until: Instant,
+    backend: &Backend,
+) -> Result<(Forwarded, bool), ProxyError> {
+    let (parts, mut body) = res.into_parts();
+    let mut head = VecDeque::new();
+    let mut len = 0;
+    while len <= QUOTA_PEEK && !body.is_end_stream() {
+        match tokio::time::timeout_at(until, body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    len += data.len();
+                    head.push_back(data);
+                }
+            }
+            Ok(Some(Err(_))) => return Err(ProxyError::UpstreamReset),
+            // The end, or a stalled body: judge what arrived.
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let whole: Vec<u8> = head.iter().flat_map(|b| b.iter().copied()).collect();
+    let encoding = parts
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .map(HeaderValue::as_bytes);
+    let quota = backend.provider.is_quota_exhausted(encoding, &whole);
+    Ok((
+        Forwarded {
+            res: Response::from_parts(parts, body),
+            head,
+        },
+        quota,
+    ))
+}

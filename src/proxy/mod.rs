@@ -1,0 +1,186 @@
+//! The request story, one phase per call: identify, route, admit, read the
+//! body, prepare the head, then a short loop of attempts, then respond.
+//! This is the only module that calls the others.
+//!
+//! - `build.rs`: per-config state (routes, backends, budgets, limiters);
+//! - `ctx.rs`: per-request state, ended once by `RequestCtx::finish`;
+//! - `attempts.rs`: the attempt loop, over the retry policy's verdicts;
+//! - `exchange.rs`: one attempt (pick a backend, aim, send, judge);
+//! - `response.rs`: the response body, which owns the context until the
+//!   body ends.
+
+mod attempts;
+mod build;
+mod ctx;
+mod exchange;
+mod response;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use http::request::Parts;
+use http::{header, HeaderMap, HeaderName, Request, Response};
+use tokio::time::Instant;
+
+use build::RouteState;
+pub use build::Shared;
+use ctx::RequestCtx;
+use exchange::{Exchange, Forwarded};
+pub use response::ResponseBody;
+
+use crate::backend::{self, X_REQUEST_ID};
+use crate::body::{BodyLimits, RequestBody};
+use crate::drain;
+use crate::error::{Fault, ProxyError};
+use crate::metrics::RouteMetrics;
+use crate::route::{self, RouteTable};
+use crate::server::{ClientBody, Handler};
+
+static X_UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
+
+/// Everything a request needs, built once per config (`build.rs`).
+#[derive(Debug)]
+pub struct Proxy {
+    routes: RouteTable<Arc<RouteState>>,
+    /// Metrics of requests no route matched.
+    unrouted: Arc<RouteMetrics>,
+    drain: drain::Watch,
+    limits: BodyLimits,
+}
+
+/// The server's handler: each request takes the config current when it
+/// arrives (one atomic load); in-flight ones finish on theirs.
+pub struct Service(pub Arc<ArcSwap<Proxy>>);
+
+impl Handler for Service {
+    type Body = ResponseBody;
+    /// Boxed: the server keeps a slot of the future's size for as long as
+    /// a connection lives, and unboxed that would be held by every open
+    /// stream long after its request phase ended.
+    type Future = Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send>>;
+
+    fn call(&self, req: Request<ClientBody>) -> Self::Future {
+        Box::pin(self.0.load_full().handle(req))
+    }
+}
+
+impl Proxy {
+    /// Serves one client request. Never fails: errors become responses here.
+    pub async fn handle(self: Arc<Self>, req: Request<ClientBody>) -> Response<ResponseBody> {
+        let mut ctx = RequestCtx::new(&req, self.unrouted.clone());
+        let outcome = if self.drain.is_draining() {
+            Err(ProxyError::ShuttingDown)
+        } else {
+            // Still waiting for the upstream when the grace runs out: answer, not a reset.
+            let forward = self.forward(req, &mut ctx);
+            tokio::select! {
+                res = forward => res,
+                () = self.drain.cut() => Err(ProxyError::ShuttingDown),
+            }
+        };
+        match outcome {
+            Ok(fwd) => self.respond(fwd, ctx),
+            Err(e) => refuse(e, ctx),
+        }
+    }
+
+    async fn forward(
+        &self,
+        req: Request<ClientBody>,
+        ctx: &mut RequestCtx,
+    ) -> Result<Forwarded, ProxyError> {
+        let (mut parts, body) = req.into_parts();
+        route::check_request(&parts.method, parts.uri.path())?;
+        let (_, state) = self
+            .routes
+            .find(&parts.method, parts.uri.path())
+            .ok_or(ProxyError::RouteNotFound)?;
+        ctx.routed(state);
+        let total = ctx.deadlines.total;
+        if let Some(limiter) = &state.limiter {
+            // Held until the response ends, whichever way it ends.
+            ctx.permit = limiter
+                .admit(&parts.headers, total)
+                .await
+                .inspect_err(|_| {
+                    state.metrics.rate_limited.inc();
+                })?;
+        }
+        let body = read_body(body, &parts, state, self.limits, total).await?;
+        backend::prepare(&mut parts, ctx.span.id_value());
+        // One clock read serves the deposit and the first attempt's start.
+        let now = Instant::now();
+        state.budget.deposit_at(now.into_std());
+        let mut exchange = Exchange::new(state, parts, body, ctx);
+        let plan = attempts::Plan {
+            policy: &state.route.retry,
+            budget: &state.budget,
+            max: exchange.max,
+            first: now,
+            total,
+        };
+        attempts::run(&mut exchange, plan).await
+    }
+
+    /// Passes an upstream response on: its headers cleaned, ours added, its
+    /// body under the request's deadlines.
+    fn respond(&self, fwd: Forwarded, mut ctx: RequestCtx) -> Response<ResponseBody> {
+        ctx.status = Some(fwd.res.status());
+        let (mut parts, body) = fwd.res.into_parts();
+        backend::strip_hop_by_hop(&mut parts.headers);
+        // The provider's own id (OpenAI's req_...) is what its support asks for.
+        if let Some(theirs) = parts.headers.remove(&X_REQUEST_ID) {
+            ctx.upstream_request_id = theirs.to_str().ok().map(Into::into);
+            parts.headers.insert(X_UPSTREAM_REQUEST_ID.clone(), theirs);
+        }
+        ctx.response_headers(&mut parts.headers);
+        let sse = is_sse(&parts.headers);
+        let body = ResponseBody::upstream(fwd.head, body, sse, &self.drain, ctx);
+        Response::from_parts(parts, body)
+    }
+}
+
+/// sluice's own answer, in the route's dialect.
+fn refuse(e: ProxyError, mut ctx: RequestCtx) -> Response<ResponseBody> {
+    if e.fault() == Fault::Client {
+        tracing::debug!(parent: ctx.span.get(), code = e.code(), "rejected: {e}");
+    }
+    ctx.status = Some(e.status());
+    ctx.error = Some(e.code());
+    let mut res = e.into_response(ctx.provider());
+    ctx.response_headers(res.headers_mut());
+    res.map(|b| ResponseBody::full(b, ctx))
+}
+
+/// Reads the client's body within the total deadline; a replay copy is
+/// kept only when the route retries.
+async fn read_body(
+    body: ClientBody,
+    parts: &Parts,
+    state: &RouteState,
+    mut limits: BodyLimits,
+    total: Option<Instant>,
+) -> Result<RequestBody, ProxyError> {
+    if state.route.retry.attempts == 1 {
+        limits.retry_buffer = 0;
+    }
+    let expects_continue = parts
+        .headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let read = RequestBody::read(body, limits, expects_continue);
+    match total {
+        Some(d) => tokio::time::timeout_at(d, read)
+            .await
+            .map_err(|_| ProxyError::DeadlineExceeded)?,
+        None => read.await,
+    }
+}
+
+fn is_sse(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
+}
