@@ -26,12 +26,14 @@ fn route(url: &str, retry: &str) -> String {
 
 /// An upstream answering from `script` by attempt number (the last entry
 /// repeats), recording when each attempt arrived.
-async fn scripted(script: Vec<Response<MockBody>>) -> (Mock, Arc<Mutex<Vec<Instant>>>) {
+async fn scripted(
+    script: Vec<Response<MockBody>>,
+) -> (Mock, Arc<Mutex<Vec<tokio::time::Instant>>>) {
     let arrivals = Arc::new(Mutex::new(Vec::new()));
     let (a, n) = (arrivals.clone(), AtomicUsize::new(0));
     let script = cloneable(script).await;
     let mock = Mock::start(move |_| {
-        a.lock().unwrap().push(Instant::now());
+        a.lock().unwrap().push(tokio::time::Instant::now());
         let i = n.fetch_add(1, SeqCst).min(script.len() - 1);
         let (status, headers, body) = script[i].clone();
         async move {
@@ -148,7 +150,7 @@ async fn connection_refused_is_502_after_every_attempt() {
     assert_eq!(head.headers()["x-should-retry"], "false");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn retry_after_1_delays_the_next_attempt_by_a_second() {
     let limited = r#"{"error":{"message":"Rate limit reached","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#;
     let (mock, arrivals) = scripted(vec![
@@ -161,14 +163,15 @@ async fn retry_after_1_delays_the_next_attempt_by_a_second() {
     assert_eq!(head.status(), 200);
     let t = arrivals.lock().unwrap().clone();
     assert_eq!(t.len(), 2);
+    // The paused clock: the wait is the hint, to the millisecond.
+    let waited = t[1] - t[0];
     assert!(
-        t[1] - t[0] >= Duration::from_millis(950),
-        "waited only {:?}",
-        t[1] - t[0]
+        waited >= Duration::from_secs(1) && waited < Duration::from_millis(1010),
+        "waited {waited:?}"
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn retry_after_ms_and_openai_reset_headers_are_hints_too() {
     let (mock, arrivals) = scripted(vec![
         status(429, &[("retry-after-ms", "600")], "{}"),
@@ -178,10 +181,10 @@ async fn retry_after_ms_and_openai_reset_headers_are_hints_too() {
     let proxy = Sidecar::start(&route(&mock.url(), ""), &[]).await;
     assert_eq!(get(&proxy.url("/v1/models")).await.0.status(), 200);
     let t = arrivals.lock().unwrap().clone();
+    let waited = t[1] - t[0];
     assert!(
-        t[1] - t[0] >= Duration::from_millis(550),
-        "{:?}",
-        t[1] - t[0]
+        waited >= Duration::from_millis(600) && waited < Duration::from_millis(610),
+        "{waited:?}"
     );
 
     let reset = [
@@ -192,14 +195,14 @@ async fn retry_after_ms_and_openai_reset_headers_are_hints_too() {
     let proxy = Sidecar::start(&route(&mock.url(), ""), &[]).await;
     assert_eq!(get(&proxy.url("/v1/models")).await.0.status(), 200);
     let t = arrivals.lock().unwrap().clone();
+    let waited = t[1] - t[0];
     assert!(
-        t[1] - t[0] >= Duration::from_millis(650),
-        "{:?}",
-        t[1] - t[0]
+        waited >= Duration::from_millis(700) && waited < Duration::from_millis(710),
+        "{waited:?}"
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_retry_after_over_max_retry_after_returns_the_429_at_once() {
     let limited = r#"{"error":{"message":"Rate limit reached","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#;
     let (mock, arrivals) = scripted(vec![
@@ -208,9 +211,10 @@ async fn a_retry_after_over_max_retry_after_returns_the_429_at_once() {
     ])
     .await;
     let proxy = Sidecar::start(&route(&mock.url(), "max_retry_after = \"20s\""), &[]).await;
-    let started = Instant::now();
+    // The paused clock: a wait for the hint would show in full.
+    let started = tokio::time::Instant::now();
     let (head, body) = get(&proxy.url("/v1/models")).await;
-    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(started.elapsed() < Duration::from_millis(100));
     assert_eq!(head.status(), 429);
     assert_eq!(head.headers()["retry-after"], "60");
     assert_eq!(&body[..], limited.as_bytes());
@@ -445,7 +449,7 @@ async fn a_connection_closed_before_headers_is_retried_as_reset() {
     assert_eq!(served.load(SeqCst), 1);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn no_retry_starts_whose_wait_would_cross_the_total_deadline() {
     // Retry-After: 2 against total = 1s: waiting could only end past the
     // deadline, so the 503 is returned at once rather than a 504 later.
@@ -459,10 +463,10 @@ async fn no_retry_starts_whose_wait_would_cross_the_total_deadline() {
         route(&mock.url(), "")
     );
     let proxy = Sidecar::start(&toml, &[]).await;
-    let started = Instant::now();
+    let started = tokio::time::Instant::now();
     let (head, body) = get(&proxy.url("/v1/models")).await;
     assert!(
-        started.elapsed() < Duration::from_millis(800),
+        started.elapsed() < Duration::from_millis(100),
         "{:?}",
         started.elapsed()
     );

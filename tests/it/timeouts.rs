@@ -112,7 +112,7 @@ async fn first_byte_exceeded_is_504_upstream_timeout() {
     assert_eq!(count.load(SeqCst), 1);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn timeout_is_not_retried_by_default_but_is_when_listed() {
     let (mock, count) = slow_then_fast(1, Duration::from_secs(30)).await;
     // Default retry_on lacks "timeout": the upstream may still be generating (and billing).
@@ -134,7 +134,7 @@ async fn timeout_is_not_retried_by_default_but_is_when_listed() {
     assert_eq!(count.load(SeqCst), 2);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn total_deadline_across_retries_is_504_deadline_exceeded_in_about_total() {
     let (mock, count) = slow_then_fast(usize::MAX, Duration::from_secs(30)).await;
     let retry = "attempts = 10\nbackoff_base = \"10ms\"\nretry_on = [\"timeout\"]";
@@ -143,16 +143,18 @@ async fn total_deadline_across_retries_is_504_deadline_exceeded_in_about_total()
         &[],
     )
     .await;
-    let started = Instant::now();
+    let started = tokio::time::Instant::now();
     let (head, body) = get(&proxy.url("/v1/x")).await;
     let took = started.elapsed();
-    // Timed-out attempts are retried until the deadline cuts the last one short.
+    // Timed-out attempts are retried until the deadline cuts the last one
+    // short; on the paused clock, at the deadline exactly.
     assert_sluice_error(&head, &body, 504, "deadline_exceeded");
     assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        took >= Duration::from_secs(1) && took < Duration::from_millis(1050),
         "took {took:?}"
     );
-    assert!(count.load(SeqCst) >= 3, "attempts: {}", count.load(SeqCst));
+    // 300 ms each, with backoff up to 10, 20, 40 ms between: four begin.
+    assert_eq!(count.load(SeqCst), 4, "attempts");
 }
 
 #[tokio::test]
