@@ -6,6 +6,7 @@
 //! malformed head, a bad chunk or a short body is an error, never a body
 //! that looks complete (the rules are in [`crate::http1`]).
 
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll, Waker};
@@ -46,22 +47,32 @@ impl Conn {
     }
 
     /// Whether an idle connection can carry another request: the upstream
-    /// has not closed it and sent nothing unasked. Never waits.
+    /// has not closed it and sent nothing unasked. Never waits. A byte the
+    /// upstream sent out of turn would be read as the next response's
+    /// start (a desync), so this asks the socket itself: the reactor's
+    /// cached readiness may not have seen bytes or a close that came since.
     pub(super) fn still_open(&mut self) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
-        // Plain TCP: no news from the reactor means nothing arrived, no syscall needed.
-        if let Io::Tcp(s) = &self.io {
-            if s.poll_read_ready(&mut cx).is_pending() {
-                return true;
-            }
+        let tcp = match &self.io {
+            Io::Tcp(s) => s,
+            Io::Tls(s) => s.get_ref().0,
+        };
+        let mut byte = [MaybeUninit::<u8>::uninit(); 1];
+        // Would block: nothing to read, the connection is open. A byte, the
+        // end of the stream or an error rules it out.
+        match socket2::SockRef::from(tcp).peek(&mut byte) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            _ => return false,
         }
-        let mut byte = [0u8; 1];
-        let mut probe = ReadBuf::new(&mut byte);
-        // Pending: nothing to read, the connection is open. Anything else
-        // (end of stream, stray bytes, an error) rules it out.
-        Pin::new(&mut self.io)
-            .poll_read(&mut cx, &mut probe)
-            .is_pending()
+        // TLS: what rustls already decrypted and holds counts too.
+        if let Io::Tls(_) = &self.io {
+            let mut cx = Context::from_waker(Waker::noop());
+            let mut probe = [0u8; 1];
+            let mut probe = ReadBuf::new(&mut probe);
+            return Pin::new(&mut self.io)
+                .poll_read(&mut cx, &mut probe)
+                .is_pending();
+        }
+        true
     }
 }
 
@@ -392,7 +403,7 @@ fn build_head(
             .map_err(|_| Error::Invalid("invalid header value"))?;
         map.append(name, value);
     }
-    let (framing, mut keep_alive) = response_framing(status, &map, head_only)?;
+    let (framing, mut keep_alive) = response_framing(status, &mut map, head_only)?;
     keep_alive &=
         version == Version::HTTP_11 && !http1::headers_have_token(&map, &CONNECTION, b"close");
     let mut res = Response::new(());
@@ -407,47 +418,44 @@ fn build_head(
 }
 
 /// RFC 9112 §6.3, and whether the framing leaves the connection reusable.
+/// The framing headers left in `headers` are the ones that describe what
+/// the client will be sent: one valid `content-length` for a body of that
+/// length (or a HEAD's or 304's), none otherwise.
 fn response_framing(
     status: StatusCode,
-    headers: &HeaderMap,
+    headers: &mut HeaderMap,
     head_only: bool,
 ) -> Result<(Framing, bool), Error> {
+    let length = http1::content_length(headers);
     if head_only || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        // No body follows. A HEAD's or a 304's length tells the size of
+        // what it stands for: kept when it is one valid value. A 204 has
+        // none (RFC 9110 §8.6).
+        match length {
+            Ok(Some(n)) if status != StatusCode::NO_CONTENT => {
+                http1::set_content_length(headers, n)
+            }
+            _ => drop(headers.remove(CONTENT_LENGTH)),
+        }
         return Ok((Framing::Empty, true));
     }
     if headers.contains_key(TRANSFER_ENCODING) {
-        let last = headers
-            .get_all(TRANSFER_ENCODING)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .map(<[u8]>::trim_ascii)
-            .rfind(|t| !t.is_empty());
-        let chunked = last.is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
-        // With a content-length as well, the message is suspect (smuggling):
-        // read it as chunked, then close.
-        let keep = chunked && !headers.contains_key(CONTENT_LENGTH);
-        let framing = if chunked {
-            Framing::Chunked
-        } else {
-            Framing::Eof
-        };
-        return Ok((framing, keep));
-    }
-    let mut length = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|&b| b == b',') {
-            let n = http1::parse_length(part.trim_ascii())
-                .ok_or(Error::Invalid("invalid content-length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(Error::Invalid("conflicting content-length values"));
-            }
-            length = Some(n);
+        if !http1::only_chunked(headers) {
+            return Err(Error::Invalid("a transfer coding other than chunked"));
         }
+        // With a content-length as well the message is suspect (smuggling):
+        // read it as chunked, drop the length (an intermediary must), then
+        // close the connection.
+        let keep = headers.remove(CONTENT_LENGTH).is_none();
+        return Ok((Framing::Chunked, keep));
     }
-    Ok(match length {
-        Some(n) => (Framing::Length(n), true),
-        None => (Framing::Eof, false),
-    })
+    match length.map_err(Error::Invalid)? {
+        Some(n) => {
+            http1::set_content_length(headers, n);
+            Ok((Framing::Length(n), true))
+        }
+        None => Ok((Framing::Eof, false)),
+    }
 }
 
 /// A response body read off its connection.
@@ -602,7 +610,7 @@ mod tests {
             .unwrap();
         assert_eq!(h.framing, Framing::Length(5));
         let h = head(
-            b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
             false,
         )
         .unwrap()
@@ -615,6 +623,10 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!((h.framing, h.keep_alive), (Framing::Chunked, false));
+        assert!(
+            !h.res.headers().contains_key("content-length"),
+            "an intermediary must drop it (RFC 9112 6.3)"
+        );
         let h = head(b"HTTP/1.1 200 OK\r\n\r\n", false).unwrap().unwrap();
         assert_eq!((h.framing, h.keep_alive), (Framing::Eof, false));
         let h = head(
@@ -655,6 +667,77 @@ mod tests {
     }
 
     #[test]
+    fn bodiless_responses_keep_one_valid_length_or_none() {
+        let length = |raw: &[u8], head_only| {
+            let h = head(raw, head_only).unwrap().unwrap();
+            assert_eq!(h.framing, Framing::Empty);
+            let all: Vec<_> = h
+                .res
+                .headers()
+                .get_all("content-length")
+                .iter()
+                .cloned()
+                .collect();
+            all
+        };
+        let not_modified = |cl: &str| format!("HTTP/1.1 304 Not Modified\r\n{cl}\r\n").into_bytes();
+        assert_eq!(length(&not_modified("content-length: 5\r\n"), false), ["5"]);
+        assert_eq!(
+            length(&not_modified("content-length: 5, 5\r\n"), false),
+            ["5"]
+        );
+        for bad in [
+            "content-length: 5\r\ncontent-length: 6\r\n",
+            "content-length: -1, x\r\n",
+        ] {
+            assert!(length(&not_modified(bad), false).is_empty(), "{bad}");
+        }
+        assert!(length(
+            b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n",
+            false
+        )
+        .is_empty());
+        assert_eq!(
+            length(b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\n\r\n", true),
+            ["50"]
+        );
+    }
+
+    /// Stray bytes that arrive while the connection sits in the pool are
+    /// seen at checkout even though the reactor has not looked since (no
+    /// await between the write and the check).
+    #[tokio::test]
+    async fn stray_bytes_and_closes_are_seen_without_the_reactor() {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let tcp = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut peer, _) = listener.accept().unwrap();
+        let mut conn = Conn::new(Io::Tcp(tcp));
+        // Let the reactor see the socket idle first.
+        tokio::task::yield_now().await;
+        assert!(conn.still_open(), "an idle connection is open");
+        peer.write_all(b"HTTP/1.1 200 OK\r\n").unwrap();
+        assert!(!conn.still_open(), "stray bytes rule it out");
+
+        let tcp = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (peer, _) = listener.accept().unwrap();
+        let mut conn = Conn::new(Io::Tcp(tcp));
+        tokio::task::yield_now().await;
+        assert!(conn.still_open());
+        drop(peer);
+        // The FIN may take a moment on loopback; no reactor turn is needed.
+        let closed = (0..100).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            !conn.still_open()
+        });
+        assert!(closed, "a close rules it out");
+    }
+
+    #[test]
     fn malformed_heads_are_errors() {
         for bad in [
             &b"HELLO\r\n\r\n"[..],
@@ -664,6 +747,10 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nx: a\r\n folded\r\n\r\n",
             b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            // Decoding the chunks of a gzip body would pass gzip bytes on as identity.
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, chunked\r\n\r\n",
         ] {
             assert!(
                 head(bad, false).is_err(),

@@ -43,9 +43,10 @@ impl ConfigErrors {
 
     /// Locates each problem in `text`: its own span, else the span of the
     /// deepest key of its path that exists in the file.
+    /// In the order of the file.
     pub fn locate(file: &str, text: &str, problems: Vec<Problem>) -> Self {
         let doc = DeTable::parse(text).ok();
-        let problems = problems
+        let mut problems: Vec<_> = problems
             .into_iter()
             .map(|p| {
                 let span = p.span.clone().or_else(|| {
@@ -55,6 +56,7 @@ impl ConfigErrors {
                 (span.map(|s| line_col(text, s.start)), p)
             })
             .collect();
+        problems.sort_by_key(|(pos, _)| pos.unwrap_or((usize::MAX, 0)));
         Self {
             file: file.to_owned(),
             problems,

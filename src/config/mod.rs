@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use serde_path_to_error::Segment;
+use toml::de::{DeTable, DeValue};
 
 pub use error::{ConfigErrors, Problem};
 pub use raw::{AuthScheme, LogFormat, RateLimitPer, RetryOn};
@@ -154,25 +156,138 @@ impl Config {
         base_dir: &Path,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigErrors> {
-        let raw = raw_from_toml(text).map_err(|p| ConfigErrors::locate(name, text, vec![p]))?;
+        let raw = raw_from_toml(text).map_err(|ps| ConfigErrors::locate(name, text, ps))?;
         resolve::resolve(raw, base_dir, env).map_err(|ps| ConfigErrors::locate(name, text, ps))
     }
 }
 
-/// Deserializes with the key path of the failing value kept.
-fn raw_from_toml(text: &str) -> Result<raw::RawConfig, Problem> {
-    let de = toml::de::Deserializer::parse(text).map_err(|e| Problem {
-        path: String::new(),
-        message: e.message().trim_end().to_owned(),
-        span: e.span(),
+/// Most problems one file reports; past this, the rest are not looked for.
+const MAX_PROBLEMS: usize = 50;
+
+/// Deserializes with the key path of each failing value kept. serde stops
+/// at the first error, so after one the offending key is taken out of the
+/// parsed document and the rest is read again: every unknown key and every
+/// value of the wrong type is reported, not just the first.
+fn raw_from_toml(text: &str) -> Result<raw::RawConfig, Vec<Problem>> {
+    let mut doc = DeTable::parse(text).map_err(|e| {
+        vec![Problem {
+            path: String::new(),
+            message: e.message().trim_end().to_owned(),
+            span: e.span(),
+        }]
     })?;
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
+    let mut problems = Vec::new();
+    // The keys taken out so far: a required one then reads as missing,
+    // which is not a problem of its own.
+    let mut removed = Vec::new();
+    loop {
+        let de = toml::de::Deserializer::from(doc.clone());
+        let e = match serde_path_to_error::deserialize(de) {
+            Ok(raw) if problems.is_empty() => return Ok(raw),
+            Ok(_) => return Err(problems),
+            Err(e) => e,
+        };
+        let path = e.path().clone();
         let inner = e.into_inner();
-        Problem {
-            path: if path == "." { String::new() } else { path },
-            message: inner.message().trim_end().to_owned(),
-            span: inner.span(),
+        let text_path = match path.to_string() {
+            p if p == "." => String::new(),
+            p => p,
+        };
+        let message = inner.message().trim_end().to_owned();
+        let follow_on = message
+            .strip_prefix("missing field `")
+            .and_then(|m| m.strip_suffix('`'))
+            .is_some_and(|field| removed.contains(&format!("{text_path}.{field}")));
+        if !follow_on {
+            problems.push(Problem {
+                path: text_path.clone(),
+                message,
+                span: inner.span(),
+            });
         }
-    })
+        if problems.len() >= MAX_PROBLEMS || !remove_at(doc.get_mut(), &path) {
+            return Err(problems);
+        }
+        removed.push(text_path);
+    }
+}
+
+/// Takes the value at `path` out of the document; false when it cannot be
+/// taken out without changing what the other problems' paths point at (an
+/// array item, or the document itself).
+fn remove_at(root: &mut DeTable<'_>, path: &serde_path_to_error::Path) -> bool {
+    let segments: Vec<&Segment> = path.iter().collect();
+    remove_in_table(root, &segments)
+}
+
+fn remove_in_table(table: &mut DeTable<'_>, path: &[&Segment]) -> bool {
+    match path {
+        [Segment::Map { key }] => table.remove(key.as_str()).is_some(),
+        [Segment::Map { key }, rest @ ..] => table
+            .get_mut(key.as_str())
+            .is_some_and(|v| remove_in_value(v.get_mut(), rest)),
+        _ => false,
+    }
+}
+
+fn remove_in_value(value: &mut DeValue<'_>, path: &[&Segment]) -> bool {
+    match (value, path) {
+        (DeValue::Table(t), _) => remove_in_table(t, path),
+        // Into an array item, never the item itself: the items after it
+        // would move, and the paths reported with them.
+        (DeValue::Array(items), [Segment::Seq { index }, rest @ ..]) if !rest.is_empty() => items
+            .get_mut(*index)
+            .is_some_and(|v| remove_in_value(v.get_mut(), rest)),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<String> {
+        match raw_from_toml(text) {
+            Ok(_) => Vec::new(),
+            Err(ps) => ps
+                .into_iter()
+                .map(|p| format!("{}: {}", p.path, p.message))
+                .collect(),
+        }
+    }
+
+    /// serde stops at the first error; the check goes on past each.
+    #[test]
+    fn a_type_error_does_not_hide_an_unknown_key() {
+        let text = "[server]\nlistn = \"x\"\n\n[upstreams.up]\nurl = \"http://h\"\n\n[[routes]]\nname = \"a\"\nupstream = \"up\"\n[routes.retry]\nattempts = \"three\"\nbackoff = 1\n";
+        let found = problems(text);
+        assert_eq!(found.len(), 3, "{found:#?}");
+        assert!(
+            found[0].starts_with("routes[0].retry.attempts: invalid type"),
+            "{found:#?}"
+        );
+        assert!(found
+            .iter()
+            .any(|p| p.starts_with("server.listn: unknown field")));
+        assert!(found
+            .iter()
+            .any(|p| p.starts_with("routes[0].retry.backoff: unknown field")));
+    }
+
+    #[test]
+    fn a_missing_key_in_a_table_of_its_own_is_reported_with_the_rest() {
+        let text = "[upstreams.up]\napi_key_env = \"K\"\n\n[upstreams.other]\nurl = 5\n";
+        let found = problems(text);
+        assert_eq!(found.len(), 2, "{found:#?}");
+        assert!(
+            found.iter().any(|p| p.contains("missing field `url`")),
+            "{found:#?}"
+        );
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with("upstreams.other.url: invalid type")),
+            "{found:#?}"
+        );
+    }
 }

@@ -70,6 +70,50 @@ pub fn headers_have_token(headers: &HeaderMap, name: &HeaderName, token: &[u8]) 
         .any(|v| has_token(v.as_bytes(), token))
 }
 
+/// The one length every `content-length` value (and list item) agrees on:
+/// `Ok(None)` when there is none, `Err` when one is not plain digits or two
+/// differ. A message whose lengths disagree must never be forwarded as it
+/// came: its recipients could each pick another.
+pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
+    let mut length = None;
+    for value in headers.get_all(http::header::CONTENT_LENGTH) {
+        for part in value.as_bytes().split(|&b| b == b',') {
+            let n = parse_length(part.trim_ascii()).ok_or("invalid content-length")?;
+            if length.is_some_and(|l| l != n) {
+                return Err("conflicting content-length values");
+            }
+            length = Some(n);
+        }
+    }
+    Ok(length)
+}
+
+/// Makes `content-length` the single value `n` (a no-op when it already is).
+pub fn set_content_length(headers: &mut HeaderMap, n: u64) {
+    let mut values = headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let single = values.next().filter(|_| values.next().is_none());
+    if single.is_some_and(|v| parse_length(v.as_bytes()) == Some(n)) {
+        return;
+    }
+    headers.insert(http::header::CONTENT_LENGTH, n.into());
+}
+
+/// Whether the transfer codings are exactly `chunked`, once: any other
+/// coding (gzip, a repeated chunked) would change the body's meaning if
+/// sluice decoded only the chunking.
+pub fn only_chunked(headers: &HeaderMap) -> bool {
+    let mut codings = headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty());
+    codings
+        .next()
+        .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"))
+        && codings.next().is_none()
+}
+
 /// A chunk-size line: `n` in hex and CRLF.
 pub fn push_chunk_size(out: &mut Vec<u8>, n: usize) {
     let mut digits = [0u8; 16];
@@ -248,6 +292,55 @@ mod tests {
         push_framing(&mut out, Framing::Length(11));
         push_framing(&mut out, Framing::Empty);
         assert_eq!(out, b"x-a: 1\r\ncontent-length: 11\r\n");
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn content_lengths_must_agree_and_be_digits() {
+        let cl = |vs: &[&str]| {
+            let pairs: Vec<_> = vs.iter().map(|v| ("content-length", *v)).collect();
+            content_length(&headers(&pairs))
+        };
+        assert_eq!(cl(&[]), Ok(None));
+        assert_eq!(cl(&["5"]), Ok(Some(5)));
+        assert_eq!(cl(&["5, 5", "5"]), Ok(Some(5)));
+        for bad in [&["5", "6"][..], &["-1, x"], &["5,"], &[" "], &["0x5"]] {
+            assert!(cl(bad).is_err(), "{bad:?}");
+        }
+        let mut h = headers(&[("content-length", "5, 5")]);
+        set_content_length(&mut h, 5);
+        assert_eq!(h.get_all("content-length").iter().count(), 1);
+        assert_eq!(h["content-length"], "5");
+    }
+
+    #[test]
+    fn only_a_single_chunked_coding_is_taken() {
+        let te = |v: &str| only_chunked(&headers(&[("transfer-encoding", v)]));
+        assert!(te("chunked") && te("Chunked") && te(" chunked "));
+        for bad in [
+            "gzip",
+            "gzip, chunked",
+            "chunked, chunked",
+            "identity",
+            "chunked, gzip",
+            "",
+        ] {
+            assert!(!te(bad), "{bad:?}");
+        }
+        assert!(!only_chunked(&headers(&[
+            ("transfer-encoding", "gzip"),
+            ("transfer-encoding", "chunked")
+        ])));
     }
 
     #[test]

@@ -312,15 +312,14 @@ where
             close || http1::headers_have_token(&parts.headers, &header::CONNECTION, b"close");
         let next = if close { Next::Close } else { Next::KeepAlive };
         let status = parts.status;
+        // The framing is what will be sent, as the body says; a length in
+        // the headers is never trusted for it.
         let framing = if status.is_informational() || status == 204 || status == 304 {
             Framing::Empty
         } else {
-            match parts.headers.get(header::CONTENT_LENGTH).map(parse_length) {
-                Some(Some(n)) => Framing::Length(n),
-                _ => match body.size_hint().exact() {
-                    Some(n) => Framing::Length(n),
-                    None => Framing::Chunked,
-                },
+            match body.size_hint().exact() {
+                Some(n) => Framing::Length(n),
+                None => Framing::Chunked,
             }
         };
         encode_head(&mut self.out, &parts, framing, close);
@@ -456,9 +455,9 @@ fn encode_head(out: &mut Vec<u8>, parts: &http::response::Parts, framing: Framin
     out.extend_from_slice(b"\r\n");
     http1::push_headers(out, &parts.headers);
     if parts.status == 304 {
-        // A 304 tells the length of what it stands for.
-        for value in parts.headers.get_all(header::CONTENT_LENGTH) {
-            http1::push_header(out, b"content-length", value.as_bytes());
+        // A 304 tells the length of what it stands for: one valid value, or none.
+        if let Ok(Some(n)) = http1::content_length(&parts.headers) {
+            http1::push_framing(out, Framing::Length(n));
         }
     }
     http1::push_framing(out, framing);
@@ -597,10 +596,6 @@ fn reading_state(buf: &[u8]) -> Reading {
     } else {
         Reading::Idle
     }
-}
-
-fn parse_length(v: &HeaderValue) -> Option<u64> {
-    http1::parse_length(v.as_bytes())
 }
 
 /// Today's `Date` value, formatted once a second per thread.
