@@ -29,6 +29,8 @@ pub enum ProxyError {
     RequestTooLarge,
     /// The client went silent while sending its body.
     RequestTimeout,
+    /// A request head over 64 KiB or with over 100 headers.
+    HeadTooLarge,
     /// The route's (or client's) request rate is used up.
     RateLimited { wait: Duration, limit: u32 },
     /// `max_concurrent` requests in flight and no slot within `max_wait`.
@@ -74,6 +76,13 @@ impl ProxyError {
                 "request_too_large",
                 "invalid_request_error",
                 "sluice: request body is larger than max_request_body",
+                Client,
+            ),
+            Self::HeadTooLarge => (
+                431,
+                "request_headers_too_large",
+                "invalid_request_error",
+                "sluice: the request head is larger than 64 KiB or has more than 100 headers",
                 Client,
             ),
             Self::RequestTimeout => (
@@ -221,6 +230,8 @@ pub enum StreamFailure {
     IdleTimeout,
     Deadline,
     UpstreamReset,
+    /// The client took nothing for `send_timeout`.
+    SendTimeout,
 }
 
 impl StreamFailure {
@@ -242,6 +253,10 @@ impl StreamFailure {
             Self::UpstreamReset => (
                 "upstream_reset",
                 "sluice: the upstream connection broke mid-stream",
+            ),
+            Self::SendTimeout => (
+                "send_timeout",
+                "sluice: the client took none of the response for longer than send_timeout",
             ),
         };
         ErrorInfo {

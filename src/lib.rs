@@ -115,10 +115,19 @@ pub async fn run(
             .clone()
             .map(tokio_rustls::TlsAcceptor::from),
         whole_body: whole_body.clone(),
+        send_timeout: config.server.send_timeout,
+        max_connections: config
+            .server
+            .max_connections
+            .map_or_else(systemd::connections_for_open_file_limit, |n| n as usize),
     };
     if let Ok(addr) = listeners.data.local_addr() {
         let tls = if opts.tls.is_some() { "https" } else { "http" };
-        tracing::info!(routes = config.routes.len(), "listening on {tls}://{addr}");
+        tracing::info!(
+            routes = config.routes.len(),
+            max_connections = opts.max_connections,
+            "listening on {tls}://{addr}"
+        );
     }
     let admin = listeners.admin.map(|l| {
         if let Ok(addr) = l.local_addr() {
@@ -201,6 +210,8 @@ fn restart_only(c: &Config) -> impl PartialEq {
         s.tls.is_some(),
         s.header_read_timeout,
         s.shutdown_grace,
+        s.send_timeout,
+        s.max_connections,
         log,
     )
 }

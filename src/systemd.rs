@@ -28,6 +28,18 @@ fn send(state: &[NotifyState]) {
     }
 }
 
+/// Client connections that leave room, under the open-file limit, for each
+/// one's upstream socket and for what the process holds besides (listeners,
+/// the runtime, logs, pooled connections): half of what is left after a
+/// reserve, so the proxy refuses new clients before it cannot open upstream
+/// connections for the ones it has.
+pub fn connections_for_open_file_limit() -> usize {
+    let limit = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft);
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let reserve = 32 + limit / 16;
+    (limit.saturating_sub(reserve) / 2).max(1)
+}
+
 /// Raises the soft open-file limit to the hard one: each proxied stream
 /// holds two sockets, and the usual soft default (1024) caps a sidecar at
 /// a few hundred streams.

@@ -28,6 +28,9 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
 /// A request body up to this size goes out in the same write as its head.
 const INLINE_BODY: u64 = 16 * 1024;
+/// An upload carried on after its answer ended stops after this long
+/// without progress.
+const UPLOAD_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// One HTTP/1.1 connection with its read buffer.
 pub struct Conn {
@@ -43,6 +46,16 @@ impl Conn {
         Self {
             io,
             buf: BytesMut::new(),
+        }
+    }
+
+    pub(super) fn buf_is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    pub(super) fn shrink_buf(&mut self) {
+        if self.buf.capacity() > READ_SIZE {
+            self.buf = BytesMut::new();
         }
     }
 
@@ -475,16 +488,21 @@ impl<B: SendBody> Body<B> {
     /// The body ended: the connection goes back to the pool when clean.
     fn finish(&mut self) {
         self.decoder = Decoder::Done;
-        if let Some(mut conn) = self.conn.take() {
-            // Bytes past the end are the upstream speaking out of turn. The
-            // empty buffer stays: the next exchange reuses its allocation.
-            if self.reuse == Reuse::Ready && self.upload.is_none() && conn.buf.is_empty() {
-                if conn.buf.capacity() > READ_SIZE {
-                    // Grown for a large head: not worth keeping while idle.
-                    conn.buf = BytesMut::new();
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        match self.upload.take() {
+            // The answer ended before the upload: the upstream may still be
+            // reading it, and a cut would look like a client that gave up.
+            Some(upload) => {
+                let (pool, reuse) = (self.pool.clone(), self.reuse);
+                // Outside a runtime (a process ending) there is nobody to finish it.
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(finish_upload(conn, upload, pool, reuse));
                 }
-                self.pool.put(conn);
             }
+            None if self.reuse == Reuse::Ready => self.pool.reuse(conn),
+            None => {}
         }
     }
 
@@ -580,6 +598,38 @@ impl<B: SendBody> Body<B> {
                 }
             }
         }
+    }
+}
+
+/// Sends the rest of a request whose answer has ended, while the upload
+/// makes progress (at most `UPLOAD_IDLE` without any), then hands the
+/// connection back when the exchange ended cleanly.
+async fn finish_upload<B: SendBody>(
+    mut conn: Conn,
+    mut up: Box<Sending<B>>,
+    pool: Arc<Pool<B>>,
+    reuse: Reuse,
+) {
+    let idle = tokio::time::sleep(UPLOAD_IDLE);
+    tokio::pin!(idle);
+    let sent = std::future::poll_fn(|cx| loop {
+        match up.poll_upload(cx, &mut conn) {
+            Poll::Ready(Ok(())) if up.state == Upload::Sent => return Poll::Ready(true),
+            Poll::Ready(Ok(())) => idle
+                .as_mut()
+                .reset(tokio::time::Instant::now() + UPLOAD_IDLE),
+            Poll::Ready(Err(_)) => return Poll::Ready(false),
+            Poll::Pending => {
+                return match std::future::Future::poll(idle.as_mut(), cx) {
+                    Poll::Ready(()) => Poll::Ready(false),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    })
+    .await;
+    if sent && reuse != Reuse::Never {
+        pool.reuse(conn);
     }
 }
 

@@ -260,6 +260,18 @@ impl<B: SendBody> Pool<B> {
         found
     }
 
+    /// Takes back a connection whose exchange ended, if it is clean: bytes
+    /// past the end would be the upstream speaking out of turn.
+    fn reuse(self: &Arc<Self>, mut conn: h1::Conn) {
+        if !conn.buf_is_empty() {
+            return;
+        }
+        // Grown for a large head: not worth keeping while idle. An empty one
+        // stays: the next exchange reuses its allocation.
+        conn.shrink_buf();
+        self.put(conn);
+    }
+
     /// Returns a connection whose exchange ended cleanly.
     fn put(self: &Arc<Self>, conn: h1::Conn) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());

@@ -41,7 +41,10 @@ pub struct Server {
     pub retry_buffer: u64,
     pub header_read_timeout: Duration,
     pub shutdown_grace: Duration,
+    pub send_timeout: Duration,
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// `None`: sized from the open-file limit at start.
+    pub max_connections: Option<u32>,
 }
 
 /// `[log]`, resolved.

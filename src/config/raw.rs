@@ -41,8 +41,13 @@ pub struct RawServer {
     pub header_read_timeout: Dur,
     /// Drain window after SIGTERM/SIGINT.
     pub shutdown_grace: Dur,
+    /// A client that takes none of its response for this long is cut off.
+    pub send_timeout: Dur,
     /// Serve TLS on `listen` with this certificate chain and key.
     pub tls: Option<RawTls>,
+    /// Client connections served at once; beyond, new ones are closed at
+    /// once. Absent: sized from the open-file limit.
+    pub max_connections: Option<u32>,
 }
 
 impl Default for RawServer {
@@ -54,7 +59,9 @@ impl Default for RawServer {
             retry_buffer: Size(4 << 20),
             header_read_timeout: Dur(Duration::from_secs(10)),
             shutdown_grace: Dur(Duration::from_secs(30)),
+            send_timeout: Dur(Duration::from_secs(60)),
             tls: None,
+            max_connections: None,
         }
     }
 }

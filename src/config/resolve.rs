@@ -105,6 +105,15 @@ fn server(raw: &RawServer, base: &Path, problems: &mut Vec<Problem>) -> Option<S
             "must be greater than 0",
         ));
     }
+    if raw.max_connections == Some(0) {
+        problems.push(Problem::at(
+            "server.max_connections",
+            "must be greater than 0 (leave it out to size it from the open-file limit)",
+        ));
+    }
+    if raw.send_timeout.0.is_zero() {
+        problems.push(Problem::at("server.send_timeout", "must be greater than 0"));
+    }
     if raw.header_read_timeout.0.is_zero() {
         problems.push(Problem::at(
             "server.header_read_timeout",
@@ -133,7 +142,9 @@ fn server(raw: &RawServer, base: &Path, problems: &mut Vec<Problem>) -> Option<S
         retry_buffer: raw.retry_buffer.0.min(raw.max_request_body.0),
         header_read_timeout: raw.header_read_timeout.0,
         shutdown_grace: raw.shutdown_grace.0,
+        send_timeout: raw.send_timeout.0,
         tls: tls?,
+        max_connections: raw.max_connections,
     })
 }
 

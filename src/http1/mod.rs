@@ -27,7 +27,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderName};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use tokio::io::{AsyncRead, ReadBuf};
 
 /// One read from a socket, into a buffer on the stack.
@@ -102,10 +102,14 @@ pub fn set_content_length(headers: &mut HeaderMap, n: u64) {
 /// coding (gzip, a repeated chunked) would change the body's meaning if
 /// sluice decoded only the chunking.
 pub fn only_chunked(headers: &HeaderMap) -> bool {
-    let mut codings = headers
-        .get_all(http::header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+    let values = headers.get_all(http::header::TRANSFER_ENCODING);
+    codings_only_chunked(values.iter().map(HeaderValue::as_bytes))
+}
+
+/// [`only_chunked`] over raw `transfer-encoding` values.
+pub fn codings_only_chunked<'a>(values: impl Iterator<Item = &'a [u8]>) -> bool {
+    let mut codings = values
+        .flat_map(|v| v.split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
         .filter(|t| !t.is_empty());
     codings
@@ -210,6 +214,15 @@ where
     let mut read = ReadBuf::uninit(&mut stack);
     ready!(io.poll_read(cx, &mut read))?;
     Poll::Ready(Ok(took(read.filled())))
+}
+
+/// Reads once into a buffer on the stack and drops what came: its length
+/// (0 at EOF).
+pub async fn poll_read_stack_once<IO>(io: &mut IO) -> io::Result<usize>
+where
+    IO: AsyncRead + Unpin + ?Sized,
+{
+    std::future::poll_fn(|cx| poll_read_stack(Pin::new(&mut *io), cx, <[u8]>::len)).await
 }
 
 /// Reads into `buf`: through the stack when it is empty (it keeps only

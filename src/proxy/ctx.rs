@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
@@ -105,13 +105,18 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
-    pub fn new<B>(req: &Request<B>, unrouted: Arc<RouteMetrics>) -> Self {
+    pub fn new(
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+        unrouted: Arc<RouteMetrics>,
+    ) -> Self {
         let start = Instant::now();
         Self {
-            span: RequestSpan::new(request_id(req.headers())),
+            span: RequestSpan::new(request_id(headers)),
             start,
-            method: req.method().clone(),
-            path: req.uri().path().into(),
+            method: method.clone(),
+            path: path.into(),
             owner: Owner::Unrouted(unrouted),
             // Set at routing; a request no route takes has none.
             deadlines: Deadlines {

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use http::request::Parts;
-use http::{header, HeaderMap, HeaderName, Request, Response};
+use http::{header, HeaderMap, HeaderName, Method, Request, Response};
 use tokio::time::Instant;
 
 use build::RouteState;
@@ -36,7 +36,7 @@ use crate::drain;
 use crate::error::{Fault, ProxyError};
 use crate::metrics::RouteMetrics;
 use crate::route::{self, RouteTable};
-use crate::server::{ClientBody, Handler};
+use crate::server::{ClientBody, Handler, Refusal};
 
 static X_UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
 
@@ -64,12 +64,29 @@ impl Handler for Service {
     fn call(&self, req: Request<ClientBody>) -> Self::Future {
         Box::pin(self.0.load_full().handle(req))
     }
+
+    fn refuse(&self, why: Refusal) -> Response<ResponseBody> {
+        let e = match why {
+            Refusal::Malformed => ProxyError::BadRequest,
+            Refusal::HeadTooLarge => ProxyError::HeadTooLarge,
+        };
+        // No method or path could be read: the access line says "-".
+        let method = Method::from_bytes(b"-").expect("a token");
+        let ctx = RequestCtx::new(
+            &method,
+            "-",
+            &HeaderMap::new(),
+            self.0.load().unrouted.clone(),
+        );
+        refuse(e, ctx)
+    }
 }
 
 impl Proxy {
     /// Serves one client request. Never fails: errors become responses here.
     pub async fn handle(self: Arc<Self>, req: Request<ClientBody>) -> Response<ResponseBody> {
-        let mut ctx = RequestCtx::new(&req, self.unrouted.clone());
+        let unrouted = self.unrouted.clone();
+        let mut ctx = RequestCtx::new(req.method(), req.uri().path(), req.headers(), unrouted);
         let outcome = if self.drain.is_draining() {
             Err(ProxyError::ShuttingDown)
         } else {

@@ -25,7 +25,7 @@ use crate::backend::Upstream;
 use crate::body::prefixed_size_hint;
 use crate::drain;
 use crate::error::StreamFailure;
-use crate::server::{whole_frame, whole_hint};
+use crate::server::{whole_frame, whole_hint, Expiring};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -68,6 +68,9 @@ struct Timer {
     /// (the clock is read at the next wait, not per frame).
     last_frame: Option<Instant>,
     deadline: Option<Instant>,
+    /// Made when the server first waits on the client with this body
+    /// unpolled (see `Expiring`): the deadline and the cut, not idle time.
+    expiry: Option<Box<Waits>>,
 }
 
 #[derive(Debug)]
@@ -99,6 +102,7 @@ impl ResponseBody {
             idle: ctx.deadlines.idle,
             last_frame: None,
             deadline: ctx.deadlines.total,
+            expiry: None,
         };
         Self {
             inner: Inner::Upstream { head, body },
@@ -259,6 +263,52 @@ impl Body for ResponseBody {
         }
     }
 }
+
+impl Expiring for ResponseBody {
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(timer) = self.timer.as_mut() else {
+            // Sluice's own answers are whole and never expire.
+            return Poll::Pending;
+        };
+        let drain = &timer.drain;
+        let deadline = timer.deadline;
+        let expiry = timer.expiry.get_or_insert_with(|| {
+            // Without a total deadline only the cut ends it: a far wake.
+            let at = deadline.unwrap_or_else(|| Instant::now() + FAR);
+            Box::new(Waits {
+                sleep: Box::pin(tokio::time::sleep_until(at)),
+                cut: drain.cut(),
+            })
+        });
+        let cut = Pin::new(&mut expiry.cut).poll(cx).is_ready();
+        let due = deadline.is_some() && expiry.sleep.as_mut().poll(cx).is_ready();
+        if !cut && !due {
+            return Poll::Pending;
+        }
+        self.end(StreamFailure::Deadline);
+        Poll::Ready(())
+    }
+
+    fn stalled(&mut self) {
+        self.end(StreamFailure::SendTimeout);
+    }
+}
+
+impl ResponseBody {
+    /// Ends the body as failed with nothing more to send (the client is not
+    /// reading): drops the upstream body, which cancels the upstream
+    /// request; a later poll gets the abort, never a clean end.
+    fn end(&mut self, why: StreamFailure) {
+        self.inner = Inner::Failed(why);
+        self.timer = None;
+        if self.ctx.end == BodyEnd::Unfinished {
+            self.ctx.end = BodyEnd::Failed(why);
+        }
+    }
+}
+
+/// A wake far enough off never to come (about thirty years).
+const FAR: Duration = Duration::from_secs(1 << 30);
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {

@@ -35,7 +35,7 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 
-use super::{BodyError, ClientBody, Handler, ServerOptions};
+use super::{BodyError, ClientBody, Expiring, Handler, Refusal, ServerOptions};
 use crate::drain;
 use crate::http1::{self, Framing, HeadCopy, READ_SIZE};
 
@@ -51,6 +51,10 @@ const WRITE_HIGH: usize = 16 * 1024;
 /// Headers the handler adds to a request (key, request id, ...): room for
 /// them up front, so the map does not grow.
 const ADDED_HEADERS: usize = 3;
+/// After a refusal, how long and how much of the client's rest is read and
+/// dropped before the connection closes.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1024 * 1024;
 
 /// One HTTP/1.1 connection served by sluice.
 pub struct Server<'a, IO, H> {
@@ -84,6 +88,8 @@ enum Parse {
     Ready(Parsed, usize),
     /// Not for this server: hyper takes the connection.
     Hyper,
+    /// Refused before any handler sees it; the connection closes.
+    Refuse(Refusal),
 }
 
 /// Where reading the next request stands.
@@ -97,6 +103,7 @@ enum Step {
     /// sluice closes: idle too long, or draining.
     Close,
     Hyper,
+    Refuse(Refusal),
 }
 
 /// Whether the connection between requests holds part of one: the drain
@@ -174,6 +181,11 @@ where
                     return Ok(None);
                 }
                 Step::Hyper => return Ok(Some((self.io, self.buf.freeze()))),
+                Step::Refuse(why) => {
+                    self.respond(self.handler.refuse(why), true).await?;
+                    self.linger().await;
+                    return Ok(None);
+                }
             };
             let call = self.handler.call(parsed.req);
             // Until the response is ready, a client that goes away cancels it.
@@ -221,6 +233,7 @@ where
                 }
                 Parse::Body(total) => return Poll::Ready(Ok(Step::Body(total))),
                 Parse::Hyper => return Poll::Ready(Ok(Step::Hyper)),
+                Parse::Refuse(why) => return Poll::Ready(Ok(Step::Refuse(why))),
                 Parse::Partial => {}
             }
             if self.buf.capacity() - self.buf.len() < READ_SIZE / 2 {
@@ -279,8 +292,9 @@ where
                 self.consume(used);
                 Step::Request(parsed)
             }
-            // The URI or a header value is invalid (checked only once the
-            // request is whole): hyper answers 400.
+            // The URI or a header value is invalid (checked once the
+            // request is whole).
+            Parse::Refuse(why) => Step::Refuse(why),
             _ => Step::Hyper,
         }
     }
@@ -301,10 +315,27 @@ where
         let _ = tokio::time::timeout(Duration::from_secs(1), self.io.shutdown()).await;
     }
 
+    /// Closes after a refusal, reading and dropping what the client still
+    /// sends for a moment first: closing with unread bytes makes the kernel
+    /// send a reset, which can overtake the answer (nginx's lingering close).
+    async fn linger(&mut self) {
+        self.close().await;
+        let drain = async {
+            let mut left = LINGER_BYTES;
+            while left > 0 {
+                match http1::poll_read_stack_once(&mut self.io).await {
+                    Ok(n) if n > 0 => left = left.saturating_sub(n),
+                    _ => return,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER, drain).await;
+    }
+
     /// Writes a response, framed by what its body says of its length.
     async fn respond<B>(&mut self, res: Response<B>, close: bool) -> io::Result<Next>
     where
-        B: Body<Data = Bytes> + Unpin,
+        B: Body<Data = Bytes> + Expiring + Unpin,
     {
         let (parts, mut body) = res.into_parts();
         // The handler asks to close too (a 503 while shutting down).
@@ -338,7 +369,7 @@ where
             let frame = match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
                 Poll::Ready(frame) => frame,
                 Poll::Pending => {
-                    self.flush().await?;
+                    or_expired(self.flush(), &mut body).await?;
                     // A stream waiting for its next event holds no buffers.
                     self.out = Vec::new();
                     if self.buf.is_empty() {
@@ -384,12 +415,12 @@ where
                 }
             };
             if data.len() > COPY_MAX {
-                self.write_with(&data, tail).await?;
+                or_expired(self.write_with(&data, tail), &mut body).await?;
             } else {
                 self.out.extend_from_slice(&data);
                 self.out.extend_from_slice(tail);
                 if self.out.len() >= WRITE_HIGH {
-                    self.flush().await?;
+                    or_expired(self.flush(), &mut body).await?;
                 }
             }
             if body.is_end_stream() {
@@ -407,7 +438,7 @@ where
         }
         // The handler's end of the request comes when the body is dropped:
         // after the last byte.
-        self.flush().await?;
+        or_expired(self.flush(), &mut body).await?;
         drop(body);
         if self.out.capacity() > 2 * COPY_MAX {
             // Grown for a large response: an idle connection keeps little.
@@ -443,6 +474,27 @@ where
         self.out.clear();
         Ok(())
     }
+}
+
+/// A write of a response under way, unless the body expires first (its
+/// deadline, the drain's cut) while the client takes nothing; then, and when
+/// the client takes nothing for `send_timeout`, the connection is cut.
+async fn or_expired<B: Expiring>(
+    write: impl Future<Output = io::Result<()>>,
+    body: &mut B,
+) -> io::Result<()> {
+    let res = tokio::select! {
+        // The write first: one that goes straight out costs no expiry check.
+        biased;
+        res = write => res,
+        () = poll_fn(|cx| body.poll_expired(cx)) => Err(io::Error::other(
+            "the response's deadline passed while the client was not reading",
+        )),
+    };
+    if res.as_ref().is_err_and(super::timed::is_send_timeout) {
+        body.stalled();
+    }
+    res
 }
 
 /// The status line and headers; framing and connection headers are ours.
@@ -499,6 +551,9 @@ fn poll_gone<IO: AsyncRead + Unpin>(
 
 /// Parses a request in `buf`. With `failed`, a body that is not all there
 /// is handed on as failed (the handler answers for it) instead of awaited.
+/// A head that is malformed, too large, or framed two ways is refused here
+/// (the handler words the answer); a valid one this server does not serve
+/// goes to hyper.
 fn parse(buf: &[u8], max_body: u64, failed: Option<BodyError>) -> Parse {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
@@ -507,10 +562,49 @@ fn parse(buf: &[u8], max_body: u64, failed: Option<BodyError>) -> Parse {
         Ok(httparse::Status::Partial) if buf.len() <= super::MAX_HEAD_BYTES => {
             return Parse::Partial
         }
-        // Malformed, too many headers or too large: hyper answers.
-        _ => return Parse::Hyper,
+        Ok(_) | Err(httparse::Error::TooManyHeaders) => {
+            return Parse::Refuse(Refusal::HeadTooLarge)
+        }
+        Err(_) => return Parse::Refuse(Refusal::Malformed),
     };
-    if req.version != Some(1) {
+    let mut body_len = None;
+    let mut repeated_length = false;
+    let mut coded = false;
+    let mut close = false;
+    let mut hyper = req.version != Some(1);
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            // Digits only; a repeat must say the same (then hyper decides).
+            match (body_len, http1::parse_length(h.value)) {
+                (_, None) => return Parse::Refuse(Refusal::Malformed),
+                (Some(n), Some(m)) if n != m => return Parse::Refuse(Refusal::Malformed),
+                (Some(_), Some(_)) => repeated_length = true,
+                (None, n) => body_len = n,
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            coded = true;
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            close |= http1::has_token(h.value, b"close");
+        } else if name.eq_ignore_ascii_case(b"expect") || name.eq_ignore_ascii_case(b"upgrade") {
+            hyper = true;
+        }
+    }
+    if coded {
+        // A body framed two ways, by an HTTP/1.0 client, or by a coding
+        // other than one chunked: its end cannot be known (RFC 9112 §6.1).
+        let codings = req
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
+            .map(|h| h.value);
+        if body_len.is_some() || req.version != Some(1) || !http1::codings_only_chunked(codings) {
+            return Parse::Refuse(Refusal::Malformed);
+        }
+        // Chunked uploads stream: hyper reads them.
+        return Parse::Hyper;
+    }
+    if hyper || repeated_length {
         return Parse::Hyper;
     }
     let method = match req.method.unwrap_or_default() {
@@ -519,28 +613,9 @@ fn parse(buf: &[u8], max_body: u64, failed: Option<BodyError>) -> Parse {
         "HEAD" | "CONNECT" => return Parse::Hyper,
         m => match Method::from_bytes(m.as_bytes()) {
             Ok(m) => m,
-            Err(_) => return Parse::Hyper,
+            Err(_) => return Parse::Refuse(Refusal::Malformed),
         },
     };
-    let mut body_len = None;
-    let mut close = false;
-    for h in req.headers.iter() {
-        let name = h.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"content-length") {
-            match (body_len, http1::parse_length(h.value)) {
-                (None, Some(n)) => body_len = Some(n),
-                // Repeated or not a number: hyper decides.
-                _ => return Parse::Hyper,
-            }
-        } else if name.eq_ignore_ascii_case(b"connection") {
-            close |= http1::has_token(h.value, b"close");
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding")
-            || name.eq_ignore_ascii_case(b"expect")
-            || name.eq_ignore_ascii_case(b"upgrade")
-        {
-            return Parse::Hyper;
-        }
-    }
     let body_len = body_len.unwrap_or(0);
     if body_len > max_body {
         return Parse::Hyper;
@@ -559,7 +634,7 @@ fn parse(buf: &[u8], max_body: u64, failed: Option<BodyError>) -> Parse {
     let copy = HeadCopy::new(buf, head_len);
     let Ok(uri) = Uri::from_maybe_shared(copy.slice(req.path.unwrap_or_default().as_bytes()))
     else {
-        return Parse::Hyper;
+        return Parse::Refuse(Refusal::Malformed);
     };
     let mut map = HeaderMap::with_capacity(req.headers.len() + ADDED_HEADERS);
     for h in req.headers.iter() {
@@ -567,7 +642,7 @@ fn parse(buf: &[u8], max_body: u64, failed: Option<BodyError>) -> Parse {
             HeaderName::from_bytes(h.name.as_bytes()),
             HeaderValue::from_maybe_shared(copy.slice(h.value)),
         ) else {
-            return Parse::Hyper;
+            return Parse::Refuse(Refusal::Malformed);
         };
         map.append(name, value);
     }
@@ -687,10 +762,6 @@ mod tests {
             b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
             b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
             b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\na",
-            b"POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\na",
-            b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
-            b"GET / HTTP/1.1\r\nBad Header: x\r\n\r\n",
-            b"GET /\x01 HTTP/1.1\r\n\r\n",
         ] {
             assert!(is_hyper(req), "{:?}", String::from_utf8_lossy(req));
         }
@@ -699,12 +770,53 @@ mod tests {
             parse(b"POST / HTTP/1.1\r\nContent-Length: 11\r\n\r\n", 10, None),
             Parse::Hyper
         ));
-        // A head over 64 KiB, complete or not.
+    }
+
+    fn refused(buf: &[u8]) -> Option<Refusal> {
+        match parse(buf, MAX_BODY, None) {
+            Parse::Refuse(why) => Some(why),
+            _ => None,
+        }
+    }
+
+    /// What hyper would answer with a bare 400 or 431 is refused here, so
+    /// the handler can answer in the API's error shape.
+    #[test]
+    fn malformed_or_ambiguous_heads_are_refused() {
+        for req in [
+            &b"NOT HTTP AT ALL\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nBad Header: x\r\n\r\n",
+            b"GET /\x01 HTTP/1.1\r\n\r\n",
+            b"GET http://[bad/ HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\na",
+            b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\na",
+            b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            assert_eq!(
+                refused(req),
+                Some(Refusal::Malformed),
+                "{:?}",
+                String::from_utf8_lossy(req)
+            );
+        }
+        // A head over 64 KiB, complete or not, or with over 100 headers.
         let mut big = b"GET / HTTP/1.1\r\nx: ".to_vec();
         big.resize(super::super::MAX_HEAD_BYTES + 10, b'a');
-        assert!(is_hyper(&big));
+        assert_eq!(refused(&big), Some(Refusal::HeadTooLarge));
         big.extend_from_slice(b"\r\n\r\n");
-        assert!(is_hyper(&big));
+        assert_eq!(refused(&big), Some(Refusal::HeadTooLarge));
+        let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..=MAX_HEADERS {
+            many.extend_from_slice(format!("x-{i}: 1\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        assert_eq!(refused(&many), Some(Refusal::HeadTooLarge));
     }
 
     #[test]

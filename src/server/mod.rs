@@ -16,7 +16,10 @@
 
 mod body;
 mod h1;
+mod h2_heads;
+mod pump;
 mod rewind;
+mod timed;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -47,12 +50,37 @@ const MAX_HEAD_BYTES: usize = 64 * 1024;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What the server serves: a request in, a response out. Errors are the
-/// handler's to turn into responses.
+/// handler's to turn into responses, the server's own refusals too.
 pub trait Handler: Send + Sync + 'static {
-    type Body: http_body::Body<Data = Bytes, Error = BoxError> + Send + Unpin + 'static;
+    type Body: http_body::Body<Data = Bytes, Error = BoxError> + Expiring + Send + Unpin + 'static;
     type Future: Future<Output = Response<Self::Body>> + Send + Unpin + 'static;
 
     fn call(&self, req: Request<ClientBody>) -> Self::Future;
+
+    /// The answer to a request the server refused before reading it as one.
+    fn refuse(&self, why: Refusal) -> Response<Self::Body>;
+}
+
+/// A response body that can end while its client is not reading it: the
+/// server asks while a write waits on the client, since a body that is not
+/// polled for frames cannot notice its own deadlines.
+pub trait Expiring {
+    /// Ready once the response cannot finish any more (its deadline, the
+    /// drain's cut); the body has then ended as failed and the server cuts
+    /// the connection or stream.
+    fn poll_expired(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()>;
+
+    /// The client took nothing for `send_timeout`: the body ends as failed.
+    fn stalled(&mut self);
+}
+
+/// Why the server refused a request itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// A head that does not parse, or whose body framing is ambiguous: 400.
+    Malformed,
+    /// A head over 64 KiB or with over 100 headers: 431.
+    HeadTooLarge,
 }
 
 /// Listener settings, fixed at start.
@@ -65,6 +93,12 @@ pub struct ServerOptions {
     /// hands the request on; larger ones go to hyper and stream. Shared, so
     /// a reload can move it.
     pub whole_body: Arc<AtomicU64>,
+    /// Client connections served at once; a new one past this is closed
+    /// at once.
+    pub max_connections: usize,
+    /// Longest wait for a client to take any of a response (nginx's
+    /// `send_timeout`); then the connection, or the h2 stream, is cut.
+    pub send_timeout: Duration,
 }
 
 /// Protocol builders, shared by every connection.
@@ -92,18 +126,28 @@ pub async fn serve<H: Handler>(
     h2.timer(TokioTimer::new())
         .max_header_list_size(MAX_HEAD_BYTES as u32)
         .keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_timeout(Duration::from_secs(20));
+        .keep_alive_timeout(Duration::from_secs(20))
+        // Rapid reset (CVE-2023-44487): streams a client opens and resets
+        // before they are served end the connection past this many.
+        .max_pending_accept_reset_streams(20)
+        .max_concurrent_streams(256);
     let builders = Arc::new(Builders { h1, h2 });
     let watch = signal.watch();
+    let mut accept_failed = Every::new(LOG_EVERY);
+    let mut refused = Every::new(LOG_EVERY);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    tracing::warn!("accept failed: {e}");
-                    // Out of descriptors or memory: back off instead of spinning.
-                    // Anything else concerns one connection only.
+                    if let Some(more) = accept_failed.due() {
+                        tracing::warn!(more, "accept failed: {e}");
+                    }
+                    // Out of descriptors or memory: the connection waits in
+                    // the backlog; back off instead of spinning, and serve
+                    // the connections already open meanwhile. Anything else
+                    // concerns one connection only.
                     if is_resource_exhaustion(&e) {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
@@ -112,6 +156,19 @@ pub async fn serve<H: Handler>(
             },
             () = &mut shutdown => break,
         };
+        if signal.connections() >= opts.max_connections {
+            // Refused at once rather than left to wait, so each client
+            // already served can still open its upstream connections.
+            if let Some(more) = refused.due() {
+                tracing::warn!(
+                    max_connections = opts.max_connections,
+                    more,
+                    "max_connections reached: closing a new client connection"
+                );
+            }
+            drop(stream);
+            continue;
+        }
         let _ = stream.set_nodelay(true);
         let conn = Conn {
             builders: builders.clone(),
@@ -140,6 +197,37 @@ pub async fn serve<H: Handler>(
             signal.cut();
             let _ = tokio::time::timeout(Duration::from_secs(1), &mut drained).await;
         }
+    }
+}
+
+/// How often a repeated accept problem is logged.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// A log line at most once per period, saying how many were held back.
+struct Every {
+    period: Duration,
+    last: Option<tokio::time::Instant>,
+    held: u64,
+}
+
+impl Every {
+    fn new(period: Duration) -> Self {
+        Self {
+            period,
+            last: None,
+            held: 0,
+        }
+    }
+
+    /// `Some(held back since the last line)` when a line is due.
+    fn due(&mut self) -> Option<u64> {
+        let now = tokio::time::Instant::now();
+        if self.last.is_some_and(|t| now < t + self.period) {
+            self.held += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.held))
     }
 }
 
@@ -183,6 +271,7 @@ impl<H: Handler> Conn<H> {
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let io = timed::Timed::new(io, self.opts.send_timeout);
         if h2 {
             return self.serve_hyper(Rewind::new(io, Bytes::new()), true).await;
         }
@@ -202,11 +291,19 @@ impl<H: Handler> Conn<H> {
     {
         let io = TokioIo::new(io);
         let handler = self.handler;
+        let send_timeout = self.opts.send_timeout;
         let svc = service_fn(move |req: Request<Incoming>| {
             let call = handler.call(req.map(ClientBody::Hyper));
-            async move { Ok::<_, Infallible>(call.await) }
+            async move {
+                let res = call.await.map(|body| pump::pump(body, send_timeout));
+                Ok::<_, Infallible>(res)
+            }
         });
         if h2 {
+            let io = TokioIo::new(h2_heads::H2Heads::new(
+                io.into_inner(),
+                self.opts.header_read_timeout,
+            ));
             let conn = self.builders.h2.serve_connection(io, svc);
             until_drained(conn, &self.drain).await?;
         } else {

@@ -35,6 +35,8 @@ fn the_example_config_documents_every_key() {
         "retry_buffer",
         "header_read_timeout",
         "shutdown_grace",
+        "send_timeout",
+        "max_connections",
         "tls",
         "level",
         "format",
