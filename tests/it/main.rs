@@ -3,6 +3,7 @@
 mod admin;
 mod config_cli;
 mod forwarding;
+mod hardening;
 mod limits;
 mod logging;
 mod request_body;

@@ -222,6 +222,13 @@ impl Process {
         Self::start_via(toml, env, script).await
     }
 
+    /// As `start`, under an open-file limit of `n`, hard and soft (sluice
+    /// raises the soft limit to the hard one itself).
+    pub async fn start_with_nofile(toml: &str, env: &[(&str, &str)], n: u64) -> Process {
+        let script = format!("ulimit -Sn {n} && ulimit -Hn {n} && exec \"$0\" \"$@\"");
+        Self::start_via(toml, env, Some(script)).await
+    }
+
     /// As `start`, allowed one CPU only (taskset), as a pinned sidecar or a
     /// 1-CPU cgroup quota leaves it.
     pub async fn start_on_one_cpu(toml: &str, env: &[(&str, &str)]) -> Process {
@@ -345,6 +352,22 @@ impl Process {
     /// Everything sluice wrote so far (stderr, then stdout once it closed).
     pub fn output(&self) -> String {
         self.output.lock().unwrap().clone()
+    }
+
+    /// User and system CPU time used so far, from /proc.
+    pub fn cpu_time(&self) -> Duration {
+        let pid = self.child.id().expect("running");
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        // After the command name in parentheses: utime and stime are fields 14 and 15.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<u64> = rest
+            .split(' ')
+            .skip(11)
+            .take(2)
+            .map(|f| f.parse().unwrap())
+            .collect();
+        let ticks = 100; // USER_HZ on Linux
+        Duration::from_millis((fields[0] + fields[1]) * 1000 / ticks)
     }
 
     /// The number of threads, from /proc.
