@@ -642,6 +642,9 @@ impl<B: SendBody> Drop for Body<B> {
     }
 }
 #[cfg(test)]
+mod differential;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

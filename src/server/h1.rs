@@ -696,6 +696,9 @@ fn push_date(out: &mut Vec<u8>) {
 }
 
 #[cfg(test)]
+mod differential;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -1,0 +1,157 @@
+//! Differential test of the response reader against hyper's client: for
+//! generated responses, valid and mutated (repeated and conflicting
+//! lengths, transfer-coding spellings, obs-fold, bare CR and LF, NUL, chunk
+//! sizes past u64, interim responses, truncation), a response this client
+//! reads as complete hyper reads as complete too, with the same status and
+//! the same body bytes. Where this client refuses what hyper takes, sluice
+//! is stricter on purpose (a transfer coding other than one `chunked`).
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+use proptest::prelude::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::{parse_head, Decoded, Decoder};
+
+/// A complete response: its status and body.
+type Read = Option<(u16, Bytes)>;
+
+/// This client's reading of `input` as the answer to a GET or a HEAD, the
+/// connection closing after it.
+fn ours(input: &[u8], head_only: bool) -> Read {
+    let mut buf = BytesMut::from(input);
+    let head = parse_head(&mut buf, head_only).ok()??;
+    let mut decoder = Decoder::new(head.framing);
+    let mut body = BytesMut::new();
+    loop {
+        match decoder.decode(&mut buf).ok()? {
+            Decoded::Data(d) => body.extend_from_slice(&d),
+            Decoded::End => return Some((head.res.status().as_u16(), body.freeze())),
+            Decoded::More => {
+                decoder.at_eof().ok()?;
+                return Some((head.res.status().as_u16(), body.freeze()));
+            }
+        }
+    }
+}
+
+fn theirs(rt: &tokio::runtime::Runtime, input: &[u8], head_only: bool) -> Read {
+    let input = input.to_vec();
+    rt.block_on(async move {
+        let (client, mut server) = tokio::io::duplex(1 << 20);
+        let upstream = tokio::spawn(async move {
+            let mut head = [0u8; 1024];
+            let _ = server.read(&mut head).await;
+            let _ = server.write_all(&input).await;
+            let _ = server.shutdown().await;
+            // Keep the read side open until the client is done.
+            let _ = server.read(&mut head).await;
+        });
+        let read = async {
+            let (mut send, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(client))
+                    .await
+                    .ok()?;
+            tokio::spawn(conn);
+            let method = if head_only { "HEAD" } else { "GET" };
+            let req = http::Request::builder()
+                .method(method)
+                .uri("/")
+                .header("host", "x")
+                .body(http_body_util::Empty::<Bytes>::new())
+                .ok()?;
+            let res = send.send_request(req).await.ok()?;
+            let status = res.status().as_u16();
+            let body = res.into_body().collect().await.ok()?.to_bytes();
+            Some((status, body))
+        };
+        let read = tokio::time::timeout(Duration::from_secs(2), read)
+            .await
+            .ok()
+            .flatten();
+        upstream.abort();
+        read
+    })
+}
+
+fn header() -> impl Strategy<Value = String> {
+    prop_oneof![
+        6 => Just("Content-Type: text/event-stream".to_owned()),
+        6 => (0u64..40).prop_map(|n| format!("Content-Length: {n}")),
+        4 => Just("Transfer-Encoding: chunked".to_owned()),
+        1 => Just("Content-Length: 5, 5".to_owned()),
+        1 => Just("Content-Length: +5".to_owned()),
+        1 => Just("Content-Length: -1".to_owned()),
+        1 => Just("Content-Length: 99999999999999999999".to_owned()),
+        1 => Just("Transfer-Encoding: Chunked".to_owned()),
+        1 => Just("Transfer-Encoding: gzip, chunked".to_owned()),
+        1 => Just("Transfer-Encoding: chunked, gzip".to_owned()),
+        1 => Just("Transfer-Encoding: gzip".to_owned()),
+        1 => Just("X-Fold: a\r\n b".to_owned()),
+        1 => Just("X-Nul: a\0b".to_owned()),
+        1 => Just("X-Cr: a\rb".to_owned()),
+        1 => Just("Connection: close".to_owned()),
+    ]
+}
+
+fn body() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        proptest::collection::vec(any::<u8>(), 0..48),
+        "[a-z]{0,20}".prop_map(|s| format!("{:x}\r\n{s}\r\n0\r\n\r\n", s.len()).into_bytes()),
+        Just(b"ffffffffffffffffff\r\nx\r\n0\r\n\r\n".to_vec()),
+        Just(b"5;ext=1\r\nhello\r\n0\r\nX-T: 1\r\n\r\n".to_vec()),
+        Just(b"5\r\nhelloXX0\r\n\r\n".to_vec()),
+    ]
+}
+
+prop_compose! {
+    fn response()(
+        status in prop_oneof![Just(200u16), Just(200), Just(204), Just(304), Just(404), Just(500)],
+        interim in proptest::bool::weighted(0.1),
+        headers in proptest::collection::vec(header(), 0..4),
+        lf_only in proptest::bool::weighted(0.1),
+        body in body(),
+        cut in proptest::option::weighted(0.2, any::<proptest::sample::Index>()),
+    ) -> Vec<u8> {
+        let eol = if lf_only { "\n" } else { "\r\n" };
+        let mut out = Vec::new();
+        if interim {
+            out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+        }
+        out.extend_from_slice(format!("HTTP/1.1 {status} X{eol}").as_bytes());
+        for h in headers {
+            out.extend_from_slice(h.as_bytes());
+            out.extend_from_slice(eol.as_bytes());
+        }
+        out.extend_from_slice(eol.as_bytes());
+        out.extend_from_slice(&body);
+        if let Some(at) = cut {
+            out.truncate(at.index(out.len() + 1));
+        }
+        out
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(256),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn complete_responses_are_read_as_hyper_reads_them(input in response(), head_only in proptest::bool::weighted(0.1)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        if let Some((status, body)) = ours(&input, head_only) {
+            let hyper = theirs(&rt, &input, head_only);
+            prop_assert_eq!(
+                hyper.clone(),
+                Some((status, body)),
+                "sluice read {:?} differently from hyper",
+                String::from_utf8_lossy(&input)
+            );
+        }
+    }
+}
