@@ -2,19 +2,15 @@
 //! x-sluice-attempts / x-should-retry headers, bodies too large to replay,
 //! insufficient_quota, and the retry budget under a failing upstream.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Body, Frame};
 
-use crate::support::mock::{full, BoxError};
+use crate::support::mock::full;
 use crate::support::*;
 
 fn route(url: &str, retry: &str) -> String {
@@ -268,28 +264,21 @@ async fn a_body_over_retry_buffer_is_attempted_once() {
     assert_eq!(collect(send(&client(), req).await).await.0.status(), 200);
 }
 
-/// SSE events written 20 ms apart (so they reach sluice before the break),
-/// then the connection breaks (the body errors).
-struct EventsThenReset {
-    events: Vec<Bytes>,
-    pause: Pin<Box<tokio::time::Sleep>>,
-}
-
-impl Body for EventsThenReset {
-    type Data = Bytes;
-    type Error = BoxError;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        std::task::ready!(self.pause.as_mut().poll(cx));
-        let next = tokio::time::Instant::now() + Duration::from_millis(20);
-        self.pause.as_mut().reset(next);
-        Poll::Ready(Some(match self.events.is_empty() {
-            true => Err("upstream crashed".into()),
-            false => Ok(Frame::data(self.events.remove(0))),
-        }))
-    }
+/// A body of `events` written 20 ms apart (so they reach sluice before the
+/// break), then, 20 ms after the last, the connection breaks (the body
+/// errors).
+fn events_then_reset(events: Vec<Bytes>) -> MockBody {
+    let (tx, body) = channel();
+    tokio::spawn(async move {
+        for e in events {
+            if tx.send(e).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = tx.fail("upstream crashed").await;
+    });
+    body
 }
 
 #[tokio::test]
@@ -304,13 +293,7 @@ async fn a_reset_after_three_events_is_not_retried_and_ends_with_upstream_reset(
                 .collect();
             Response::builder()
                 .header("content-type", "text/event-stream")
-                .body(
-                    EventsThenReset {
-                        events,
-                        pause: Box::pin(tokio::time::sleep(Duration::ZERO)),
-                    }
-                    .boxed(),
-                )
+                .body(events_then_reset(events))
                 .unwrap()
         }
     })
@@ -528,11 +511,10 @@ async fn a_429_whose_body_breaks_is_treated_as_a_reset() {
                 return json(200, "{}");
             }
             let events = vec![Bytes::from_static(b"{\"error\":{\"mess")];
-            let body = EventsThenReset {
-                events,
-                pause: Box::pin(tokio::time::sleep(Duration::ZERO)),
-            };
-            Response::builder().status(429).body(body.boxed()).unwrap()
+            Response::builder()
+                .status(429)
+                .body(events_then_reset(events))
+                .unwrap()
         }
     })
     .await;

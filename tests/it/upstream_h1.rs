@@ -10,27 +10,27 @@
 //! accepts: reuse is what the upstream sees, not what sluice says. Every
 //! route has retries off, so a retry cannot hide a failure.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::{Body, Frame, Incoming};
+use hyper::body::{Body, Incoming};
 use hyper::client::conn::http1::SendRequest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 
+use crate::support::mock::repeat;
 use crate::support::raw::chunk;
-use crate::support::{assert_sluice_error, client, h1_connection, json, Mock, Process, Sidecar};
+use crate::support::{
+    assert_sluice_error, client, h1_connection, json, Mock, MockBody, Process, Sidecar,
+};
 
 /// Generous bound for anything that should take milliseconds.
 const BOUND: Duration = Duration::from_secs(10);
@@ -679,29 +679,6 @@ async fn malformed_response_heads_get_502_and_sluice_stays_up() {
 
 // 11. An early final answer while the request body still streams.
 
-/// `remaining` bytes in 64 KiB frames made on demand, length unknown up
-/// front (so it goes chunked).
-struct Upload {
-    chunk: Bytes,
-    remaining: usize,
-}
-
-impl Body for Upload {
-    type Data = Bytes;
-    type Error = Infallible;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if self.remaining == 0 {
-            return Poll::Ready(None);
-        }
-        let n = self.remaining.min(self.chunk.len());
-        self.remaining -= n;
-        Poll::Ready(Some(Ok(Frame::data(self.chunk.slice(..n)))))
-    }
-}
-
 const TOO_LARGE: &str = r#"{"error":{"message":"upstream: too large","type":"invalid_request_error","param":null,"code":"too_large"}}"#;
 
 /// An upstream that reads 64 KiB of a request body, answers 413 with
@@ -741,15 +718,12 @@ async fn answers_413_early(drain: bool) -> (RawUpstream, mpsc::UnboundedReceiver
 /// POSTs 20 MiB, chunked, through `sluice` (which streams it: it is over
 /// retry_buffer) and checks that the upstream's 413 arrives whole.
 async fn upload_gets_the_413(sluice: &Sidecar) {
-    let mut conn = h1_connection::<Upload>(sluice.addr).await;
-    let upload = Upload {
-        chunk: Bytes::from(vec![b'x'; 64 * 1024]),
-        remaining: 20 * 1024 * 1024,
-    };
+    let mut conn = h1_connection::<MockBody>(sluice.addr).await;
+    // Made as it is sent, its length unknown up front (so it goes chunked).
     let req = Request::post("/v1/files")
         .header("host", "sluice")
         .header("content-type", "application/octet-stream")
-        .body(upload)
+        .body(repeat(20 * 1024 * 1024))
         .unwrap();
     let res = send_on(&mut conn, req).await;
     assert_eq!(res.status(), 413);

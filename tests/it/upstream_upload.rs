@@ -10,6 +10,7 @@ use hyper::body::Incoming;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::support::mock::repeat;
 use crate::support::{channel, client, h1_connection, Mock, Sidecar};
 
 const BOUND: Duration = Duration::from_secs(15);
@@ -189,20 +190,11 @@ async fn an_upstream_that_answers_while_it_reads_the_upload_does_not_deadlock() 
     .await;
     const LEN: usize = 64 << 20;
     let mut send = h1_connection(sluice.addr).await;
-    let (tx, body) = channel();
     let req = Request::post("/v1/audio/transcriptions")
         .header("host", "sluice")
         .header("content-length", LEN.to_string())
-        .body(body)
+        .body(repeat(LEN as u64))
         .unwrap();
-    tokio::spawn(async move {
-        let frame = Bytes::from(vec![b'x'; 64 * 1024]);
-        for _ in 0..LEN / frame.len() {
-            if tx.send(frame.clone()).await.is_err() {
-                return;
-            }
-        }
-    });
     let res = tokio::time::timeout(BOUND, send.send_request(req))
         .await
         .expect("the head within the bound (sluice and the upstream wait on each other)")
