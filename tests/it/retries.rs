@@ -11,6 +11,7 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 
 use crate::support::mock::full;
+use crate::support::upstream::RawUpstream;
 use crate::support::*;
 
 fn route(url: &str, retry: &str) -> String {
@@ -394,38 +395,27 @@ async fn python_sdk_without_retries_succeeds_because_sluice_retried() {
 async fn a_connection_closed_before_headers_is_retried_as_reset() {
     // A raw upstream: the first connection reads the request and hangs up,
     // later ones answer 200.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let served = Arc::new(AtomicUsize::new(0));
-    let s = served.clone();
-    tokio::spawn(async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        loop {
-            let (mut conn, _) = listener.accept().await.unwrap();
-            let n = s.fetch_add(1, SeqCst);
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = conn.read(&mut buf).await;
-                if n > 0 {
-                    let _ = conn
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
-                        .await;
-                }
-            });
-        }
-    });
-    let proxy = Sidecar::start(&route(&format!("http://{addr}"), ""), &[]).await;
+    let hangs_up_first = || {
+        RawUpstream::start(|mut conn| async move {
+            if conn.request().await.is_some() && conn.index > 0 {
+                conn.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+                    .await;
+            }
+        })
+    };
+    let up = hangs_up_first().await;
+    let proxy = Sidecar::start(&route(&up.url(), ""), &[]).await;
     let (head, body) = get(&proxy.url("/v1/models")).await;
     assert_eq!((head.status().as_u16(), &body[..]), (200, &b"{}"[..]));
     assert_eq!(head.headers()["x-sluice-attempts"], "2");
-    assert_eq!(served.load(SeqCst), 2);
+    assert_eq!(up.accepted(), 2);
 
     // Without "reset" in retry_on the hang-up is a 502 after one attempt.
-    served.store(0, SeqCst);
-    let proxy = Sidecar::start(&route(&format!("http://{addr}"), "retry_on = [503]"), &[]).await;
+    let up = hangs_up_first().await;
+    let proxy = Sidecar::start(&route(&up.url(), "retry_on = [503]"), &[]).await;
     let (head, body) = get(&proxy.url("/v1/models")).await;
     assert_sluice_error(&head, &body, 502, "upstream_unavailable");
-    assert_eq!(served.load(SeqCst), 1);
+    assert_eq!(up.accepted(), 1);
 }
 
 #[tokio::test]

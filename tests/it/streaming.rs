@@ -6,10 +6,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::support::mock::repeat;
+use crate::support::raw::Conn;
 use crate::support::*;
 
 /// The next data frame of a response body, within 5 s.
@@ -177,20 +177,10 @@ async fn endless_stream() -> (Mock, mpsc::Receiver<Instant>) {
 async fn http1_client_disconnect_closes_the_upstream_within_a_second() {
     let (mock, mut closed) = endless_stream().await;
     let proxy = Sidecar::start(&one_route(&mock.url(), ""), &[]).await;
-    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    conn.write_all(b"GET /v1/stream HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = vec![0u8; 4096];
-    let mut got = Vec::new();
-    while !String::from_utf8_lossy(&got).contains("\"n\":1") {
-        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "stream ended early");
-        got.extend_from_slice(&buf[..n]);
-    }
+    let mut conn = Conn::open(proxy.addr).await;
+    conn.send(b"GET /v1/stream HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await;
+    conn.wait_for(b"\"n\":1", Duration::from_secs(5)).await;
     drop(conn);
     let left = Instant::now();
     let closed_at = tokio::time::timeout(Duration::from_secs(5), closed.recv())

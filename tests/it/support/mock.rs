@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
@@ -211,10 +211,19 @@ pub fn repeat(len: u64) -> MockBody {
     body
 }
 
-/// Reads a whole request body; `Err` if the stream broke off.
-pub async fn read_body(body: Incoming) -> Result<Bytes, String> {
-    body.collect()
-        .await
-        .map(|c| c.to_bytes())
-        .map_err(|e| e.to_string())
+/// A body read to its end: `Ok` with every byte on a clean end, `Err` with
+/// the bytes that came before it broke off and the error.
+pub async fn read_body(mut body: Incoming) -> Result<Bytes, (Bytes, String)> {
+    let mut got = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Some(data) = frame.data_ref() {
+                    got.extend_from_slice(data);
+                }
+            }
+            Err(e) => return Err((got.freeze(), e.to_string())),
+        }
+    }
+    Ok(got.freeze())
 }

@@ -4,6 +4,7 @@ pub mod certs;
 pub mod mock;
 pub mod openai;
 pub mod raw;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -67,6 +68,12 @@ impl Sidecar {
         }
     }
 
+    /// sluice in front of the upstream at `url` (one catch-all route) with
+    /// these `[server]` lines.
+    pub async fn in_front_of(url: &str, server: &str) -> Sidecar {
+        Sidecar::start(&sluice_toml(server, url, ""), &[]).await
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
@@ -104,6 +111,22 @@ pub fn one_route(url: &str, upstream_extra: &str) -> String {
     format!(
         "[upstreams.up]\nurl = \"{url}\"\n{upstream_extra}\n\n[[routes]]\nname = \"all\"\nupstream = \"up\"\n"
     )
+}
+
+/// A whole config: `[server]` with these lines, [`one_route`] to `url`, and
+/// the route's own tables (`[routes.retry]`...) in `route`.
+pub fn sluice_toml(server: &str, url: &str, route: &str) -> String {
+    format!("[server]\n{server}\n\n{}{route}\n", one_route(url, ""))
+}
+
+/// A body whose every byte depends on its position (a prime period, 89),
+/// so a lost, repeated or reordered piece shows; printable, so it reads as
+/// text too.
+pub fn pattern(len: usize) -> Bytes {
+    (0..len)
+        .map(|i| b'!' + (i % 89) as u8)
+        .collect::<Vec<u8>>()
+        .into()
 }
 
 pub type TestClient = Client<HttpConnector, Full<Bytes>>;
