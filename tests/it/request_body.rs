@@ -8,18 +8,18 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::support::mock::read_body_with;
 use crate::support::raw::{chunk, Conn, Reply};
 use crate::support::{
-    assert_sluice_error, channel, client, collect, json, pattern, send, Mock, MockBody, Sidecar,
+    assert_sluice_error, client, collect, json, pattern, post_streamed, send, Mock, MockBody,
+    Sidecar,
 };
 
 const BOUND: Duration = Duration::from_secs(10);
@@ -44,27 +44,18 @@ fn recording_mock(
     let handler = move |req: Request<Incoming>| {
         let (first, done_tx) = (first.clone(), done_tx.clone());
         Box::pin(async move {
-            let mut body = req.into_body();
-            let mut got = BytesMut::new();
-            while let Some(frame) = body.frame().await {
-                match frame {
-                    Ok(frame) => {
-                        if let Some(data) = frame.data_ref() {
-                            got.extend_from_slice(data);
-                            if let Some(tx) = first.lock().unwrap().take() {
-                                let _ = tx.send(got.len());
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        let _ = done_tx.send(Err((got.freeze(), e.to_string())));
-                        return json(500, r#"{"mock":"body broke off"}"#);
-                    }
+            let outcome = read_body_with(req.into_body(), |len| {
+                if let Some(tx) = first.lock().unwrap().take() {
+                    let _ = tx.send(len);
                 }
-            }
-            let len = got.len();
-            let _ = done_tx.send(Ok(got.freeze()));
-            json(200, &format!(r#"{{"received":{len}}}"#))
+            })
+            .await;
+            let answer = match &outcome {
+                Ok(body) => json(200, &format!(r#"{{"received":{}}}"#, body.len())),
+                Err(_) => json(500, r#"{"mock":"body broke off"}"#),
+            };
+            let _ = done_tx.send(outcome);
+            answer
         }) as MockFuture
     };
     (handler, done_rx)
@@ -103,12 +94,7 @@ async fn small_chunked_body_is_collected_and_sent_with_content_length() {
     let mock = Mock::start(handler).await;
     let sluice = Sidecar::in_front_of(&mock.url(), "").await;
     // A body of unknown length, in three frames: the client sends it chunked.
-    let (tx, body) = channel();
-    let client = Client::builder(TokioExecutor::new()).build_http::<MockBody>();
-    let req = Request::post(sluice.url("/v1/embeddings"))
-        .body(body)
-        .unwrap();
-    let res = tokio::spawn(async move { client.request(req).await });
+    let (tx, res) = post_streamed(&sluice.url("/v1/embeddings"));
     let parts = [
         pattern(3000),
         Bytes::from_static(b"-middle-"),
@@ -118,11 +104,7 @@ async fn small_chunked_body_is_collected_and_sent_with_content_length() {
         tx.send(p.clone()).await.unwrap();
     }
     drop(tx); // end of body
-    let res = tokio::time::timeout(BOUND, res)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let res = tokio::time::timeout(BOUND, res).await.unwrap().unwrap();
     let (head, _) = collect(res).await;
     assert_eq!(head.status(), 200);
     let expected: Bytes = parts.concat().into();
@@ -149,12 +131,7 @@ async fn body_over_retry_buffer_streams_upstream_as_it_arrives() {
 
     const CHUNK: usize = 16 * 1024;
     let body = pattern(1024 * 1024); // 64 chunks
-    let (tx, req_body) = channel();
-    let client = Client::builder(TokioExecutor::new()).build_http::<MockBody>();
-    let req = Request::post(sluice.url("/v1/files"))
-        .body(req_body)
-        .unwrap();
-    let res = tokio::spawn(async move { client.request(req).await });
+    let (tx, res) = post_streamed(&sluice.url("/v1/files"));
 
     // 80 KiB: just past retry_buffer, so sluice must switch to streaming.
     let mut chunks = body.chunks(CHUNK);
@@ -172,11 +149,7 @@ async fn body_over_retry_buffer_streams_upstream_as_it_arrives() {
     }
     drop(tx);
 
-    let res = tokio::time::timeout(BOUND, res)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let res = tokio::time::timeout(BOUND, res).await.unwrap().unwrap();
     let (head, res_body) = collect(res).await;
     assert_eq!(head.status(), 200);
     assert_eq!(&res_body[..], br#"{"received":1048576}"#);
@@ -365,21 +338,12 @@ async fn streamed_body_of_exactly_max_passes() {
     )
     .await;
     let body = pattern(256 * 1024);
-    let (tx, req_body) = channel();
-    let client = Client::builder(TokioExecutor::new()).build_http::<MockBody>();
-    let req = Request::post(sluice.url("/v1/files"))
-        .body(req_body)
-        .unwrap();
-    let res = tokio::spawn(async move { client.request(req).await });
+    let (tx, res) = post_streamed(&sluice.url("/v1/files"));
     for c in body.chunks(16 * 1024) {
         tx.send(Bytes::copy_from_slice(c)).await.unwrap();
     }
     drop(tx);
-    let res = tokio::time::timeout(BOUND, res)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let res = tokio::time::timeout(BOUND, res).await.unwrap().unwrap();
     let (head, _) = collect(res).await;
     assert_eq!(head.status(), 200);
     assert!(received(&mut done).await.unwrap() == body, "byte-exact");

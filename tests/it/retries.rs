@@ -76,6 +76,8 @@ fn status(code: u16, headers: &[(&str, &str)], body: &str) -> Response<MockBody>
     res
 }
 
+const RATE_LIMITED: &str = r#"{"error":{"message":"Rate limit reached","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#;
+
 const UNAVAILABLE: &str =
     r#"{"error":{"message":"overloaded","type":"server_error","param":null,"code":null}}"#;
 
@@ -129,11 +131,7 @@ async fn after_the_last_attempt_the_upstream_response_passes_through() {
 
 #[tokio::test]
 async fn connection_refused_is_502_after_every_attempt() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = refused_port();
     let proxy = Sidecar::start(
         &route(&format!("http://127.0.0.1:{port}"), "attempts = 4"),
         &[],
@@ -147,9 +145,8 @@ async fn connection_refused_is_502_after_every_attempt() {
 
 #[tokio::test]
 async fn retry_after_1_delays_the_next_attempt_by_a_second() {
-    let limited = r#"{"error":{"message":"Rate limit reached","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#;
     let (mock, arrivals) = scripted(vec![
-        status(429, &[("retry-after", "1")], limited),
+        status(429, &[("retry-after", "1")], RATE_LIMITED),
         status(200, &[], "{}"),
     ])
     .await;
@@ -198,9 +195,8 @@ async fn retry_after_ms_and_openai_reset_headers_are_hints_too() {
 
 #[tokio::test]
 async fn a_retry_after_over_max_retry_after_returns_the_429_at_once() {
-    let limited = r#"{"error":{"message":"Rate limit reached","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#;
     let (mock, arrivals) = scripted(vec![
-        status(429, &[("retry-after", "60")], limited),
+        status(429, &[("retry-after", "60")], RATE_LIMITED),
         status(200, &[], "{}"),
     ])
     .await;
@@ -210,7 +206,7 @@ async fn a_retry_after_over_max_retry_after_returns_the_429_at_once() {
     assert!(started.elapsed() < Duration::from_secs(3));
     assert_eq!(head.status(), 429);
     assert_eq!(head.headers()["retry-after"], "60");
-    assert_eq!(&body[..], limited.as_bytes());
+    assert_eq!(&body[..], RATE_LIMITED.as_bytes());
     assert_eq!(arrivals.lock().unwrap().len(), 1);
 }
 

@@ -144,14 +144,7 @@ async fn a_request_still_waiting_for_the_upstream_at_the_grace_end_gets_503() {
     let mut proxy = Process::start(&config(&hang, "1s"), &[]).await;
     let url = proxy.url("/v1/chat/completions");
     let waiting = tokio::spawn(async move { get(&url).await });
-    let arrived = async {
-        while hang.seen().is_empty() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(5), arrived)
-        .await
-        .expect("the upstream got the request");
+    hang.wait_for_requests(1, Duration::from_secs(5)).await;
     proxy.signal("TERM");
     let (head, body) = tokio::time::timeout(Duration::from_secs(5), waiting)
         .await

@@ -173,6 +173,21 @@ async fn endless_stream() -> (Mock, mpsc::Receiver<Instant>) {
     (mock, closed_rx)
 }
 
+/// The client has just left: the [`endless_stream`] upstream's body is
+/// dropped (`closed` reports when) within a second of now.
+async fn assert_upstream_stops_within_a_second(closed: &mut mpsc::Receiver<Instant>) {
+    let left = Instant::now();
+    let closed_at = tokio::time::timeout(Duration::from_secs(5), closed.recv())
+        .await
+        .expect("upstream saw the client leave")
+        .unwrap();
+    let took = closed_at.saturating_duration_since(left);
+    assert!(
+        took < Duration::from_secs(1),
+        "upstream kept streaming for {took:?}"
+    );
+}
+
 #[tokio::test]
 async fn http1_client_disconnect_closes_the_upstream_within_a_second() {
     let (mock, mut closed) = endless_stream().await;
@@ -182,16 +197,7 @@ async fn http1_client_disconnect_closes_the_upstream_within_a_second() {
         .await;
     conn.wait_for(b"\"n\":1", Duration::from_secs(5)).await;
     drop(conn);
-    let left = Instant::now();
-    let closed_at = tokio::time::timeout(Duration::from_secs(5), closed.recv())
-        .await
-        .expect("upstream saw the close")
-        .unwrap();
-    let took = closed_at.saturating_duration_since(left);
-    assert!(
-        took < Duration::from_secs(1),
-        "upstream kept streaming for {took:?}"
-    );
+    assert_upstream_stops_within_a_second(&mut closed).await;
 }
 
 #[tokio::test]
@@ -211,14 +217,5 @@ async fn h2_stream_reset_closes_the_upstream_within_a_second() {
     next_frame(&mut body).await;
     // Dropping an h2 body resets the stream; the connection stays open.
     drop(body);
-    let left = Instant::now();
-    let closed_at = tokio::time::timeout(Duration::from_secs(5), closed.recv())
-        .await
-        .expect("upstream saw the cancel")
-        .unwrap();
-    let took = closed_at.saturating_duration_since(left);
-    assert!(
-        took < Duration::from_secs(1),
-        "upstream kept streaming for {took:?}"
-    );
+    assert_upstream_stops_within_a_second(&mut closed).await;
 }

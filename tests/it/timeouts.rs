@@ -270,13 +270,7 @@ async fn first_byte_starts_after_a_slow_upload_ends() {
         route(&mock, "first_byte = \"300ms\"", "attempts = 1")
     );
     let proxy = Sidecar::start(&toml, &[]).await;
-    let (tx, body) = channel();
-    let req = Request::post(proxy.url("/v1/audio/transcriptions"))
-        .body(body)
-        .unwrap();
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http();
-    let res = tokio::spawn(async move { client.request(req).await });
+    let (tx, res) = post_streamed(&proxy.url("/v1/audio/transcriptions"));
     for _ in 0..10 {
         tx.send(Bytes::from(vec![b'a'; 4096])).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -284,7 +278,6 @@ async fn first_byte_starts_after_a_slow_upload_ends() {
     drop(tx);
     let res = tokio::time::timeout(Duration::from_secs(10), res)
         .await
-        .unwrap()
         .unwrap()
         .unwrap();
     let (head, body) = collect(res).await;

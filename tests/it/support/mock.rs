@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
@@ -118,6 +119,19 @@ impl Mock {
         self.seen.lock().unwrap().clone()
     }
 
+    /// Waits until `n` requests in all have arrived; a panic if they have
+    /// not within `bound`.
+    pub async fn wait_for_requests(&self, n: usize, bound: Duration) {
+        let arrived = async {
+            while self.seen.lock().unwrap().len() < n {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(bound, arrived)
+            .await
+            .unwrap_or_else(|_| panic!("the upstream did not get {n} requests within {bound:?}"));
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
@@ -213,13 +227,23 @@ pub fn repeat(len: u64) -> MockBody {
 
 /// A body read to its end: `Ok` with every byte on a clean end, `Err` with
 /// the bytes that came before it broke off and the error.
-pub async fn read_body(mut body: Incoming) -> Result<Bytes, (Bytes, String)> {
+pub async fn read_body(body: Incoming) -> Result<Bytes, (Bytes, String)> {
+    read_body_with(body, |_| {}).await
+}
+
+/// [`read_body`], calling `progress` with the length read so far after
+/// each data frame.
+pub async fn read_body_with(
+    mut body: Incoming,
+    mut progress: impl FnMut(usize),
+) -> Result<Bytes, (Bytes, String)> {
     let mut got = BytesMut::new();
     while let Some(frame) = body.frame().await {
         match frame {
             Ok(frame) => {
                 if let Some(data) = frame.data_ref() {
                     got.extend_from_slice(data);
+                    progress(got.len());
                 }
             }
             Err(e) => return Err((got.freeze(), e.to_string())),

@@ -20,7 +20,7 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-pub use mock::{channel, json, Mock, MockBody};
+pub use mock::{channel, json, BodyTx, Mock, MockBody};
 
 /// A sluice served in this process on 127.0.0.1:0 (admin too); stops when dropped.
 pub struct Sidecar {
@@ -129,6 +129,15 @@ pub fn pattern(len: usize) -> Bytes {
         .into()
 }
 
+/// A loopback port nothing listens on (bound, then released).
+pub fn refused_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub type TestClient = Client<HttpConnector, Full<Bytes>>;
 
 /// An HTTP/1.1 client.
@@ -157,6 +166,17 @@ pub fn h2c_client() -> TestClient {
     Client::builder(TokioExecutor::new())
         .http2_only(true)
         .build_http()
+}
+
+/// Starts a POST to `url` whose body the test then feeds through the
+/// sender (the client sends it chunked: its length is unknown up front).
+/// The response comes on the handle; a failed request panics there.
+pub fn post_streamed(url: &str) -> (BodyTx, tokio::task::JoinHandle<Response<Incoming>>) {
+    let (tx, body) = channel();
+    let req = Request::post(url).body(body).unwrap();
+    let client = Client::builder(TokioExecutor::new()).build_http::<MockBody>();
+    let res = tokio::spawn(async move { client.request(req).await.expect("request failed") });
+    (tx, res)
 }
 
 /// Sends a request with a small body and returns the response, body unread.
