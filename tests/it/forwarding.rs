@@ -211,12 +211,7 @@ async fn h2c_clients_are_served() {
 
 #[tokio::test]
 async fn connection_refused_is_502_upstream_unavailable() {
-    // Bind then drop: nothing listens on this port any more.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = refused_port();
     let proxy = Sidecar::start(&one_route(&format!("http://127.0.0.1:{port}"), ""), &[]).await;
     let (head, body) = get(&proxy.url("/v1/models")).await;
     assert_sluice_error(&head, &body, 502, "upstream_unavailable");

@@ -4,7 +4,6 @@
 //! connection cap, and a config check that reports every error. Each test
 //! sends the exact bytes of the case it guards against.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
@@ -13,50 +12,29 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 
-use crate::support::raw::{read_reply, read_until_closed, send_raw, Reply};
+use crate::support::raw::{Conn, Reply};
+use crate::support::upstream::RawUpstream;
 use crate::support::*;
 
 const BOUND: Duration = Duration::from_secs(10);
 
-/// A raw upstream: each accepted connection is handed to `conn`.
-async fn raw_upstream<F, Fut>(conn: F) -> SocketAddr
-where
-    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            tokio::spawn(conn(s));
-        }
-    });
-    addr
-}
-
-/// Reads one request head (and nothing of its body).
-async fn read_head(s: &mut TcpStream) -> Vec<u8> {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if s.read(&mut byte).await.unwrap_or(0) == 0 {
-            break;
-        }
-        head.push(byte[0]);
-    }
-    head
-}
-
-/// An upstream answering every request with `response`, then closing.
-async fn answering(response: &'static [u8]) -> SocketAddr {
-    raw_upstream(move |mut s| async move {
-        read_head(&mut s).await;
-        let _ = s.write_all(response).await;
+/// An upstream answering every request head with `response`, then closing.
+async fn answering(response: &'static [u8]) -> RawUpstream {
+    RawUpstream::start(move |mut conn| async move {
+        conn.request_head().await;
+        conn.write(response).await;
     })
     .await
+}
+
+/// `bytes` on a new raw connection.
+async fn raw_request(addr: SocketAddr, bytes: &[u8]) -> Conn {
+    let mut conn = Conn::open(addr).await;
+    conn.send(bytes).await;
+    conn
 }
 
 fn no_retry(url: &str) -> String {
@@ -71,7 +49,7 @@ async fn a_chunked_response_with_a_content_length_is_not_cut_at_that_length() {
         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
     )
     .await;
-    let proxy = Sidecar::start(&no_retry(&format!("http://{up}")), &[]).await;
+    let proxy = Sidecar::start(&no_retry(&up.url()), &[]).await;
     for client in [client(), h2c_client()] {
         let req = Request::get(proxy.url("/v1/x"))
             .body(Full::default())
@@ -93,7 +71,7 @@ async fn an_sse_stream_with_content_length_0_arrives_whole() {
         b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\nf\r\ndata: {\"n\":1}\n\n\r\nf\r\ndata: {\"n\":2}\n\n\r\n0\r\n\r\n",
     )
     .await;
-    let proxy = Sidecar::start(&no_retry(&format!("http://{up}")), &[]).await;
+    let proxy = Sidecar::start(&no_retry(&up.url()), &[]).await;
     let (head, body) = get(&proxy.url("/v1/x")).await;
     assert_eq!(head.status(), 200);
     assert_eq!(&body[..], b"data: {\"n\":1}\n\ndata: {\"n\":2}\n\n");
@@ -108,7 +86,7 @@ async fn a_gzip_transfer_coding_is_refused_not_passed_on_as_identity() {
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n4\r\n\x1f\x8b\x08\x00\r\n0\r\n\r\n",
     ] {
         let up = answering(Box::leak(response.to_vec().into_boxed_slice())).await;
-        let proxy = Sidecar::start(&no_retry(&format!("http://{up}")), &[]).await;
+        let proxy = Sidecar::start(&no_retry(&up.url()), &[]).await;
         let (head, body) = get(&proxy.url("/v1/x")).await;
         assert_sluice_error(&head, &body, 502, "upstream_unavailable");
     }
@@ -137,25 +115,11 @@ async fn bodiless_responses_never_carry_an_invalid_or_conflicting_length() {
         ),
     ] {
         let up = answering(Box::leak(response.to_vec().into_boxed_slice())).await;
-        let proxy = Sidecar::start(&no_retry(&format!("http://{up}")), &[]).await;
-        let mut s = send_raw(proxy.addr, b"GET /v1/x HTTP/1.1\r\nHost: x\r\n\r\n").await;
-        let mut got = Vec::new();
-        let mut chunk = [0u8; 4096];
-        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = tokio::time::timeout(BOUND, s.read(&mut chunk))
-                .await
-                .unwrap()
-                .unwrap();
-            assert!(n > 0, "closed before a head");
-            got.extend_from_slice(&chunk[..n]);
-        }
-        let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
-        let lengths: Vec<&str> = head
-            .lines()
-            .filter_map(|l| l.strip_prefix("content-length:"))
-            .map(str::trim)
-            .collect();
-        assert_eq!(lengths, expected.into_iter().collect::<Vec<_>>(), "{head}");
+        let proxy = Sidecar::start(&no_retry(&up.url()), &[]).await;
+        let mut conn = raw_request(proxy.addr, b"GET /v1/x HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let res = conn.response(BOUND).await;
+        let lengths = res.all("content-length");
+        assert_eq!(lengths, expected.into_iter().collect::<Vec<_>>(), "{res:?}");
     }
 }
 
@@ -177,9 +141,11 @@ async fn encoded_dot_segments_and_separators_are_refused_before_routing() {
         "/v1/allowed/..;/secret",
     ] {
         let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
-        let mut s = send_raw(proxy.addr, req.as_bytes()).await;
-        let (head, body) = read_reply(&mut s, BOUND).await.response();
-        assert_sluice_error(&head, &body, 400, "bad_request");
+        let res = raw_request(proxy.addr, req.as_bytes())
+            .await
+            .response(BOUND)
+            .await;
+        assert_sluice_error(&res.head(), &res.body, 400, "bad_request");
     }
     assert!(mock.seen().is_empty(), "nothing reached the upstream");
     let (head, _) = get(&proxy.url("/v1/allowed/ok")).await;
@@ -194,28 +160,24 @@ async fn an_upload_goes_on_after_an_early_answer_has_ended() {
     let received = Arc::new(AtomicUsize::new(0));
     let (got, done) = (received.clone(), Arc::new(tokio::sync::Notify::new()));
     let finished = done.clone();
-    let up = raw_upstream(move |mut s| {
+    let up = RawUpstream::start(move |mut conn| {
         let (got, done) = (got.clone(), done.clone());
         async move {
-            read_head(&mut s).await;
+            conn.request_head().await;
             // The whole answer at once, before reading any of the body.
-            let _ = s
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            conn.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
                 .await;
-            let mut body = Vec::new();
-            let mut chunk = [0u8; 64 * 1024];
-            while !body.ends_with(b"0\r\n\r\n") {
-                match s.read(&mut chunk).await {
-                    Ok(n) if n > 0 => body.extend_from_slice(&chunk[..n]),
-                    _ => break,
+            while !conn.buf.ends_with(b"0\r\n\r\n") {
+                if conn.read_more().await == 0 {
+                    break;
                 }
             }
-            got.store(dechunk(&body).len(), SeqCst);
+            got.store(dechunk(&conn.buf).len(), SeqCst);
             done.notify_one();
         }
     })
     .await;
-    let proxy = Sidecar::start(&no_retry(&format!("http://{up}")), &[]).await;
+    let proxy = Sidecar::start(&no_retry(&up.url()), &[]).await;
     let (tx, body) = channel();
     let mut conn = h1_connection(proxy.addr).await;
     let req = Request::post("/v1/upload")
@@ -303,19 +265,10 @@ async fn until_closed(open: &AtomicUsize, bound: Duration) -> Duration {
     start.elapsed()
 }
 
-async fn read_one_event_then_stop(addr: SocketAddr) -> TcpStream {
-    let mut s = send_raw(addr, b"GET /v1/stream HTTP/1.1\r\nHost: x\r\n\r\n").await;
-    let mut got = Vec::new();
-    let mut chunk = [0u8; 1024];
-    while !got.windows(2).any(|w| w == b"\n\n") {
-        let n = tokio::time::timeout(BOUND, s.read(&mut chunk))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0);
-        got.extend_from_slice(&chunk[..n]);
-    }
-    s
+async fn read_one_event_then_stop(addr: SocketAddr) -> Conn {
+    let mut conn = raw_request(addr, b"GET /v1/stream HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    conn.wait_for(b"\n\n", BOUND).await;
+    conn
 }
 
 #[tokio::test]
@@ -405,7 +358,7 @@ async fn an_h2_client_trickling_continuation_frames_is_cut_off() {
     s.write_all(&h2_frame(0x1, 0x1, 1, &[0x82, 0x86, 0x84]))
         .await
         .unwrap();
-    let (mut read, mut write) = s.into_split();
+    let (read, mut write) = s.into_split();
     let trickle = tokio::spawn(async move {
         for _ in 0..100 {
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -419,7 +372,7 @@ async fn an_h2_client_trickling_continuation_frames_is_cut_off() {
             }
         }
     });
-    let (_, took) = read_until_closed(&mut read, BOUND).await;
+    let (_, took) = Conn::new(read).read_until_closed(BOUND).await;
     assert!(
         took >= Duration::from_millis(900) && took < Duration::from_secs(4),
         "{took:?}"
@@ -508,9 +461,8 @@ async fn an_oversized_head_gets_sluices_431() {
     let mut req = b"GET /v1/x HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
     req.resize(req.len() + 70 * 1024, b'a');
     req.extend_from_slice(b"\r\n\r\n");
-    let mut s = send_raw(proxy.addr, &req).await;
-    let (head, body) = read_reply(&mut s, BOUND).await.response();
-    assert_sluice_error(&head, &body, 431, "request_headers_too_large");
+    let res = raw_request(proxy.addr, &req).await.response(BOUND).await;
+    assert_sluice_error(&res.head(), &res.body, 431, "request_headers_too_large");
     assert!(mock.seen().is_empty());
 }
 
@@ -525,22 +477,19 @@ async fn past_max_connections_new_clients_are_closed_at_once() {
     );
     let proxy = Sidecar::start(&toml, &[]).await;
     let req = b"GET /v1/x HTTP/1.1\r\nHost: x\r\n\r\n";
-    let mut first = send_raw(proxy.addr, req).await;
-    read_reply(&mut first, BOUND).await.response();
-    let mut second = send_raw(proxy.addr, req).await;
-    read_reply(&mut second, BOUND).await.response();
-    let mut third = send_raw(proxy.addr, req).await;
-    assert!(matches!(
-        read_reply(&mut third, BOUND).await,
-        Reply::Closed(_)
-    ));
+    let mut first = raw_request(proxy.addr, req).await;
+    first.response(BOUND).await;
+    let mut second = raw_request(proxy.addr, req).await;
+    second.response(BOUND).await;
+    let mut third = raw_request(proxy.addr, req).await;
+    assert!(matches!(third.reply(BOUND).await, Reply::Closed(_)));
     drop(first);
     // Once one leaves, a new client is served again.
     let mut served = false;
     for _ in 0..50 {
-        let mut s = send_raw(proxy.addr, req).await;
-        if let Reply::Response(head, _) = read_reply(&mut s, BOUND).await {
-            assert_eq!(head.status(), 200);
+        let mut s = raw_request(proxy.addr, req).await;
+        if let Reply::Response(res) = s.reply(BOUND).await {
+            assert_eq!(res.status, 200);
             served = true;
             break;
         }
@@ -558,8 +507,8 @@ async fn out_of_descriptors_the_accept_loop_backs_off_and_recovers() {
     );
     let proxy = Process::start_with_nofile(&toml, &[], 64).await;
     // A keep-alive connection with a pooled upstream connection behind it.
-    let mut kept = send_raw(proxy.addr, b"GET /v1/x HTTP/1.1\r\nHost: x\r\n\r\n").await;
-    read_reply(&mut kept, BOUND).await.response();
+    let mut kept = raw_request(proxy.addr, b"GET /v1/x HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    kept.response(BOUND).await;
     // Then clients until the descriptors run out.
     let mut idle = Vec::new();
     for _ in 0..100 {
@@ -580,17 +529,12 @@ async fn out_of_descriptors_the_accept_loop_backs_off_and_recovers() {
         "logged at a bounded rate: {failures}\n{log}"
     );
     // The connection it has is still served.
-    kept.write_all(b"GET /v1/x HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    assert_eq!(
-        read_reply(&mut kept, BOUND).await.response().0.status(),
-        200
-    );
+    kept.send(b"GET /v1/x HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(kept.response(BOUND).await.status, 200);
     // Descriptors freed: new clients are accepted again.
     drop(idle);
-    let mut s = send_raw(proxy.addr, b"GET /v1/x HTTP/1.1\r\nHost: x\r\n\r\n").await;
-    assert_eq!(read_reply(&mut s, BOUND).await.response().0.status(), 200);
+    let mut s = raw_request(proxy.addr, b"GET /v1/x HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(s.response(BOUND).await.status, 200);
 }
 
 // 11. `sluice check` reports every error.

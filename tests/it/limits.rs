@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 
+use crate::support::raw::Conn;
 use crate::support::*;
 
 fn limited(url: &str, limit: &str, extra: &str) -> String {
@@ -225,11 +226,7 @@ async fn admitted_again(proxy: &Sidecar) -> bool {
 async fn the_slot_is_released_on_every_path() {
     let limit = "requests_per_minute = 0\nmax_concurrent = 1";
     // Upstream error: connection refused, 502.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = refused_port();
     let proxy = Sidecar::start(
         &limited(
             &format!("http://127.0.0.1:{port}"),
@@ -283,18 +280,10 @@ async fn the_slot_is_released_on_every_path() {
     let proxy = Sidecar::start(&limited(&hang.url(), limit, ""), &[]).await;
     // Counted before sending: the upstream may see the request at once.
     let before = hang.seen().len();
-    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    tokio::io::AsyncWriteExt::write_all(&mut conn, b"GET /v1/x HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let arrived = async {
-        while hang.seen().len() == before {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(5), arrived)
-        .await
-        .expect("the upstream got the request");
+    let mut conn = Conn::open(proxy.addr).await;
+    conn.send(b"GET /v1/x HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    hang.wait_for_requests(before + 1, Duration::from_secs(5))
+        .await;
     drop(conn);
     // Admitted now means: no quick 429, the request waits on the silent upstream.
     let admitted = async {

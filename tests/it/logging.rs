@@ -5,6 +5,7 @@
 use http::Request;
 use http_body_util::Full;
 
+use crate::support::raw::Conn;
 use crate::support::*;
 
 const KEY: &str = "sk-live-SECRET-never-log-4f2a9c";
@@ -25,15 +26,6 @@ async fn request(proxy: &Process, path: &str, id: &str) -> u16 {
         .0
         .status()
         .as_u16()
-}
-
-/// A loopback port nothing listens on (bound, then released).
-fn refused_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn lines_with<'a>(out: &'a str, needle: &str) -> Vec<&'a str> {
@@ -187,22 +179,12 @@ async fn the_key_never_appears_in_any_output_even_at_trace() {
 async fn a_client_that_leaves_before_the_response_is_logged_as_499() {
     let mock = Mock::start(|_| std::future::pending()).await;
     let mut proxy = Process::start(&config(&mock.url(), ""), &[("UP_KEY", KEY)]).await;
-    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    tokio::io::AsyncWriteExt::write_all(
-        &mut conn,
-        b"GET /v1/models HTTP/1.1\r\nhost: x\r\nx-request-id: req-gone\r\n\r\n",
-    )
-    .await
-    .unwrap();
+    let mut conn = Conn::open(proxy.addr).await;
+    conn.send(b"GET /v1/models HTTP/1.1\r\nhost: x\r\nx-request-id: req-gone\r\n\r\n")
+        .await;
     // Wait until the upstream has the request, then leave.
-    let arrived = async {
-        while mock.seen().is_empty() {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(std::time::Duration::from_secs(5), arrived)
-        .await
-        .expect("the upstream got the request");
+    mock.wait_for_requests(1, std::time::Duration::from_secs(5))
+        .await;
     drop(conn);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while !proxy.output().contains("req-gone") && std::time::Instant::now() < deadline {
@@ -308,16 +290,11 @@ async fn line_of_a_request_cut_at_exit(one_cpu: bool) -> String {
     };
     // A client that asks for the stream and never reads it: sluice's write
     // blocks, the body is not polled, the cutoff cannot end it.
-    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    tokio::io::AsyncWriteExt::write_all(
-        &mut conn,
-        b"GET /v1/files/x HTTP/1.1\r\nhost: x\r\nx-request-id: req-cut-at-exit\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    while mock.seen().is_empty() {
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let mut conn = Conn::open(proxy.addr).await;
+    conn.send(b"GET /v1/files/x HTTP/1.1\r\nhost: x\r\nx-request-id: req-cut-at-exit\r\n\r\n")
+        .await;
+    mock.wait_for_requests(1, std::time::Duration::from_secs(5))
+        .await;
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     proxy.signal("TERM");
     let code = proxy.exit_within(std::time::Duration::from_secs(10)).await;

@@ -8,36 +8,21 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::support::raw::{chunk, read_reply, send_raw, Reply};
+use crate::support::mock::read_body_with;
+use crate::support::raw::{chunk, Conn, Reply};
 use crate::support::{
-    assert_sluice_error, channel, client, collect, json, one_route, send, Mock, MockBody, Sidecar,
+    assert_sluice_error, client, collect, json, pattern, post_streamed, send, Mock, MockBody,
+    Sidecar,
 };
 
 const BOUND: Duration = Duration::from_secs(10);
-
-/// A body whose every byte depends on its position, so a lost, repeated or
-/// reordered chunk shows.
-fn pattern(len: usize) -> Bytes {
-    (0..len)
-        .map(|i| (i % 251) as u8)
-        .collect::<Vec<u8>>()
-        .into()
-}
-
-/// sluice with these `[server]` lines in front of `mock`.
-async fn sidecar(mock: &Mock, server: &str) -> Sidecar {
-    let toml = format!("[server]\n{server}\n\n{}", one_route(&mock.url(), ""));
-    Sidecar::start(&toml, &[]).await
-}
 
 /// What the mock read of one request body: the bytes in order, and whether
 /// the body ended cleanly (`Err` = it broke off, with the bytes before that).
@@ -59,27 +44,18 @@ fn recording_mock(
     let handler = move |req: Request<Incoming>| {
         let (first, done_tx) = (first.clone(), done_tx.clone());
         Box::pin(async move {
-            let mut body = req.into_body();
-            let mut got = BytesMut::new();
-            while let Some(frame) = body.frame().await {
-                match frame {
-                    Ok(frame) => {
-                        if let Some(data) = frame.data_ref() {
-                            got.extend_from_slice(data);
-                            if let Some(tx) = first.lock().unwrap().take() {
-                                let _ = tx.send(got.len());
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        let _ = done_tx.send(Err((got.freeze(), e.to_string())));
-                        return json(500, r#"{"mock":"body broke off"}"#);
-                    }
+            let outcome = read_body_with(req.into_body(), |len| {
+                if let Some(tx) = first.lock().unwrap().take() {
+                    let _ = tx.send(len);
                 }
-            }
-            let len = got.len();
-            let _ = done_tx.send(Ok(got.freeze()));
-            json(200, &format!(r#"{{"received":{len}}}"#))
+            })
+            .await;
+            let answer = match &outcome {
+                Ok(body) => json(200, &format!(r#"{{"received":{}}}"#, body.len())),
+                Err(_) => json(500, r#"{"mock":"body broke off"}"#),
+            };
+            let _ = done_tx.send(outcome);
+            answer
         }) as MockFuture
     };
     (handler, done_rx)
@@ -97,7 +73,7 @@ async fn received(done: &mut mpsc::UnboundedReceiver<Received>) -> Received {
 async fn small_body_arrives_whole_with_content_length() {
     let (handler, mut done) = recording_mock(None);
     let mock = Mock::start(handler).await;
-    let sluice = sidecar(&mock, "").await;
+    let sluice = Sidecar::in_front_of(&mock.url(), "").await;
     let body = pattern(10_000);
     let req = Request::post(sluice.url("/v1/chat/completions"))
         .header("content-type", "application/json")
@@ -116,14 +92,9 @@ async fn small_body_arrives_whole_with_content_length() {
 async fn small_chunked_body_is_collected_and_sent_with_content_length() {
     let (handler, mut done) = recording_mock(None);
     let mock = Mock::start(handler).await;
-    let sluice = sidecar(&mock, "").await;
+    let sluice = Sidecar::in_front_of(&mock.url(), "").await;
     // A body of unknown length, in three frames: the client sends it chunked.
-    let (tx, body) = channel();
-    let client = Client::builder(TokioExecutor::new()).build_http::<MockBody>();
-    let req = Request::post(sluice.url("/v1/embeddings"))
-        .body(body)
-        .unwrap();
-    let res = tokio::spawn(async move { client.request(req).await });
+    let (tx, res) = post_streamed(&sluice.url("/v1/embeddings"));
     let parts = [
         pattern(3000),
         Bytes::from_static(b"-middle-"),
@@ -133,11 +104,7 @@ async fn small_chunked_body_is_collected_and_sent_with_content_length() {
         tx.send(p.clone()).await.unwrap();
     }
     drop(tx); // end of body
-    let res = tokio::time::timeout(BOUND, res)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let res = tokio::time::timeout(BOUND, res).await.unwrap().unwrap();
     let (head, _) = collect(res).await;
     assert_eq!(head.status(), 200);
     let expected: Bytes = parts.concat().into();
@@ -160,16 +127,11 @@ async fn body_over_retry_buffer_streams_upstream_as_it_arrives() {
     let (first_tx, first_rx) = oneshot::channel();
     let (handler, mut done) = recording_mock(Some(first_tx));
     let mock = Mock::start(handler).await;
-    let sluice = sidecar(&mock, "retry_buffer = \"64KiB\"").await;
+    let sluice = Sidecar::in_front_of(&mock.url(), "retry_buffer = \"64KiB\"").await;
 
     const CHUNK: usize = 16 * 1024;
     let body = pattern(1024 * 1024); // 64 chunks
-    let (tx, req_body) = channel();
-    let client = Client::builder(TokioExecutor::new()).build_http::<MockBody>();
-    let req = Request::post(sluice.url("/v1/files"))
-        .body(req_body)
-        .unwrap();
-    let res = tokio::spawn(async move { client.request(req).await });
+    let (tx, res) = post_streamed(&sluice.url("/v1/files"));
 
     // 80 KiB: just past retry_buffer, so sluice must switch to streaming.
     let mut chunks = body.chunks(CHUNK);
@@ -187,11 +149,7 @@ async fn body_over_retry_buffer_streams_upstream_as_it_arrives() {
     }
     drop(tx);
 
-    let res = tokio::time::timeout(BOUND, res)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let res = tokio::time::timeout(BOUND, res).await.unwrap().unwrap();
     let (head, res_body) = collect(res).await;
     assert_eq!(head.status(), 200);
     assert_eq!(&res_body[..], br#"{"received":1048576}"#);
@@ -212,22 +170,23 @@ async fn declared_length_over_retry_buffer_streams_with_content_length() {
     let (first_tx, first_rx) = oneshot::channel();
     let (handler, mut done) = recording_mock(Some(first_tx));
     let mock = Mock::start(handler).await;
-    let sluice = sidecar(&mock, "retry_buffer = \"64KiB\"").await;
+    let sluice = Sidecar::in_front_of(&mock.url(), "retry_buffer = \"64KiB\"").await;
     let body = pattern(1024 * 1024);
     let head = format!(
         "POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
-    let mut s = send_raw(sluice.addr, head.as_bytes()).await;
-    s.write_all(&body[..80 * 1024]).await.unwrap();
+    let mut s = Conn::open(sluice.addr).await;
+    s.send(head.as_bytes()).await;
+    s.send(&body[..80 * 1024]).await;
     tokio::time::timeout(BOUND, first_rx)
         .await
         .expect("the upstream saw data before the client sent the rest of the body")
         .unwrap();
-    s.write_all(&body[80 * 1024..]).await.unwrap();
-    let (head, res_body) = read_reply(&mut s, BOUND).await.response();
-    assert_eq!(head.status(), 200);
-    assert_eq!(&res_body[..], br#"{"received":1048576}"#);
+    s.send(&body[80 * 1024..]).await;
+    let res = s.response(BOUND).await;
+    assert_eq!(res.status, 200);
+    assert_eq!(&res.body[..], br#"{"received":1048576}"#);
     assert!(received(&mut done).await.unwrap() == body, "byte-exact");
     let seen = mock.seen();
     assert_eq!(seen[0].headers["content-length"], "1048576");
@@ -241,14 +200,12 @@ async fn declared_length_over_retry_buffer_streams_with_content_length() {
 async fn declared_length_over_max_gets_413_without_upstream() {
     let (handler, _done) = recording_mock(None);
     let mock = Mock::start(handler).await;
-    let sluice = sidecar(&mock, "max_request_body = \"1KiB\"").await;
-    let mut s = send_raw(
-        sluice.addr,
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\n{\"model\":",
-    )
-    .await;
-    let (head, body) = read_reply(&mut s, BOUND).await.response();
-    assert_sluice_error(&head, &body, 413, "request_too_large");
+    let sluice = Sidecar::in_front_of(&mock.url(), "max_request_body = \"1KiB\"").await;
+    let mut s = Conn::open(sluice.addr).await;
+    s.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\n{\"model\":")
+        .await;
+    let res = s.response(BOUND).await;
+    assert_sluice_error(&res.head(), &res.body, 413, "request_too_large");
     assert!(
         mock.seen().is_empty(),
         "nothing was sent upstream: {:?}",
@@ -260,7 +217,7 @@ async fn declared_length_over_max_gets_413_without_upstream() {
 async fn declared_length_one_over_max_gets_413_and_exactly_max_passes() {
     let (handler, mut done) = recording_mock(None);
     let mock = Mock::start(handler).await;
-    let sluice = sidecar(&mock, "max_request_body = \"1KiB\"").await;
+    let sluice = Sidecar::in_front_of(&mock.url(), "max_request_body = \"1KiB\"").await;
 
     let over = Request::post(sluice.url("/v1/x"))
         .body(Full::new(pattern(1025)))
@@ -288,14 +245,15 @@ async fn declared_length_one_over_max_gets_413_and_exactly_max_passes() {
 async fn chunked_body_over_max_while_collecting_gets_413_without_upstream() {
     let (handler, _done) = recording_mock(None);
     let mock = Mock::start(handler).await;
-    let sluice = sidecar(&mock, "max_request_body = \"1KiB\"").await;
+    let sluice = Sidecar::in_front_of(&mock.url(), "max_request_body = \"1KiB\"").await;
     let mut req = b"POST /v1/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
     req.extend(chunk(&pattern(1000)));
     req.extend(chunk(&pattern(25)));
     req.extend_from_slice(b"0\r\n\r\n");
-    let mut s = send_raw(sluice.addr, &req).await;
-    let (head, body) = read_reply(&mut s, BOUND).await.response();
-    assert_sluice_error(&head, &body, 413, "request_too_large");
+    let mut s = Conn::open(sluice.addr).await;
+    s.send(&req).await;
+    let res = s.response(BOUND).await;
+    assert_sluice_error(&res.head(), &res.body, 413, "request_too_large");
     assert!(mock.seen().is_empty(), "{:?}", mock.seen());
 }
 
@@ -308,14 +266,14 @@ async fn chunked_body_over_max_while_streaming_never_completes_upstream() {
     const MAX: usize = 256 * 1024;
     let (handler, mut done) = recording_mock(None);
     let mock = Mock::start(handler).await;
-    let sluice = sidecar(
-        &mock,
+    let sluice = Sidecar::in_front_of(
+        &mock.url(),
         "retry_buffer = \"64KiB\"\nmax_request_body = \"256KiB\"",
     )
     .await;
 
     let s = tokio::net::TcpStream::connect(sluice.addr).await.unwrap();
-    let (mut read, mut write) = s.into_split();
+    let (read, mut write) = s.into_split();
     // Writes 1 MiB in 16 KiB chunks, stopping at the first write error
     // (sluice closes the connection once it has answered).
     let writer = tokio::spawn(async move {
@@ -328,9 +286,11 @@ async fn chunked_body_over_max_while_streaming_never_completes_upstream() {
         }
         let _ = write.write_all(b"0\r\n\r\n").await;
     });
-    let reply = read_reply(&mut read, BOUND).await;
+    let reply = Conn::new(read).reply(BOUND).await;
     match &reply {
-        Reply::Response(head, body) => assert_sluice_error(head, body, 413, "request_too_large"),
+        Reply::Response(res) => {
+            assert_sluice_error(&res.head(), &res.body, 413, "request_too_large")
+        }
         // A reset can overtake the 413 when sluice closes with unread input.
         Reply::Closed(got) => assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(got)),
     }
@@ -359,7 +319,7 @@ async fn chunked_body_over_max_while_streaming_never_completes_upstream() {
     eprintln!(
         "over-max streaming: client got {}; upstream read {} bytes, then: {e}",
         match &reply {
-            Reply::Response(h, _) => h.status().to_string(),
+            Reply::Response(res) => res.status.to_string(),
             Reply::Closed(_) => "a closed connection".into(),
         },
         part.len()
@@ -372,27 +332,18 @@ async fn chunked_body_over_max_while_streaming_never_completes_upstream() {
 async fn streamed_body_of_exactly_max_passes() {
     let (handler, mut done) = recording_mock(None);
     let mock = Mock::start(handler).await;
-    let sluice = sidecar(
-        &mock,
+    let sluice = Sidecar::in_front_of(
+        &mock.url(),
         "retry_buffer = \"64KiB\"\nmax_request_body = \"256KiB\"",
     )
     .await;
     let body = pattern(256 * 1024);
-    let (tx, req_body) = channel();
-    let client = Client::builder(TokioExecutor::new()).build_http::<MockBody>();
-    let req = Request::post(sluice.url("/v1/files"))
-        .body(req_body)
-        .unwrap();
-    let res = tokio::spawn(async move { client.request(req).await });
+    let (tx, res) = post_streamed(&sluice.url("/v1/files"));
     for c in body.chunks(16 * 1024) {
         tx.send(Bytes::copy_from_slice(c)).await.unwrap();
     }
     drop(tx);
-    let res = tokio::time::timeout(BOUND, res)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let res = tokio::time::timeout(BOUND, res).await.unwrap().unwrap();
     let (head, _) = collect(res).await;
     assert_eq!(head.status(), 200);
     assert!(received(&mut done).await.unwrap() == body, "byte-exact");
@@ -410,17 +361,17 @@ async fn streamed_body_of_exactly_max_passes() {
 async fn a_client_that_uploads_everything_first_still_reads_its_413() {
     let (handler, _done) = recording_mock(None);
     let mock = Mock::start(handler).await;
-    let sluice = sidecar(&mock, "max_request_body = \"1KiB\"").await;
+    let sluice = Sidecar::in_front_of(&mock.url(), "max_request_body = \"1KiB\"").await;
     for _ in 0..5 {
         let s = tokio::net::TcpStream::connect(sluice.addr).await.unwrap();
-        let (mut read, mut write) = s.into_split();
+        let (read, mut write) = s.into_split();
         let writer = tokio::spawn(async move {
             let head = "POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Length: 4194304\r\n\r\n";
             write.write_all(head.as_bytes()).await.unwrap();
             write.write_all(&pattern(4 << 20)).await.is_ok()
         });
-        let (head, body) = read_reply(&mut read, BOUND).await.response();
-        assert_sluice_error(&head, &body, 413, "request_too_large");
+        let res = Conn::new(read).response(BOUND).await;
+        assert_sluice_error(&res.head(), &res.body, 413, "request_too_large");
         assert!(
             writer.await.unwrap(),
             "the upload was cut off under the client"
@@ -435,15 +386,15 @@ async fn a_client_that_uploads_everything_first_still_reads_its_413() {
 async fn a_client_silent_mid_body_gets_408() {
     let (handler, _done) = recording_mock(None);
     let mock = Mock::start(handler).await;
-    let sluice = sidecar(&mock, "header_read_timeout = \"500ms\"").await;
+    let sluice = Sidecar::in_front_of(&mock.url(), "header_read_timeout = \"500ms\"").await;
     let started = std::time::Instant::now();
-    let mut s = send_raw(
-        sluice.addr,
+    let mut s = Conn::open(sluice.addr).await;
+    s.send(
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"model\":",
     )
     .await;
-    let (head, body) = read_reply(&mut s, BOUND).await.response();
-    assert_sluice_error(&head, &body, 408, "request_timeout");
+    let res = s.response(BOUND).await;
+    assert_sluice_error(&res.head(), &res.body, 408, "request_timeout");
     assert!(
         started.elapsed() >= Duration::from_millis(400),
         "{:?}",

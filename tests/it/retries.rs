@@ -2,19 +2,16 @@
 //! x-sluice-attempts / x-should-retry headers, bodies too large to replay,
 //! insufficient_quota, and the retry budget under a failing upstream.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Body, Frame};
 
-use crate::support::mock::{full, BoxError};
+use crate::support::mock::full;
+use crate::support::upstream::RawUpstream;
 use crate::support::*;
 
 fn route(url: &str, retry: &str) -> String {
@@ -81,6 +78,8 @@ fn status(code: u16, headers: &[(&str, &str)], body: &str) -> Response<MockBody>
     res
 }
 
+const RATE_LIMITED: &str = r#"{"error":{"message":"Rate limit reached","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#;
+
 const UNAVAILABLE: &str =
     r#"{"error":{"message":"overloaded","type":"server_error","param":null,"code":null}}"#;
 
@@ -134,11 +133,7 @@ async fn after_the_last_attempt_the_upstream_response_passes_through() {
 
 #[tokio::test]
 async fn connection_refused_is_502_after_every_attempt() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = refused_port();
     let proxy = Sidecar::start(
         &route(&format!("http://127.0.0.1:{port}"), "attempts = 4"),
         &[],
@@ -152,9 +147,8 @@ async fn connection_refused_is_502_after_every_attempt() {
 
 #[tokio::test(start_paused = true)]
 async fn retry_after_1_delays_the_next_attempt_by_a_second() {
-    let limited = r#"{"error":{"message":"Rate limit reached","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#;
     let (mock, arrivals) = scripted(vec![
-        status(429, &[("retry-after", "1")], limited),
+        status(429, &[("retry-after", "1")], RATE_LIMITED),
         status(200, &[], "{}"),
     ])
     .await;
@@ -204,9 +198,8 @@ async fn retry_after_ms_and_openai_reset_headers_are_hints_too() {
 
 #[tokio::test(start_paused = true)]
 async fn a_retry_after_over_max_retry_after_returns_the_429_at_once() {
-    let limited = r#"{"error":{"message":"Rate limit reached","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#;
     let (mock, arrivals) = scripted(vec![
-        status(429, &[("retry-after", "60")], limited),
+        status(429, &[("retry-after", "60")], RATE_LIMITED),
         status(200, &[], "{}"),
     ])
     .await;
@@ -217,7 +210,7 @@ async fn a_retry_after_over_max_retry_after_returns_the_429_at_once() {
     assert!(started.elapsed() < Duration::from_millis(100));
     assert_eq!(head.status(), 429);
     assert_eq!(head.headers()["retry-after"], "60");
-    assert_eq!(&body[..], limited.as_bytes());
+    assert_eq!(&body[..], RATE_LIMITED.as_bytes());
     assert_eq!(arrivals.lock().unwrap().len(), 1);
 }
 
@@ -272,28 +265,21 @@ async fn a_body_over_retry_buffer_is_attempted_once() {
     assert_eq!(collect(send(&client(), req).await).await.0.status(), 200);
 }
 
-/// SSE events written 20 ms apart (so they reach sluice before the break),
-/// then the connection breaks (the body errors).
-struct EventsThenReset {
-    events: Vec<Bytes>,
-    pause: Pin<Box<tokio::time::Sleep>>,
-}
-
-impl Body for EventsThenReset {
-    type Data = Bytes;
-    type Error = BoxError;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        std::task::ready!(self.pause.as_mut().poll(cx));
-        let next = tokio::time::Instant::now() + Duration::from_millis(20);
-        self.pause.as_mut().reset(next);
-        Poll::Ready(Some(match self.events.is_empty() {
-            true => Err("upstream crashed".into()),
-            false => Ok(Frame::data(self.events.remove(0))),
-        }))
-    }
+/// A body of `events` written 20 ms apart (so they reach sluice before the
+/// break), then, 20 ms after the last, the connection breaks (the body
+/// errors).
+fn events_then_reset(events: Vec<Bytes>) -> MockBody {
+    let (tx, body) = channel();
+    tokio::spawn(async move {
+        for e in events {
+            if tx.send(e).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = tx.fail("upstream crashed").await;
+    });
+    body
 }
 
 #[tokio::test]
@@ -308,13 +294,7 @@ async fn a_reset_after_three_events_is_not_retried_and_ends_with_upstream_reset(
                 .collect();
             Response::builder()
                 .header("content-type", "text/event-stream")
-                .body(
-                    EventsThenReset {
-                        events,
-                        pause: Box::pin(tokio::time::sleep(Duration::ZERO)),
-                    }
-                    .boxed(),
-                )
+                .body(events_then_reset(events))
                 .unwrap()
         }
     })
@@ -415,38 +395,27 @@ async fn python_sdk_without_retries_succeeds_because_sluice_retried() {
 async fn a_connection_closed_before_headers_is_retried_as_reset() {
     // A raw upstream: the first connection reads the request and hangs up,
     // later ones answer 200.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let served = Arc::new(AtomicUsize::new(0));
-    let s = served.clone();
-    tokio::spawn(async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        loop {
-            let (mut conn, _) = listener.accept().await.unwrap();
-            let n = s.fetch_add(1, SeqCst);
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = conn.read(&mut buf).await;
-                if n > 0 {
-                    let _ = conn
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
-                        .await;
-                }
-            });
-        }
-    });
-    let proxy = Sidecar::start(&route(&format!("http://{addr}"), ""), &[]).await;
+    let hangs_up_first = || {
+        RawUpstream::start(|mut conn| async move {
+            if conn.request().await.is_some() && conn.index > 0 {
+                conn.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+                    .await;
+            }
+        })
+    };
+    let up = hangs_up_first().await;
+    let proxy = Sidecar::start(&route(&up.url(), ""), &[]).await;
     let (head, body) = get(&proxy.url("/v1/models")).await;
     assert_eq!((head.status().as_u16(), &body[..]), (200, &b"{}"[..]));
     assert_eq!(head.headers()["x-sluice-attempts"], "2");
-    assert_eq!(served.load(SeqCst), 2);
+    assert_eq!(up.accepted(), 2);
 
     // Without "reset" in retry_on the hang-up is a 502 after one attempt.
-    served.store(0, SeqCst);
-    let proxy = Sidecar::start(&route(&format!("http://{addr}"), "retry_on = [503]"), &[]).await;
+    let up = hangs_up_first().await;
+    let proxy = Sidecar::start(&route(&up.url(), "retry_on = [503]"), &[]).await;
     let (head, body) = get(&proxy.url("/v1/models")).await;
     assert_sluice_error(&head, &body, 502, "upstream_unavailable");
-    assert_eq!(served.load(SeqCst), 1);
+    assert_eq!(up.accepted(), 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -532,11 +501,10 @@ async fn a_429_whose_body_breaks_is_treated_as_a_reset() {
                 return json(200, "{}");
             }
             let events = vec![Bytes::from_static(b"{\"error\":{\"mess")];
-            let body = EventsThenReset {
-                events,
-                pause: Box::pin(tokio::time::sleep(Duration::ZERO)),
-            };
-            Response::builder().status(429).body(body.boxed()).unwrap()
+            Response::builder()
+                .status(429)
+                .body(events_then_reset(events))
+                .unwrap()
         }
     })
     .await;

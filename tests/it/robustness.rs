@@ -11,12 +11,11 @@
 
 use std::time::{Duration, Instant};
 
-use http::StatusCode;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::support::raw::{read_reply, read_until_closed, send_raw, Reply};
-use crate::support::{assert_sluice_error, get, json, one_route, Mock, Process, Sidecar};
+use crate::support::raw::{Conn, Reply};
+use crate::support::{assert_sluice_error, get, json, sluice_toml, Mock, Process, Sidecar};
 
 /// Generous bound for "answered or closed": hyper answers in milliseconds.
 const BOUND: Duration = Duration::from_secs(5);
@@ -32,9 +31,10 @@ impl Harness {
     async fn start() -> Harness {
         let mock = Mock::start(|_| async { json(200, r#"{"ok":true}"#) }).await;
         // admin_listen = "": parallel tests must not fight over the default port.
-        let toml = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\nshutdown_grace = \"2s\"\n\n{}",
-            one_route(&mock.url(), "")
+        let toml = sluice_toml(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"\"\nshutdown_grace = \"2s\"",
+            &mock.url(),
+            "",
         );
         let sluice = Process::start(&toml, &[]).await;
         Harness { mock, sluice }
@@ -42,8 +42,9 @@ impl Harness {
 
     /// Sends `raw` on a new connection; returns the reply (or the close).
     async fn probe(&self, raw: &[u8]) -> Reply {
-        let mut s = send_raw(self.sluice.addr, raw).await;
-        read_reply(&mut s, BOUND).await
+        let mut s = Conn::open(self.sluice.addr).await;
+        s.send(raw).await;
+        s.reply(BOUND).await
     }
 
     /// The process survived: a well-formed request is still proxied, the
@@ -70,9 +71,9 @@ impl Harness {
 /// cannot serve, with the connection closed after it.
 #[track_caller]
 fn assert_refused(reply: Reply) {
-    let (head, body) = reply.response();
-    assert_sluice_error(&head, &body, 400, "bad_request");
-    assert_eq!(head.headers()["connection"], "close");
+    let res = reply.response();
+    assert_sluice_error(&res.head(), &res.body, 400, "bad_request");
+    assert_eq!(res.get("connection"), Some("close"));
 }
 
 #[tokio::test]
@@ -122,15 +123,13 @@ async fn invalid_chunk_size_gets_sluice_400() {
     // The head is fine, so sluice's handler runs and reads the body itself:
     // the decode error must become its own 400, not a panic or a forwarded
     // half-body.
-    let mut s = send_raw(
-        h.sluice.addr,
-        b"POST /v1/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
-    )
-    .await;
-    let (head, body) = read_reply(&mut s, BOUND).await.response();
-    assert_sluice_error(&head, &body, 400, "bad_request");
+    let mut s = Conn::open(h.sluice.addr).await;
+    s.send(b"POST /v1/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n")
+        .await;
+    let res = s.response(BOUND).await;
+    assert_sluice_error(&res.head(), &res.body, 400, "bad_request");
     // The framing is lost, so the connection cannot be reused: it is closed.
-    read_until_closed(&mut s, BOUND).await;
+    s.read_until_closed(BOUND).await;
     drop(s);
     h.assert_survived().await;
 }
@@ -145,9 +144,7 @@ async fn header_line_of_100_kib_is_rejected() {
     req.extend_from_slice(b"\r\n\r\n");
     let reply = h.probe(&req).await;
     match reply {
-        Reply::Response(head, _) => {
-            assert!(head.status().is_client_error(), "got {head:?}")
-        }
+        Reply::Response(res) => assert!(res.status / 100 == 4, "got {res:?}"),
         Reply::Closed(_) => {}
     }
     h.assert_survived().await;
@@ -161,12 +158,10 @@ async fn headers_over_the_read_buffer_get_431() {
     req.resize(req.len() + 1024 * 1024, b'a');
     req.extend_from_slice(b"\r\n\r\n");
     // The server may stop reading (and close) while we are still writing.
-    let mut s = TcpStream::connect(h.sluice.addr).await.unwrap();
-    let _ = s.write_all(&req).await;
-    match read_reply(&mut s, BOUND).await {
-        Reply::Response(head, _) => {
-            assert_eq!(head.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
-        }
+    let mut s = Conn::open(h.sluice.addr).await;
+    let _ = s.stream.write_all(&req).await;
+    match s.reply(BOUND).await {
+        Reply::Response(res) => assert_eq!(res.status, 431, "{res:?}"),
         // Closing with our unread bytes in its buffer makes the kernel send
         // a reset, which can overtake the 431: a close is also a rejection.
         Reply::Closed(got) => assert!(
@@ -185,8 +180,8 @@ async fn connect_method_gets_sluice_400() {
     let reply = h
         .probe(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
         .await;
-    let (head, body) = reply.response();
-    assert_sluice_error(&head, &body, 400, "bad_request");
+    let res = reply.response();
+    assert_sluice_error(&res.head(), &res.body, 400, "bad_request");
     h.assert_survived().await;
 }
 
@@ -195,8 +190,8 @@ async fn options_asterisk_gets_sluice_400() {
     let h = Harness::start().await;
     // `*` has no path to route on; it must not reach the upstream as "/*" or "/".
     let reply = h.probe(b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n").await;
-    let (head, body) = reply.response();
-    assert_sluice_error(&head, &body, 400, "bad_request");
+    let res = reply.response();
+    assert_sluice_error(&res.head(), &res.body, 400, "bad_request");
     h.assert_survived().await;
 }
 
@@ -205,11 +200,7 @@ async fn options_asterisk_gets_sluice_400() {
 /// sluice in-process with `header_read_timeout = "1s"`.
 async fn sidecar_with_1s_header_timeout() -> (Mock, Sidecar) {
     let mock = Mock::start(|_| async { json(200, r#"{"ok":true}"#) }).await;
-    let toml = format!(
-        "[server]\nheader_read_timeout = \"1s\"\n\n{}",
-        one_route(&mock.url(), "")
-    );
-    let sidecar = Sidecar::start(&toml, &[]).await;
+    let sidecar = Sidecar::in_front_of(&mock.url(), "header_read_timeout = \"1s\"").await;
     (mock, sidecar)
 }
 
@@ -241,7 +232,7 @@ async fn slowloris_headers_are_cut_off_while_others_are_served() {
     // never the blank line that ends the head.
     let start = Instant::now();
     let a = TcpStream::connect(sidecar.addr).await.unwrap();
-    let (mut a_read, mut a_write) = a.into_split();
+    let (a_read, mut a_write) = a.into_split();
     a_write
         .write_all(b"GET /v1/slow HTTP/1.1\r\nHost: x\r\n")
         .await
@@ -264,7 +255,9 @@ async fn slowloris_headers_are_cut_off_while_others_are_served() {
         unreachable!()
     });
     let a_closed = tokio::spawn(async move {
-        let (got, _) = read_until_closed(&mut a_read, Duration::from_secs(10)).await;
+        let (got, _) = Conn::new(a_read)
+            .read_until_closed(Duration::from_secs(10))
+            .await;
         (got, start.elapsed())
     });
 
@@ -297,9 +290,9 @@ async fn slowloris_headers_are_cut_off_while_others_are_served() {
 async fn silent_client_is_cut_off() {
     let (_mock, sidecar) = sidecar_with_1s_header_timeout().await;
     let start = Instant::now();
-    let mut silent = TcpStream::connect(sidecar.addr).await.unwrap();
+    let mut silent = Conn::open(sidecar.addr).await;
     let closed = tokio::spawn(async move {
-        let (got, _) = read_until_closed(&mut silent, Duration::from_secs(10)).await;
+        let (got, _) = silent.read_until_closed(Duration::from_secs(10)).await;
         (got, start.elapsed())
     });
     // Others are served meanwhile.
@@ -315,9 +308,10 @@ async fn silent_client_is_cut_off() {
 async fn partial_h2_preface_is_cut_off() {
     let (_mock, sidecar) = sidecar_with_1s_header_timeout().await;
     let start = Instant::now();
-    let mut partial = send_raw(sidecar.addr, b"PRI * HTTP/2.0\r\n").await;
+    let mut partial = Conn::open(sidecar.addr).await;
+    partial.send(b"PRI * HTTP/2.0\r\n").await;
     let closed = tokio::spawn(async move {
-        let (got, _) = read_until_closed(&mut partial, Duration::from_secs(10)).await;
+        let (got, _) = partial.read_until_closed(Duration::from_secs(10)).await;
         (got, start.elapsed())
     });
     let (head, _) = get(&sidecar.url("/v1/fast")).await;

@@ -3,9 +3,8 @@
 //! connection, bodies that trickle in or break off, the framing and headers
 //! of responses, `Connection: close`, the idle timeout and the drain.
 //!
-//! Responses are read with a small reader of its own (`Conn`): unlike
-//! `raw::read_reply` it keeps the bytes past one response for the next (two
-//! pipelined responses can arrive in one read), and it de-chunks.
+//! Responses are read with the raw reader (`support::raw::Conn`), which keeps
+//! the bytes past one response for the next and de-chunks.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,60 +12,30 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt;
 
 use crate::support::mock::{full, read_body};
-use crate::support::raw::{chunk, read_reply, read_until_closed};
-use crate::support::{assert_sluice_error, channel, one_route, Mock, MockBody, Process, Sidecar};
+use crate::support::raw::{chunk, Conn, Message};
+use crate::support::{
+    assert_sluice_error, channel, pattern, sluice_toml, Mock, MockBody, Process, Sidecar,
+};
 
 /// Generous bound for anything that should take milliseconds.
 const BOUND: Duration = Duration::from_secs(10);
 
-// ---- a raw HTTP/1.1 client -----------------------------------------------
+/// `[server]` lines for the binary, with a long grace: a prompt close comes
+/// from the drain, not from the grace ending.
+const LONG_GRACE: &str = "listen = \"127.0.0.1:0\"\nadmin_listen = \"\"\nshutdown_grace = \"30s\"";
 
-/// One response as it came over the wire.
-#[derive(Debug)]
-struct Res {
-    /// The minor version of the status line (1 for HTTP/1.1).
-    version: u8,
-    status: u16,
-    headers: Vec<(String, String)>,
-    /// The body, de-chunked if it was chunked.
-    body: Vec<u8>,
+// ---- requests, and what is checked of every response ----------------------
+
+/// The checks these tests make of a response.
+trait Check {
+    fn assert_ok(&self, body: &str);
+    fn assert_date(&self);
 }
 
-impl Res {
-    /// Every value of header `name`.
-    fn all(&self, name: &str) -> Vec<&str> {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-            .collect()
-    }
-
-    /// The one value of header `name` (panics if it is repeated).
-    #[track_caller]
-    fn get(&self, name: &str) -> Option<&str> {
-        let all = self.all(name);
-        assert!(all.len() <= 1, "{name} repeated: {self:?}");
-        all.first().copied()
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    /// As the support helpers want it (for `assert_sluice_error`).
-    fn to_response(&self) -> (Response<()>, Bytes) {
-        let mut res = Response::builder().status(self.status);
-        for (n, v) in &self.headers {
-            res = res.header(n.as_str(), v.as_str());
-        }
-        (res.body(()).unwrap(), Bytes::from(self.body.clone()))
-    }
-
+impl Check for Message {
     /// Status 200 and this body.
     #[track_caller]
     fn assert_ok(&self, body: &str) {
@@ -81,166 +50,6 @@ impl Res {
             .get("date")
             .unwrap_or_else(|| panic!("no date header: {self:?}"));
         assert!(httpdate::parse_http_date(date).is_ok(), "date: {date:?}");
-    }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-/// Parses one response at the start of `buf`: `None` if more bytes are
-/// needed. `head` is whether it answers a HEAD request; `eof` whether the
-/// peer closed (ends a close-delimited body). Panics on what is not HTTP.
-fn parse_response(buf: &[u8], head: bool, eof: bool) -> Option<(Res, usize)> {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut r = httparse::Response::new(&mut headers);
-    let head_len = match r.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return None,
-        Err(e) => panic!(
-            "not an HTTP response ({e}): {:?}",
-            String::from_utf8_lossy(buf)
-        ),
-    };
-    let mut res = Res {
-        version: r.version.unwrap(),
-        status: r.code.unwrap(),
-        headers: r
-            .headers
-            .iter()
-            .map(|h| {
-                (
-                    h.name.to_ascii_lowercase(),
-                    String::from_utf8(h.value.to_vec()).unwrap(),
-                )
-            })
-            .collect(),
-        body: Vec::new(),
-    };
-    if head || res.status / 100 == 1 || res.status == 204 || res.status == 304 {
-        return Some((res, head_len));
-    }
-    let chunked = res
-        .all("transfer-encoding")
-        .iter()
-        .any(|v| v.to_ascii_lowercase().contains("chunked"));
-    if chunked {
-        assert!(
-            res.all("content-length").is_empty(),
-            "both framings: {res:?}"
-        );
-        let mut pos = head_len;
-        loop {
-            let line = pos + find(&buf[pos..], b"\r\n")?;
-            let size = std::str::from_utf8(&buf[pos..line]).unwrap();
-            let size = size.split(';').next().unwrap().trim();
-            let size = usize::from_str_radix(size, 16)
-                .unwrap_or_else(|_| panic!("chunk size line {size:?}"));
-            pos = line + 2;
-            if size == 0 {
-                // Trailers, if any, up to the empty line.
-                loop {
-                    let end = pos + find(&buf[pos..], b"\r\n")?;
-                    let empty = end == pos;
-                    pos = end + 2;
-                    if empty {
-                        return Some((res, pos));
-                    }
-                }
-            }
-            if buf.len() < pos + size + 2 {
-                return None;
-            }
-            res.body.extend_from_slice(&buf[pos..pos + size]);
-            assert_eq!(&buf[pos + size..pos + size + 2], b"\r\n", "chunk end");
-            pos += size + 2;
-        }
-    }
-    match res.get("content-length") {
-        Some(len) => {
-            let len: usize = len.parse().unwrap();
-            if buf.len() < head_len + len {
-                return None;
-            }
-            res.body = buf[head_len..head_len + len].to_vec();
-            Some((res, head_len + len))
-        }
-        // Delimited by the close.
-        None if eof => {
-            res.body = buf[head_len..].to_vec();
-            Some((res, buf.len()))
-        }
-        None => None,
-    }
-}
-
-/// A raw client connection that keeps what it read past one response.
-struct Conn {
-    stream: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl Conn {
-    async fn open(addr: std::net::SocketAddr) -> Conn {
-        Conn {
-            stream: TcpStream::connect(addr).await.unwrap(),
-            buf: Vec::new(),
-        }
-    }
-
-    async fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).await.unwrap();
-    }
-
-    /// The next response (to a request other than HEAD).
-    async fn response(&mut self) -> Res {
-        self.read(false).await
-    }
-
-    /// The next response, to a HEAD request: no body follows its head.
-    async fn head_response(&mut self) -> Res {
-        self.read(true).await
-    }
-
-    async fn read(&mut self, head: bool) -> Res {
-        let read = async {
-            let mut eof = false;
-            loop {
-                if let Some((res, used)) = parse_response(&self.buf, head, eof) {
-                    self.buf.drain(..used);
-                    return res;
-                }
-                assert!(
-                    !eof,
-                    "the connection closed inside a response: {:?}",
-                    String::from_utf8_lossy(&self.buf)
-                );
-                let mut chunk = [0u8; 16 * 1024];
-                let n = self.stream.read(&mut chunk).await.unwrap_or(0);
-                self.buf.extend_from_slice(&chunk[..n]);
-                eof = n == 0;
-            }
-        };
-        tokio::time::timeout(BOUND, read)
-            .await
-            .unwrap_or_else(|_| panic!("no whole response within {BOUND:?}"))
-    }
-
-    /// Asserts sluice closes the connection within `bound` with nothing
-    /// more sent; how long the close took.
-    async fn assert_closed_within(&mut self, bound: Duration) -> Duration {
-        assert!(
-            self.buf.is_empty(),
-            "unexpected bytes: {:?}",
-            String::from_utf8_lossy(&self.buf)
-        );
-        let (got, after) = read_until_closed(&mut self.stream, bound).await;
-        assert!(
-            got.is_empty(),
-            "bytes before the close: {:?}",
-            String::from_utf8_lossy(&got)
-        );
-        after
     }
 }
 
@@ -271,11 +80,6 @@ fn chunked_req(path: &str, pieces: &[&[u8]]) -> Vec<u8> {
     req
 }
 
-/// A body whose every byte depends on its position.
-fn pattern(len: usize) -> Vec<u8> {
-    (0..len).map(|i| b'a' + (i % 26) as u8).collect()
-}
-
 // ---- the upstream ----------------------------------------------------------
 
 /// The request bodies the mock read, in order, by path (a body that broke
@@ -295,7 +99,7 @@ async fn echo_mock() -> (Mock, Bodies) {
             let path = req.uri().path().to_owned();
             let body = match read_body(req.into_body()).await {
                 Ok(b) => b,
-                Err(e) => Bytes::from(format!("BROKEN: {e}")),
+                Err((_, e)) => Bytes::from(format!("BROKEN: {e}")),
             };
             log.lock().unwrap().push((path.clone(), body.clone()));
             if path == "/v1/slow" {
@@ -342,12 +146,6 @@ fn streamed() -> Response<MockBody> {
         .unwrap()
 }
 
-/// sluice in-process in front of `mock`, with these `[server]` lines.
-async fn sidecar(mock: &Mock, server: &str) -> Sidecar {
-    let toml = format!("[server]\n{server}\n\n{}", one_route(&mock.url(), ""));
-    Sidecar::start(&toml, &[]).await
-}
-
 /// The bodies the mock read, as (path, text).
 fn bodies(b: &Bodies) -> Vec<(String, String)> {
     b.lock()
@@ -368,20 +166,20 @@ fn owned(list: &[(&str, &str)]) -> Vec<(String, String)> {
 #[tokio::test]
 async fn three_requests_in_turn_on_one_connection_are_all_answered() {
     let (mock, bodies_seen) = echo_mock().await;
-    let sluice = sidecar(&mock, "").await;
+    let sluice = Sidecar::in_front_of(&mock.url(), "").await;
     let mut conn = Conn::open(sluice.addr).await;
     conn.send(&get_req("/v1/models")).await;
-    let first = conn.response().await;
+    let first = conn.response(BOUND).await;
     first.assert_ok("GET /v1/models ");
     assert_eq!(first.version, 1, "{first:?}");
     assert!(first.get("connection").is_none(), "{first:?}");
     conn.send(&post_req("/v1/chat/completions", br#"{"n":2}"#))
         .await;
-    conn.response()
+    conn.response(BOUND)
         .await
         .assert_ok(r#"POST /v1/chat/completions {"n":2}"#);
     conn.send(&get_req("/v1/third")).await;
-    conn.response().await.assert_ok("GET /v1/third ");
+    conn.response(BOUND).await.assert_ok("GET /v1/third ");
     let seen = mock.seen();
     let paths: Vec<_> = seen.iter().map(|s| s.uri.path()).collect();
     assert_eq!(
@@ -402,15 +200,19 @@ async fn three_requests_in_turn_on_one_connection_are_all_answered() {
 #[tokio::test]
 async fn pipelined_requests_in_one_write_are_answered_in_order() {
     let (mock, bodies_seen) = echo_mock().await;
-    let sluice = sidecar(&mock, "").await;
+    let sluice = Sidecar::in_front_of(&mock.url(), "").await;
     let mut conn = Conn::open(sluice.addr).await;
     let mut reqs = post_req("/v1/one", b"body-one");
     reqs.extend_from_slice(&get_req("/v1/two"));
     reqs.extend_from_slice(&post_req("/v1/three", b"body-three"));
     conn.send(&reqs).await;
-    conn.response().await.assert_ok("POST /v1/one body-one");
-    conn.response().await.assert_ok("GET /v1/two ");
-    conn.response().await.assert_ok("POST /v1/three body-three");
+    conn.response(BOUND)
+        .await
+        .assert_ok("POST /v1/one body-one");
+    conn.response(BOUND).await.assert_ok("GET /v1/two ");
+    conn.response(BOUND)
+        .await
+        .assert_ok("POST /v1/three body-three");
     assert_eq!(
         bodies(&bodies_seen),
         owned(&[
@@ -421,7 +223,7 @@ async fn pipelined_requests_in_one_write_are_answered_in_order() {
     );
     // Still open for more.
     conn.send(&get_req("/v1/four")).await;
-    conn.response().await.assert_ok("GET /v1/four ");
+    conn.response(BOUND).await.assert_ok("GET /v1/four ");
 }
 
 /// Requests written while the one before is still upstream are read by
@@ -430,7 +232,7 @@ async fn pipelined_requests_in_one_write_are_answered_in_order() {
 #[tokio::test]
 async fn requests_written_while_one_is_upstream_are_answered_after_it() {
     let (mock, bodies_seen) = echo_mock().await;
-    let sluice = sidecar(&mock, "").await;
+    let sluice = Sidecar::in_front_of(&mock.url(), "").await;
     let mut conn = Conn::open(sluice.addr).await;
     conn.send(&post_req("/v1/slow", b"slow")).await;
     // The mock holds /v1/slow for 300 ms: these arrive while it waits.
@@ -439,10 +241,10 @@ async fn requests_written_while_one_is_upstream_are_answered_after_it() {
     more.extend_from_slice(&chunked_req("/v1/three", &[b"thr", b"ee"]));
     more.extend_from_slice(&post_req("/v1/four", b"four"));
     conn.send(&more).await;
-    conn.response().await.assert_ok("POST /v1/slow slow");
-    conn.response().await.assert_ok("GET /v1/two ");
-    conn.response().await.assert_ok("POST /v1/three three");
-    conn.response().await.assert_ok("POST /v1/four four");
+    conn.response(BOUND).await.assert_ok("POST /v1/slow slow");
+    conn.response(BOUND).await.assert_ok("GET /v1/two ");
+    conn.response(BOUND).await.assert_ok("POST /v1/three three");
+    conn.response(BOUND).await.assert_ok("POST /v1/four four");
     assert_eq!(
         bodies(&bodies_seen),
         owned(&[
@@ -459,26 +261,16 @@ async fn requests_written_while_one_is_upstream_are_answered_after_it() {
 #[tokio::test]
 async fn a_request_written_while_a_stream_is_under_way_is_answered_after_it() {
     let (mock, _) = echo_mock().await;
-    let sluice = sidecar(&mock, "").await;
+    let sluice = Sidecar::in_front_of(&mock.url(), "").await;
     let mut conn = Conn::open(sluice.addr).await;
     conn.send(&get_req("/v1/stream")).await;
     // Read the head and the first frame, so the stream is surely under way.
-    let first_frame = async {
-        while find(&conn.buf, STREAM[0].as_bytes()).is_none() {
-            let mut chunk = [0u8; 4096];
-            let n = conn.stream.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "closed mid-stream");
-            conn.buf.extend_from_slice(&chunk[..n]);
-        }
-    };
-    tokio::time::timeout(BOUND, first_frame)
-        .await
-        .expect("first frame within the bound");
+    conn.wait_for(STREAM[0].as_bytes(), BOUND).await;
     // The second frame comes 100 ms after the first.
     conn.send(&post_req("/v1/next", b"next")).await;
-    let res = conn.response().await;
+    let res = conn.response(BOUND).await;
     assert_eq!(res.text(), STREAM.concat(), "{res:?}");
-    conn.response().await.assert_ok("POST /v1/next next");
+    conn.response(BOUND).await.assert_ok("POST /v1/next next");
 }
 
 // ---- the handover to hyper -----------------------------------------------
@@ -486,12 +278,12 @@ async fn a_request_written_while_a_stream_is_under_way_is_answered_after_it() {
 #[tokio::test]
 async fn a_chunked_post_after_a_plain_one_is_handed_over_with_its_bytes() {
     let (mock, bodies_seen) = echo_mock().await;
-    let sluice = sidecar(&mock, "").await;
+    let sluice = Sidecar::in_front_of(&mock.url(), "").await;
     let mut conn = Conn::open(sluice.addr).await;
     // Served by sluice's own server.
     conn.send(&post_req("/v1/plain", br#"{"plain":true}"#))
         .await;
-    conn.response()
+    conn.response(BOUND)
         .await
         .assert_ok(r#"POST /v1/plain {"plain":true}"#);
     // Chunked: sluice reads its head (and some of its body) and hands the
@@ -501,12 +293,12 @@ async fn a_chunked_post_after_a_plain_one_is_handed_over_with_its_bytes() {
         &[b"{\"chunked\":", b"\"yes\",", b"\"n\":3}"],
     ))
     .await;
-    conn.response()
+    conn.response(BOUND)
         .await
         .assert_ok(r#"POST /v1/chunked {"chunked":"yes","n":3}"#);
     // hyper serves the rest of the connection.
     conn.send(&post_req("/v1/after", b"after")).await;
-    conn.response().await.assert_ok("POST /v1/after after");
+    conn.response(BOUND).await.assert_ok("POST /v1/after after");
     assert_eq!(
         bodies(&bodies_seen),
         owned(&[
@@ -523,15 +315,15 @@ async fn a_chunked_post_after_a_plain_one_is_handed_over_with_its_bytes() {
 #[tokio::test]
 async fn a_pipelined_chunked_post_is_handed_over_with_what_follows_it() {
     let (mock, bodies_seen) = echo_mock().await;
-    let sluice = sidecar(&mock, "").await;
+    let sluice = Sidecar::in_front_of(&mock.url(), "").await;
     let mut conn = Conn::open(sluice.addr).await;
     let mut reqs = post_req("/v1/one", b"one");
     reqs.extend_from_slice(&chunked_req("/v1/two", &[b"tw", b"o"]));
     reqs.extend_from_slice(&post_req("/v1/three", b"three"));
     conn.send(&reqs).await;
-    conn.response().await.assert_ok("POST /v1/one one");
-    conn.response().await.assert_ok("POST /v1/two two");
-    conn.response().await.assert_ok("POST /v1/three three");
+    conn.response(BOUND).await.assert_ok("POST /v1/one one");
+    conn.response(BOUND).await.assert_ok("POST /v1/two two");
+    conn.response(BOUND).await.assert_ok("POST /v1/three three");
     assert_eq!(
         bodies(&bodies_seen),
         owned(&[
@@ -547,7 +339,7 @@ async fn a_pipelined_chunked_post_is_handed_over_with_what_follows_it() {
 #[tokio::test]
 async fn a_body_arriving_in_pieces_is_awaited_and_forwarded_whole() {
     let (mock, bodies_seen) = echo_mock().await;
-    let sluice = sidecar(&mock, "").await;
+    let sluice = Sidecar::in_front_of(&mock.url(), "").await;
     let body = pattern(3000);
     let mut conn = Conn::open(sluice.addr).await;
     let req = post_req("/v1/pieces", &body);
@@ -561,14 +353,14 @@ async fn a_body_arriving_in_pieces_is_awaited_and_forwarded_whole() {
         "dispatched before the body was complete"
     );
     conn.send(&body[1500..]).await;
-    let res = conn.response().await;
-    let text = String::from_utf8(body.clone()).unwrap();
+    let res = conn.response(BOUND).await;
+    let text = std::str::from_utf8(&body).unwrap();
     res.assert_ok(&format!("POST /v1/pieces {text}"));
-    assert_eq!(bodies(&bodies_seen), owned(&[("/v1/pieces", &text)]));
+    assert_eq!(bodies(&bodies_seen), owned(&[("/v1/pieces", text)]));
     assert_eq!(mock.seen()[0].headers["content-length"], "3000");
     // The connection goes on.
     conn.send(&get_req("/v1/next")).await;
-    conn.response().await.assert_ok("GET /v1/next ");
+    conn.response(BOUND).await.assert_ok("GET /v1/next ");
 }
 
 /// Runs the binary (a panic would show in its log) and cuts two bodies
@@ -576,36 +368,36 @@ async fn a_body_arriving_in_pieces_is_awaited_and_forwarded_whole() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_closing_mid_body_sends_nothing_upstream() {
     let (mock, bodies_seen) = echo_mock().await;
-    let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\nshutdown_grace = \"2s\"\n\n{}",
-        one_route(&mock.url(), "")
+    let toml = sluice_toml(
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"\"\nshutdown_grace = \"2s\"",
+        &mock.url(),
+        "",
     );
     let mut sluice = Process::start(&toml, &[]).await;
     let partial = b"POST /v1/cut HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789";
 
     // Half-closed: it can still read, and gets sluice's 400 (as when hyper
     // reads the body); the broken body is refused before any upstream work.
-    let mut s = TcpStream::connect(sluice.addr).await.unwrap();
-    s.write_all(partial).await.unwrap();
-    s.shutdown().await.unwrap();
-    let (head, body) = read_reply(&mut s, BOUND).await.response();
-    assert_sluice_error(&head, &body, 400, "bad_request");
-    assert_eq!(head.headers()["connection"], "close");
+    let mut s = Conn::open(sluice.addr).await;
+    s.send(partial).await;
+    s.stream.shutdown().await.unwrap();
+    let res = s.response(BOUND).await;
+    assert_sluice_error(&res.head(), &res.body, 400, "bad_request");
+    assert_eq!(res.get("connection"), Some("close"), "{res:?}");
     // The connection is not reused after a broken body.
-    let (got, _) = read_until_closed(&mut s, BOUND).await;
-    assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+    s.assert_closed_within(BOUND).await;
     drop(s);
 
     // Gone altogether.
-    let mut s = TcpStream::connect(sluice.addr).await.unwrap();
-    s.write_all(partial).await.unwrap();
+    let mut s = Conn::open(sluice.addr).await;
+    s.send(partial).await;
     drop(s);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // Served afterwards, on a new connection.
     let mut conn = Conn::open(sluice.addr).await;
     conn.send(&get_req("/v1/after")).await;
-    conn.response().await.assert_ok("GET /v1/after ");
+    conn.response(BOUND).await.assert_ok("GET /v1/after ");
     let seen = mock.seen();
     assert_eq!(
         seen.len(),
@@ -623,10 +415,10 @@ async fn a_client_closing_mid_body_sends_nothing_upstream() {
 #[tokio::test]
 async fn a_response_of_known_length_is_sent_with_content_length() {
     let (mock, _) = echo_mock().await;
-    let sluice = sidecar(&mock, "").await;
+    let sluice = Sidecar::in_front_of(&mock.url(), "").await;
     let mut conn = Conn::open(sluice.addr).await;
     conn.send(&post_req("/v1/known", b"0123456789")).await;
-    let res = conn.response().await;
+    let res = conn.response(BOUND).await;
     let expected = "POST /v1/known 0123456789";
     res.assert_ok(expected);
     assert_eq!(
@@ -642,10 +434,10 @@ async fn a_response_of_known_length_is_sent_with_content_length() {
 #[tokio::test]
 async fn a_stream_of_unknown_length_is_sent_chunked() {
     let (mock, _) = echo_mock().await;
-    let sluice = sidecar(&mock, "").await;
+    let sluice = Sidecar::in_front_of(&mock.url(), "").await;
     let mut conn = Conn::open(sluice.addr).await;
     conn.send(&get_req("/v1/stream")).await;
-    let res = conn.response().await;
+    let res = conn.response(BOUND).await;
     assert_eq!(res.status, 200, "{res:?}");
     assert_eq!(res.get("transfer-encoding"), Some("chunked"), "{res:?}");
     assert!(res.all("content-length").is_empty(), "{res:?}");
@@ -654,16 +446,16 @@ async fn a_stream_of_unknown_length_is_sent_chunked() {
     res.assert_date();
     // The last chunk ended the body: the connection carries on.
     conn.send(&get_req("/v1/next")).await;
-    conn.response().await.assert_ok("GET /v1/next ");
+    conn.response(BOUND).await.assert_ok("GET /v1/next ");
 }
 
 #[tokio::test]
 async fn a_204_has_no_body_nor_framing_headers_and_the_connection_goes_on() {
     let (mock, _) = echo_mock().await;
-    let sluice = sidecar(&mock, "").await;
+    let sluice = Sidecar::in_front_of(&mock.url(), "").await;
     let mut conn = Conn::open(sluice.addr).await;
     conn.send(&post_req("/v1/empty", b"x")).await;
-    let res = conn.response().await;
+    let res = conn.response(BOUND).await;
     assert_eq!(res.status, 204, "{res:?}");
     assert!(res.all("content-length").is_empty(), "{res:?}");
     assert!(res.all("transfer-encoding").is_empty(), "{res:?}");
@@ -671,7 +463,7 @@ async fn a_204_has_no_body_nor_framing_headers_and_the_connection_goes_on() {
     // Had a body (even an empty chunked one) followed, it would be read as
     // the start of the next response, which would then not parse.
     conn.send(&get_req("/v1/next")).await;
-    conn.response().await.assert_ok("GET /v1/next ");
+    conn.response(BOUND).await.assert_ok("GET /v1/next ");
     assert!(conn.buf.is_empty());
 }
 
@@ -680,7 +472,7 @@ async fn a_204_has_no_body_nor_framing_headers_and_the_connection_goes_on() {
 #[tokio::test]
 async fn every_response_carries_a_date() {
     let (mock, _) = echo_mock().await;
-    let sluice = sidecar(&mock, "").await;
+    let sluice = Sidecar::in_front_of(&mock.url(), "").await;
     let mut conn = Conn::open(sluice.addr).await;
     for req in [
         get_req("/v1/models"),
@@ -689,14 +481,13 @@ async fn every_response_carries_a_date() {
         get_req("/v1/empty"),
     ] {
         conn.send(&req).await;
-        conn.response().await.assert_date();
+        conn.response(BOUND).await.assert_date();
     }
     // sluice's own error (no upstream date to pass on), on its own server.
     let mut conn = Conn::open(sluice.addr).await;
     conn.send(b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n").await;
-    let res = conn.response().await;
-    let (head, body) = res.to_response();
-    assert_sluice_error(&head, &body, 400, "bad_request");
+    let res = conn.response(BOUND).await;
+    assert_sluice_error(&res.head(), &res.body, 400, "bad_request");
     res.assert_date();
 }
 
@@ -705,13 +496,13 @@ async fn every_response_carries_a_date() {
 #[tokio::test]
 async fn connection_close_is_answered_then_the_connection_is_closed() {
     let (mock, _) = echo_mock().await;
-    let sluice = sidecar(&mock, "").await;
+    let sluice = Sidecar::in_front_of(&mock.url(), "").await;
     let mut conn = Conn::open(sluice.addr).await;
     conn.send(
         b"POST /v1/bye HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 3\r\n\r\nbye",
     )
     .await;
-    let res = conn.response().await;
+    let res = conn.response(BOUND).await;
     res.assert_ok("POST /v1/bye bye");
     assert_eq!(res.get("connection"), Some("close"), "{res:?}");
     conn.assert_closed_within(Duration::from_secs(5)).await;
@@ -721,19 +512,19 @@ async fn connection_close_is_answered_then_the_connection_is_closed() {
 #[tokio::test]
 async fn head_is_answered_without_a_body_and_the_connection_goes_on() {
     let (mock, _) = echo_mock().await;
-    let sluice = sidecar(&mock, "").await;
+    let sluice = Sidecar::in_front_of(&mock.url(), "").await;
     let mut conn = Conn::open(sluice.addr).await;
     // Served by sluice, then HEAD hands the connection to hyper.
     conn.send(&get_req("/v1/models")).await;
-    conn.response().await.assert_ok("GET /v1/models ");
+    conn.response(BOUND).await.assert_ok("GET /v1/models ");
     conn.send(b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
         .await;
-    let res = conn.head_response().await;
+    let res = conn.head_response(BOUND).await;
     assert_eq!(res.status, 200, "{res:?}");
     assert!(res.body.is_empty());
     // Had a body followed the head, the next response would not parse.
     conn.send(&get_req("/v1/models")).await;
-    conn.response().await.assert_ok("GET /v1/models ");
+    conn.response(BOUND).await.assert_ok("GET /v1/models ");
     let methods: Vec<_> = mock.seen().iter().map(|s| s.method.clone()).collect();
     assert_eq!(methods, ["GET", "HEAD", "GET"]);
 }
@@ -741,32 +532,32 @@ async fn head_is_answered_without_a_body_and_the_connection_goes_on() {
 #[tokio::test]
 async fn head_first_on_a_connection_is_answered_without_a_body() {
     let (mock, _) = echo_mock().await;
-    let sluice = sidecar(&mock, "").await;
+    let sluice = Sidecar::in_front_of(&mock.url(), "").await;
     let mut conn = Conn::open(sluice.addr).await;
     conn.send(b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
         .await;
-    let res = conn.head_response().await;
+    let res = conn.head_response(BOUND).await;
     assert_eq!(res.status, 200, "{res:?}");
     conn.send(&get_req("/v1/models")).await;
-    conn.response().await.assert_ok("GET /v1/models ");
+    conn.response(BOUND).await.assert_ok("GET /v1/models ");
 }
 
 #[tokio::test]
 async fn an_http_1_0_request_is_answered() {
     let (mock, _) = echo_mock().await;
-    let sluice = sidecar(&mock, "").await;
+    let sluice = Sidecar::in_front_of(&mock.url(), "").await;
     let mut conn = Conn::open(sluice.addr).await;
     conn.send(b"GET /v1/models HTTP/1.0\r\nHost: x\r\n\r\n")
         .await;
-    // Without keep-alive an HTTP/1.0 connection ends after its response.
-    let (got, _) = read_until_closed(&mut conn.stream, BOUND).await;
-    assert!(
-        got.starts_with(b"HTTP/1."),
-        "{:?}",
-        String::from_utf8_lossy(&got)
-    );
-    let (res, used) = parse_response(&got, false, true).expect("a whole response");
-    assert_eq!(used, got.len(), "one response only");
+    // Without keep-alive an HTTP/1.0 connection ends after its response:
+    // one response, then the close, both within the bound.
+    let res = tokio::time::timeout(BOUND, async {
+        let res = conn.response(BOUND).await;
+        conn.assert_closed_within(BOUND).await;
+        res
+    })
+    .await
+    .expect("one response and the close within the bound");
     res.assert_ok("GET /v1/models ");
     assert_eq!(mock.seen().len(), 1);
 }
@@ -776,10 +567,10 @@ async fn an_http_1_0_request_is_answered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_keep_alive_connection_is_closed_after_header_read_timeout() {
     let (mock, _) = echo_mock().await;
-    let sluice = sidecar(&mock, "header_read_timeout = \"1s\"").await;
+    let sluice = Sidecar::in_front_of(&mock.url(), "header_read_timeout = \"1s\"").await;
     let mut conn = Conn::open(sluice.addr).await;
     conn.send(&get_req("/v1/models")).await;
-    conn.response().await.assert_ok("GET /v1/models ");
+    conn.response(BOUND).await.assert_ok("GET /v1/models ");
     let after = conn.assert_closed_within(Duration::from_secs(10)).await;
     assert!(
         after >= Duration::from_millis(800),
@@ -792,14 +583,11 @@ async fn an_idle_keep_alive_connection_is_closed_after_header_read_timeout() {
 async fn the_drain_closes_an_idle_keep_alive_connection_at_once() {
     let (mock, _) = echo_mock().await;
     // A long grace: a prompt close comes from the drain, not from the grace ending.
-    let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\nshutdown_grace = \"30s\"\n\n{}",
-        one_route(&mock.url(), "")
-    );
+    let toml = sluice_toml(LONG_GRACE, &mock.url(), "");
     let mut sluice = Process::start(&toml, &[]).await;
     let mut conn = Conn::open(sluice.addr).await;
     conn.send(&get_req("/v1/models")).await;
-    conn.response().await.assert_ok("GET /v1/models ");
+    conn.response(BOUND).await.assert_ok("GET /v1/models ");
     // The blank line some clients send after a body is not a request begun.
     conn.send(b"\r\n").await;
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -823,10 +611,7 @@ async fn the_drain_closes_an_idle_keep_alive_connection_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_handed_to_hyper_during_the_drain_is_answered() {
     let (mock, _) = echo_mock().await;
-    let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\nshutdown_grace = \"30s\"\n\n{}",
-        one_route(&mock.url(), "")
-    );
+    let toml = sluice_toml(LONG_GRACE, &mock.url(), "");
     let mut sluice = Process::start(&toml, &[]).await;
     let mut conns = Vec::new();
     for _ in 0..8 {
@@ -840,7 +625,7 @@ async fn a_request_handed_to_hyper_during_the_drain_is_answered() {
     let mut answered = 0;
     for c in &mut conns {
         c.send(b"Host: x\r\n\r\n").await;
-        let (got, _) = read_until_closed(&mut c.stream, BOUND).await;
+        let (got, _) = c.read_until_closed(BOUND).await;
         if got.starts_with(b"HTTP/1.1 ") {
             answered += 1;
         }
@@ -855,9 +640,10 @@ async fn a_request_handed_to_hyper_during_the_drain_is_answered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_trickling_past_header_read_timeout_is_bounded_by_the_route_deadline() {
     let (mock, seen) = echo_mock().await;
-    let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\nheader_read_timeout = \"1s\"\n\n{}\n[routes.timeouts]\ntotal = \"1s\"\n",
-        one_route(&mock.url(), "")
+    let toml = sluice_toml(
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"\"\nheader_read_timeout = \"1s\"",
+        &mock.url(),
+        "\n[routes.timeouts]\ntotal = \"1s\"",
     );
     let sluice = Sidecar::start(&toml, &[]).await;
     let body = pattern(40);
@@ -880,7 +666,7 @@ async fn a_body_trickling_past_header_read_timeout_is_bounded_by_the_route_deadl
         std::io::Result::Ok(())
     };
     let _ = tokio::time::timeout(Duration::from_secs(4), uploader).await;
-    let res = conn.response().await;
+    let res = conn.response(BOUND).await;
     assert_eq!(res.status, 504, "{res:?} {}", res.text());
     assert!(res.text().contains("deadline_exceeded"), "{}", res.text());
     assert!(
@@ -899,24 +685,25 @@ async fn a_tls_connection_whose_handshake_ends_in_the_drain_is_closed_at_once() 
     use crate::support::certs::{Certs, ALPN_H1};
     let certs = Certs::generate();
     let (mock, _) = echo_mock().await;
-    let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\nshutdown_grace = \"30s\"\n\
-         tls = {{ cert = \"{}\", key = \"{}\" }}\n\n{}",
+    let tls = format!(
+        "tls = {{ cert = \"{}\", key = \"{}\" }}",
         certs.cert_pem.display(),
         certs.key_pem.display(),
-        one_route(&mock.url(), "")
     );
+    let toml = sluice_toml(&format!("{LONG_GRACE}\n{tls}"), &mock.url(), "");
     let mut sluice = Process::start(&toml, &[]).await;
     // Accepted now; the TLS handshake waits for our ClientHello.
-    let tcp = TcpStream::connect(sluice.addr).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(sluice.addr).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     sluice.signal("TERM");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let connector = tokio_rustls::TlsConnector::from(certs.client_config(&[ALPN_H1]));
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut tls = connector.connect(name, tcp).await.expect("handshake");
+    let tls = connector.connect(name, tcp).await.expect("handshake");
     // Idle, as a client's pooled connection: the drain should close it.
-    let (got, after) = read_until_closed(&mut tls, Duration::from_secs(20)).await;
+    let (got, after) = Conn::new(tls)
+        .read_until_closed(Duration::from_secs(20))
+        .await;
     assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
     assert!(
         after < Duration::from_secs(2),

@@ -144,14 +144,7 @@ async fn a_request_still_waiting_for_the_upstream_at_the_grace_end_gets_503() {
     let mut proxy = Process::start(&config(&hang, "1s"), &[]).await;
     let url = proxy.url("/v1/chat/completions");
     let waiting = tokio::spawn(async move { get(&url).await });
-    let arrived = async {
-        while hang.seen().is_empty() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(5), arrived)
-        .await
-        .expect("the upstream got the request");
+    hang.wait_for_requests(1, Duration::from_secs(5)).await;
     proxy.signal("TERM");
     let (head, body) = tokio::time::timeout(Duration::from_secs(5), waiting)
         .await
@@ -163,21 +156,17 @@ async fn a_request_still_waiting_for_the_upstream_at_the_grace_end_gets_503() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_half_sent_when_the_drain_begins_gets_503_shutting_down() {
-    use tokio::io::AsyncWriteExt;
     let mock = Mock::start(|_| async { json(200, "{}") }).await;
     let mut proxy = Process::start(&config(&mock, "5s"), &[]).await;
-    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    conn.write_all(b"GET /v1/models HTTP/1.1\r\nhost: x\r\n")
-        .await
-        .unwrap();
+    let mut conn = crate::support::raw::Conn::open(proxy.addr).await;
+    conn.send(b"GET /v1/models HTTP/1.1\r\nhost: x\r\n").await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     proxy.signal("TERM");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    conn.write_all(b"\r\n").await.unwrap();
-    let reply = crate::support::raw::read_reply(&mut conn, Duration::from_secs(5)).await;
-    let (head, body) = reply.response();
-    assert_sluice_error(&head, &body, 503, "shutting_down");
-    assert_eq!(head.headers()["connection"], "close");
+    conn.send(b"\r\n").await;
+    let res = conn.response(Duration::from_secs(5)).await;
+    assert_sluice_error(&res.head(), &res.body, 503, "shutting_down");
+    assert_eq!(res.get("connection"), Some("close"), "{res:?}");
     assert!(
         mock.seen().is_empty(),
         "nothing new is sent upstream while draining"

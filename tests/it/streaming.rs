@@ -1,17 +1,15 @@
 //! Streaming: response frames pass one at a time, memory stays flat for any
 //! body length, and a client that leaves cancels the upstream at once.
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::support::mock::repeat;
+use crate::support::raw::Conn;
 use crate::support::*;
 
 /// The next data frame of a response body, within 5 s.
@@ -92,34 +90,6 @@ async fn events_300ms_apart_arrive_as_they_are_written() {
     );
 }
 
-/// A body of `remaining` bytes made of one shared chunk: costs the mock
-/// nothing, so the proxy's memory is all that grows.
-struct Repeat {
-    chunk: Bytes,
-    remaining: u64,
-}
-
-impl Body for Repeat {
-    type Data = Bytes;
-    type Error = BoxError;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if self.remaining == 0 {
-            return Poll::Ready(None);
-        }
-        let n = self.remaining.min(self.chunk.len() as u64);
-        self.remaining -= n;
-        Poll::Ready(Some(Ok(Frame::data(self.chunk.slice(..n as usize)))))
-    }
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.remaining)
-    }
-}
-
-use crate::support::mock::BoxError;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gigabyte_passes_through_in_flat_memory() {
     const GIB: u64 = 1 << 30;
@@ -129,11 +99,12 @@ async fn a_gigabyte_passes_through_in_flat_memory() {
         } else {
             1 << 20
         };
-        let body = Repeat {
-            chunk: Bytes::from(vec![b'x'; 64 << 10]),
-            remaining: len,
-        };
-        Response::new(body.boxed())
+        // Made as it is read, through a channel of one frame: costs the
+        // mock nothing, so the proxy's memory is all that grows.
+        Response::builder()
+            .header("content-length", len)
+            .body(repeat(len))
+            .unwrap()
     })
     .await;
     let toml = format!(
@@ -202,35 +173,31 @@ async fn endless_stream() -> (Mock, mpsc::Receiver<Instant>) {
     (mock, closed_rx)
 }
 
-#[tokio::test]
-async fn http1_client_disconnect_closes_the_upstream_within_a_second() {
-    let (mock, mut closed) = endless_stream().await;
-    let proxy = Sidecar::start(&one_route(&mock.url(), ""), &[]).await;
-    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    conn.write_all(b"GET /v1/stream HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = vec![0u8; 4096];
-    let mut got = Vec::new();
-    while !String::from_utf8_lossy(&got).contains("\"n\":1") {
-        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "stream ended early");
-        got.extend_from_slice(&buf[..n]);
-    }
-    drop(conn);
+/// The client has just left: the [`endless_stream`] upstream's body is
+/// dropped (`closed` reports when) within a second of now.
+async fn assert_upstream_stops_within_a_second(closed: &mut mpsc::Receiver<Instant>) {
     let left = Instant::now();
     let closed_at = tokio::time::timeout(Duration::from_secs(5), closed.recv())
         .await
-        .expect("upstream saw the close")
+        .expect("upstream saw the client leave")
         .unwrap();
     let took = closed_at.saturating_duration_since(left);
     assert!(
         took < Duration::from_secs(1),
         "upstream kept streaming for {took:?}"
     );
+}
+
+#[tokio::test]
+async fn http1_client_disconnect_closes_the_upstream_within_a_second() {
+    let (mock, mut closed) = endless_stream().await;
+    let proxy = Sidecar::start(&one_route(&mock.url(), ""), &[]).await;
+    let mut conn = Conn::open(proxy.addr).await;
+    conn.send(b"GET /v1/stream HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await;
+    conn.wait_for(b"\"n\":1", Duration::from_secs(5)).await;
+    drop(conn);
+    assert_upstream_stops_within_a_second(&mut closed).await;
 }
 
 #[tokio::test]
@@ -250,14 +217,5 @@ async fn h2_stream_reset_closes_the_upstream_within_a_second() {
     next_frame(&mut body).await;
     // Dropping an h2 body resets the stream; the connection stays open.
     drop(body);
-    let left = Instant::now();
-    let closed_at = tokio::time::timeout(Duration::from_secs(5), closed.recv())
-        .await
-        .expect("upstream saw the cancel")
-        .unwrap();
-    let took = closed_at.saturating_duration_since(left);
-    assert!(
-        took < Duration::from_secs(1),
-        "upstream kept streaming for {took:?}"
-    );
+    assert_upstream_stops_within_a_second(&mut closed).await;
 }

@@ -2,18 +2,14 @@
 //! attempts, backoff and streaming; before headers a 504, after them an SSE
 //! error event or an aborted body.
 
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Body, Frame};
 
-use crate::support::mock::BoxError;
 use crate::support::*;
 
 fn route(mock: &Mock, timeouts: &str, retry: &str) -> String {
@@ -23,23 +19,8 @@ fn route(mock: &Mock, timeouts: &str, retry: &str) -> String {
     )
 }
 
-/// A body that sends `frames` and then never ends (an upstream gone silent).
-struct ThenSilent(Vec<Bytes>);
-
-impl Body for ThenSilent {
-    type Data = Bytes;
-    type Error = BoxError;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.0.is_empty() {
-            true => Poll::Pending,
-            false => Poll::Ready(Some(Ok(Frame::data(self.0.remove(0))))),
-        }
-    }
-}
-
+/// A response whose body sends `frames` and then never ends (an upstream
+/// gone silent): the sender is held until the body is dropped.
 fn silent_after(
     content_type: &str,
     frames: &[&'static str],
@@ -49,16 +30,17 @@ fn silent_after(
     if let Some(n) = length {
         res = res.header("content-length", n);
     }
-    res.body(
-        ThenSilent(
-            frames
-                .iter()
-                .map(|f| Bytes::from_static(f.as_bytes()))
-                .collect(),
-        )
-        .boxed(),
-    )
-    .unwrap()
+    let (tx, body) = channel();
+    let frames = frames.to_vec();
+    tokio::spawn(async move {
+        for f in frames {
+            if tx.send(f).await.is_err() {
+                return;
+            }
+        }
+        tx.closed().await;
+    });
+    res.body(body).unwrap()
 }
 
 /// An SSE answer of `data: {"n":i}` events, `every` apart: `count` of
@@ -290,13 +272,7 @@ async fn first_byte_starts_after_a_slow_upload_ends() {
         route(&mock, "first_byte = \"300ms\"", "attempts = 1")
     );
     let proxy = Sidecar::start(&toml, &[]).await;
-    let (tx, body) = channel();
-    let req = Request::post(proxy.url("/v1/audio/transcriptions"))
-        .body(body)
-        .unwrap();
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http();
-    let res = tokio::spawn(async move { client.request(req).await });
+    let (tx, res) = post_streamed(&proxy.url("/v1/audio/transcriptions"));
     for _ in 0..10 {
         tx.send(Bytes::from(vec![b'a'; 4096])).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -304,7 +280,6 @@ async fn first_byte_starts_after_a_slow_upload_ends() {
     drop(tx);
     let res = tokio::time::timeout(Duration::from_secs(10), res)
         .await
-        .unwrap()
         .unwrap()
         .unwrap();
     let (head, body) = collect(res).await;

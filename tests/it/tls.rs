@@ -13,6 +13,8 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use crate::support::certs::{Certs, ALPN_H1, ALPN_H2};
+use crate::support::raw::{chunk, Conn};
+use crate::support::upstream::RawUpstream;
 use crate::support::{assert_sluice_error, get, json, one_route, run_cli, Mock, Process, Sidecar};
 
 /// A mock upstream over TLS with the test CA's leaf, offering `alpn`.
@@ -290,21 +292,20 @@ async fn over_an_h2_upstream_a_body_over_max_is_still_413() {
     assert_eq!(res.status(), 200);
     assert_eq!(mock.seen()[0].version, Version::HTTP_2);
     let s = TcpStream::connect(sluice.addr).await.unwrap();
-    let (mut read, mut write) = s.into_split();
+    let (read, mut write) = s.into_split();
     tokio::spawn(async move {
         let head = "POST /v1/files HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
         write.write_all(head.as_bytes()).await.unwrap();
         for _ in 0..64 {
-            let c = crate::support::raw::chunk(&[b'x'; 16 * 1024]);
+            let c = chunk(&[b'x'; 16 * 1024]);
             if write.write_all(&c).await.is_err() {
                 return;
             }
         }
         let _ = write.write_all(b"0\r\n\r\n").await;
     });
-    let reply = crate::support::raw::read_reply(&mut read, Duration::from_secs(10)).await;
-    let (head, body) = reply.response();
-    assert_sluice_error(&head, &body, 413, "request_too_large");
+    let res = Conn::new(read).response(Duration::from_secs(10)).await;
+    assert_sluice_error(&res.head(), &res.body, 413, "request_too_large");
 }
 
 #[tokio::test]
@@ -318,8 +319,9 @@ async fn an_absolute_uri_with_an_empty_path_reaches_an_h2_upstream_as_slash() {
         "GET http://{}?x=1 HTTP/1.1\r\nhost: {}\r\n\r\n",
         sluice.addr, sluice.addr
     );
-    let mut stream = crate::support::raw::send_raw(sluice.addr, request.as_bytes()).await;
-    let reply = crate::support::raw::read_reply(&mut stream, Duration::from_secs(10)).await;
+    let mut conn = Conn::open(sluice.addr).await;
+    conn.send(request.as_bytes()).await;
+    let reply = conn.reply(Duration::from_secs(10)).await;
     let seen = mock.seen();
     assert_eq!(seen.len(), 1, "{reply:?}");
     assert_eq!(seen[0].version, Version::HTTP_2);
@@ -332,29 +334,17 @@ async fn an_absolute_uri_with_an_empty_path_reaches_an_h2_upstream_as_slash() {
 #[tokio::test]
 async fn a_tls_handshake_that_never_completes_is_cut_by_connect_timeout() {
     let certs = Certs::generate();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let count = accepted.clone();
-    let silent = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = listener.accept().await {
-            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            held.push(s);
-        }
-    });
+    // Accepts, and holds every connection without a word.
+    let silent = RawUpstream::start(|_conn| std::future::pending()).await;
     let extra = format!("{}\nconnect_timeout = \"300ms\"", ca_file_line(&certs));
-    let sluice = Sidecar::start(&one_route(&format!("https://{addr}"), &extra), &[]).await;
+    let url = format!("https://{}", silent.addr);
+    let sluice = Sidecar::start(&one_route(&url, &extra), &[]).await;
     let started = Instant::now();
     let (head, body) = get(&sluice.url("/v1/models")).await;
     let took = started.elapsed();
     assert_sluice_error(&head, &body, 502, "upstream_unavailable");
     assert!(took < Duration::from_secs(10), "took {took:?}");
-    assert!(
-        accepted.load(std::sync::atomic::Ordering::SeqCst) >= 1,
-        "TCP connected"
-    );
-    silent.abort();
+    assert!(silent.accepted() >= 1, "TCP connected");
 }
 
 /// One connection an [`H2Upstream`] accepted.

@@ -10,192 +10,26 @@
 //! accepts: reuse is what the upstream sees, not what sluice says. Every
 //! route has retries off, so a retry cannot hide a failure.
 
-use std::convert::Infallible;
-use std::future::Future;
-use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::{Body, Frame, Incoming};
+use http_body_util::{Empty, Full};
+use hyper::body::{Body, Incoming};
 use hyper::client::conn::http1::SendRequest;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
-use tokio::task::{JoinHandle, JoinSet};
 
+use crate::support::mock::repeat;
 use crate::support::raw::chunk;
-use crate::support::{assert_sluice_error, client, h1_connection, json, Mock, Process, Sidecar};
+use crate::support::upstream::RawUpstream;
+use crate::support::{
+    assert_sluice_error, client, h1_connection, json, pattern, sluice_toml, Mock, MockBody,
+    Process, Sidecar,
+};
 
 /// Generous bound for anything that should take milliseconds.
 const BOUND: Duration = Duration::from_secs(10);
-
-/// A request head as the raw upstream read it.
-#[derive(Debug, Clone)]
-struct Head {
-    method: String,
-    path: String,
-    /// Which accepted connection it came on (0 for the first).
-    conn: usize,
-}
-
-/// One accepted upstream connection, handed to the test's handler.
-struct Conn {
-    stream: TcpStream,
-    /// Read but not yet consumed.
-    buf: Vec<u8>,
-    index: usize,
-    seen: Arc<Mutex<Vec<Head>>>,
-}
-
-impl Conn {
-    /// Reads the next request head (and its body, when a content-length
-    /// frames one; a chunked body is left to the handler). `None` once the
-    /// peer closed or reset the connection.
-    async fn request(&mut self) -> Option<Head> {
-        loop {
-            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
-                let text = String::from_utf8_lossy(&self.buf[..end]).into_owned();
-                self.buf.drain(..end + 4);
-                let len = header(&text, "content-length").map_or(0, |v| v.parse().unwrap());
-                while self.buf.len() < len {
-                    if self.read_more().await == 0 {
-                        return None;
-                    }
-                }
-                self.buf.drain(..len);
-                let mut words = text.split(' ');
-                let head = Head {
-                    method: words.next().unwrap_or_default().to_owned(),
-                    path: words.next().unwrap_or_default().to_owned(),
-                    conn: self.index,
-                };
-                self.seen.lock().unwrap().push(head.clone());
-                return Some(head);
-            }
-            if self.read_more().await == 0 {
-                return None;
-            }
-        }
-    }
-
-    /// Reads once more into `buf`; 0 on EOF or error.
-    async fn read_more(&mut self) -> usize {
-        let mut chunk = [0u8; 16 * 1024];
-        match self.stream.read(&mut chunk).await {
-            Ok(n) => {
-                self.buf.extend_from_slice(&chunk[..n]);
-                n
-            }
-            Err(_) => 0,
-        }
-    }
-
-    /// Writes `bytes` (a peer that went away is not the handler's problem).
-    async fn write(&mut self, bytes: &[u8]) {
-        let _ = self.stream.write_all(bytes).await;
-    }
-
-    /// Reads and discards until the peer closes; the bytes discarded.
-    async fn drain_until_closed(&mut self) -> usize {
-        let mut total = std::mem::take(&mut self.buf).len();
-        loop {
-            let n = self.read_more().await;
-            if n == 0 {
-                return total;
-            }
-            total += n;
-            self.buf.clear();
-        }
-    }
-}
-
-/// A raw upstream on 127.0.0.1:0: every connection it accepts is handed to
-/// the handler. Stops (connections included) when dropped.
-struct RawUpstream {
-    addr: SocketAddr,
-    accepted: Arc<AtomicUsize>,
-    seen: Arc<Mutex<Vec<Head>>>,
-    task: JoinHandle<()>,
-}
-
-impl RawUpstream {
-    async fn start<F, Fut>(handler: F) -> RawUpstream
-    where
-        F: Fn(Conn) -> Fut + Send + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let (accepted2, seen2) = (accepted.clone(), seen.clone());
-        let task = tokio::spawn(async move {
-            // Dropped with the accept loop: aborts every connection's task.
-            let mut conns = JoinSet::new();
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let index = accepted2.fetch_add(1, Ordering::SeqCst);
-                conns.spawn(handler(Conn {
-                    stream,
-                    buf: Vec::new(),
-                    index,
-                    seen: seen2.clone(),
-                }));
-            }
-        });
-        RawUpstream {
-            addr,
-            accepted,
-            seen,
-            task,
-        }
-    }
-
-    /// Answers every request with `respond(request)` and keeps each
-    /// connection open for the next one.
-    async fn keep_alive<R>(respond: R) -> RawUpstream
-    where
-        R: Fn(&Head) -> Vec<u8> + Send + Sync + 'static,
-    {
-        let respond = Arc::new(respond);
-        RawUpstream::start(move |mut conn| {
-            let respond = respond.clone();
-            async move {
-                while let Some(req) = conn.request().await {
-                    let bytes = respond(&req);
-                    conn.write(&bytes).await;
-                }
-            }
-        })
-        .await
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
-    }
-
-    fn seen(&self) -> Vec<Head> {
-        self.seen.lock().unwrap().clone()
-    }
-}
-
-impl Drop for RawUpstream {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
 
 /// A 200 with a content-length body (HTTP/1.1: keep-alive by default).
 fn ok(body: &str) -> Vec<u8> {
@@ -206,29 +40,11 @@ fn ok(body: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-/// The value of header `name` in a head's text.
-fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
-    head.split("\r\n").skip(1).find_map(|line| {
-        let (n, v) = line.split_once(':')?;
-        n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-    })
-}
-
-/// The route config: one upstream at `url`, one catch-all route with
+/// sluice in this process, `server` under `[server]`, in front of `up`, with
 /// retries off.
-fn route(url: &str) -> String {
-    format!(
-        "[upstreams.up]\nurl = \"{url}\"\n\n[[routes]]\nname = \"all\"\nupstream = \"up\"\n\n[routes.retry]\nattempts = 1\n"
-    )
-}
-
-/// sluice in this process, `server` under `[server]`, in front of `up`.
 async fn sluice(up: &RawUpstream, server: &str) -> Sidecar {
-    Sidecar::start(&format!("[server]\n{server}\n\n{}", route(&up.url())), &[]).await
+    let toml = sluice_toml(server, &up.url(), "\n[routes.retry]\nattempts = 1");
+    Sidecar::start(&toml, &[]).await
 }
 
 /// `GET url` on a fresh client connection; the response, body unread.
@@ -249,24 +65,12 @@ async fn get(url: &str) -> (Response<()>, Bytes) {
     (Response::from_parts(parts, ()), body)
 }
 
-/// A body read to its end: `Ok` with every byte on a clean end, `Err` with
-/// the bytes that came before it broke off.
-async fn read_body(mut body: Incoming) -> Result<Bytes, (Bytes, String)> {
-    let mut got = BytesMut::new();
-    loop {
-        let frame = tokio::time::timeout(BOUND, body.frame())
-            .await
-            .expect("the body ends or breaks within the bound: sluice hangs");
-        match frame {
-            None => return Ok(got.freeze()),
-            Some(Ok(frame)) => {
-                if let Some(data) = frame.data_ref() {
-                    got.extend_from_slice(data);
-                }
-            }
-            Some(Err(e)) => return Err((got.freeze(), e.to_string())),
-        }
-    }
+/// [`crate::support::mock::read_body`] within the bound: `Ok` with every
+/// byte on a clean end, `Err` with the bytes that came before it broke off.
+async fn read_body(body: Incoming) -> Result<Bytes, (Bytes, String)> {
+    tokio::time::timeout(BOUND, crate::support::mock::read_body(body))
+        .await
+        .expect("the body ends or breaks within the bound: sluice hangs")
 }
 
 /// Sends `req` on `conn` once it is free; the response, body unread.
@@ -291,16 +95,11 @@ fn request(method: &str, path: &str) -> Request<Empty<Bytes>> {
         .unwrap()
 }
 
-/// The connection each request came on, in order.
-fn conns(seen: &[Head]) -> Vec<usize> {
-    seen.iter().map(|h| h.conn).collect()
-}
-
 // 1. Keep-alive reuse.
 
 #[tokio::test]
 async fn sequential_requests_share_one_upstream_connection() {
-    let up = RawUpstream::keep_alive(|req| ok(&format!("{}:{}", req.conn, req.path))).await;
+    let up = RawUpstream::keep_alive(|conn, req| ok(&format!("{conn}:{}", req.path))).await;
     let sluice = sluice(&up, "").await;
     // Five client connections, one after the other: the upstream pool is
     // sluice's, not the client's.
@@ -311,7 +110,7 @@ async fn sequential_requests_share_one_upstream_connection() {
         assert_eq!(body, format!("0:{path}"));
     }
     assert_eq!(up.accepted(), 1, "one upstream connection, reused");
-    assert_eq!(conns(&up.seen()), [0; 5]);
+    assert_eq!(up.conns(), [0; 5]);
 }
 
 // 2. A connection the upstream closed while idle is not reused.
@@ -320,7 +119,8 @@ async fn sequential_requests_share_one_upstream_connection() {
 async fn an_idle_connection_the_upstream_closed_is_not_reused() {
     let up = RawUpstream::start(|mut conn| async move {
         if let Some(req) = conn.request().await {
-            conn.write(&ok(&format!("{}:{}", req.conn, req.path))).await;
+            conn.write(&ok(&format!("{}:{}", conn.index, req.path)))
+                .await;
             tokio::time::sleep(Duration::from_millis(100)).await;
             // Dropped: the upstream closes its end (an idle timeout upstream).
         }
@@ -471,9 +271,8 @@ async fn invalid_chunk_size_mid_sse_ends_with_an_error_event() {
 
 #[tokio::test]
 async fn a_close_delimited_body_passes_whole() {
-    let body: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
+    let body = pattern(256 * 1024);
     let expected = body.clone();
-    let body = Arc::new(body);
     let up = RawUpstream::start(move |mut conn| {
         let body = body.clone();
         async move {
@@ -503,14 +302,14 @@ async fn a_close_delimited_body_passes_whole() {
 
 #[tokio::test]
 async fn no_content_and_head_responses_end_without_a_body() {
-    let up = RawUpstream::keep_alive(|req| {
+    let up = RawUpstream::keep_alive(|conn, req| {
         if req.method == "HEAD" {
             b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 50\r\n\r\n"
                 .to_vec()
         } else if req.path == "/v1/empty" {
             b"HTTP/1.1 204 No Content\r\nx-up: 1\r\n\r\n".to_vec()
         } else {
-            ok(&format!("{}:{}", req.conn, req.path))
+            ok(&format!("{conn}:{}", req.path))
         }
     })
     .await;
@@ -538,19 +337,19 @@ async fn no_content_and_head_responses_end_without_a_body() {
     // Had sluice waited for HEAD's 50 bytes, the upstream connection would
     // still be busy and the last request would have needed another.
     assert_eq!(up.accepted(), 1, "bodiless responses leave it reusable");
-    assert_eq!(conns(&up.seen()), [0, 0, 0]);
+    assert_eq!(up.conns(), [0, 0, 0]);
 }
 
 // 8. Interim responses.
 
 #[tokio::test]
 async fn interim_responses_are_skipped() {
-    let up = RawUpstream::keep_alive(|req| {
+    let up = RawUpstream::keep_alive(|conn, req| {
         let mut res = b"HTTP/1.1 100 Continue\r\n\r\n".to_vec();
         res.extend_from_slice(
             b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n",
         );
-        res.extend_from_slice(&ok(&format!("{}:{}", req.conn, req.path)));
+        res.extend_from_slice(&ok(&format!("{conn}:{}", req.path)));
         res
     })
     .await;
@@ -567,7 +366,7 @@ async fn interim_responses_are_skipped() {
 
 #[tokio::test]
 async fn chunk_extensions_and_trailers_end_cleanly_and_keep_the_connection() {
-    let up = RawUpstream::keep_alive(|req| {
+    let up = RawUpstream::keep_alive(|conn, req| {
         let head =
             "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n";
         match req.path.as_str() {
@@ -575,7 +374,7 @@ async fn chunk_extensions_and_trailers_end_cleanly_and_keep_the_connection() {
                 format!("{head}5;foo=bar\r\nhello\r\n0;last=1\r\n\r\n").into_bytes()
             }
             "/v1/trailers" => format!("{head}5\r\nhello\r\n0\r\nx-t: 1\r\n\r\n").into_bytes(),
-            _ => ok(&format!("{}:{}", req.conn, req.path)),
+            _ => ok(&format!("{conn}:{}", req.path)),
         }
     })
     .await;
@@ -592,7 +391,7 @@ async fn chunk_extensions_and_trailers_end_cleanly_and_keep_the_connection() {
     assert_eq!(head.status(), 200);
     assert_eq!(&body[..], b"0:/v1/after");
     assert_eq!(up.accepted(), 1, "the connection is reused after both");
-    assert_eq!(conns(&up.seen()), [0, 0, 0]);
+    assert_eq!(up.conns(), [0, 0, 0]);
 }
 
 // 10. Malformed response heads: 502, and sluice stays up.
@@ -679,29 +478,6 @@ async fn malformed_response_heads_get_502_and_sluice_stays_up() {
 
 // 11. An early final answer while the request body still streams.
 
-/// `remaining` bytes in 64 KiB frames made on demand, length unknown up
-/// front (so it goes chunked).
-struct Upload {
-    chunk: Bytes,
-    remaining: usize,
-}
-
-impl Body for Upload {
-    type Data = Bytes;
-    type Error = Infallible;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if self.remaining == 0 {
-            return Poll::Ready(None);
-        }
-        let n = self.remaining.min(self.chunk.len());
-        self.remaining -= n;
-        Poll::Ready(Some(Ok(Frame::data(self.chunk.slice(..n)))))
-    }
-}
-
 const TOO_LARGE: &str = r#"{"error":{"message":"upstream: too large","type":"invalid_request_error","param":null,"code":"too_large"}}"#;
 
 /// An upstream that reads 64 KiB of a request body, answers 413 with
@@ -717,10 +493,8 @@ async fn answers_413_early(drain: bool) -> (RawUpstream, mpsc::UnboundedReceiver
             if conn.request().await.is_none() {
                 return;
             }
-            while conn.buf.len() < 64 * 1024 {
-                if conn.read_more().await == 0 {
-                    return;
-                }
+            if !conn.fill(64 * 1024).await {
+                return;
             }
             let res = format!(
                 "HTTP/1.1 413 Payload Too Large\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{TOO_LARGE}",
@@ -741,15 +515,12 @@ async fn answers_413_early(drain: bool) -> (RawUpstream, mpsc::UnboundedReceiver
 /// POSTs 20 MiB, chunked, through `sluice` (which streams it: it is over
 /// retry_buffer) and checks that the upstream's 413 arrives whole.
 async fn upload_gets_the_413(sluice: &Sidecar) {
-    let mut conn = h1_connection::<Upload>(sluice.addr).await;
-    let upload = Upload {
-        chunk: Bytes::from(vec![b'x'; 64 * 1024]),
-        remaining: 20 * 1024 * 1024,
-    };
+    let mut conn = h1_connection::<MockBody>(sluice.addr).await;
+    // Made as it is sent, its length unknown up front (so it goes chunked).
     let req = Request::post("/v1/files")
         .header("host", "sluice")
         .header("content-type", "application/octet-stream")
-        .body(upload)
+        .body(repeat(20 * 1024 * 1024))
         .unwrap();
     let res = send_on(&mut conn, req).await;
     assert_eq!(res.status(), 413);
@@ -798,7 +569,7 @@ async fn each_request_gets_its_own_connection(head: &'static str) {
         let closed_tx = closed_tx.clone();
         async move {
             while let Some(req) = conn.request().await {
-                let body = format!("{}:{}", req.conn, req.path);
+                let body = format!("{}:{}", conn.index, req.path);
                 let res = format!("{head}content-length: {}\r\n\r\n{body}", body.len());
                 conn.write(res.as_bytes()).await;
             }
@@ -851,7 +622,8 @@ async fn an_idle_connection_the_upstream_half_closed_is_closed_by_the_pool_withi
             let Some(req) = conn.request().await else {
                 return;
             };
-            conn.write(&ok(&format!("{}:{}", req.conn, req.path))).await;
+            conn.write(&ok(&format!("{}:{}", conn.index, req.path)))
+                .await;
             // Not a wait for anything: it puts the close after the sweep
             // that runs as the connection first goes idle, so a later,
             // periodic sweep has to be the one that sees it.

@@ -7,33 +7,12 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
-use crate::support::{channel, client, h1_connection, Mock, Sidecar};
+use crate::support::mock::repeat;
+use crate::support::upstream::RawUpstream;
+use crate::support::{channel, client, h1_connection, sluice_toml, Mock, Sidecar};
 
 const BOUND: Duration = Duration::from_secs(15);
-
-/// Reads one request head off `s`; what was read past it is returned.
-async fn read_head(s: &mut TcpStream) -> (String, Vec<u8>) {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 16 * 1024];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-            return (head, buf[end + 4..].to_vec());
-        }
-        let n = s.read(&mut chunk).await.unwrap();
-        assert!(n > 0, "closed before a request head");
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
-fn config(url: &str, server: &str, route: &str) -> String {
-    format!(
-        "[server]\n{server}\n\n[upstreams.up]\nurl = \"{url}\"\n\n[[routes]]\nname = \"all\"\nupstream = \"up\"\n{route}\n"
-    )
-}
 
 /// A buffered (replayable) body too large to go out with the head: an
 /// upstream that answers from the head alone (401 for a bad key, 413, 400)
@@ -41,27 +20,25 @@ fn config(url: &str, server: &str, route: &str) -> String {
 /// client gets the 401, not a 504 after first_byte.
 #[tokio::test]
 async fn an_early_answer_to_a_buffered_body_reaches_the_client() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let up = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((mut s, _)) = listener.accept().await {
-            let _ = read_head(&mut s).await;
-            let body = r#"{"error":{"message":"bad key","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}"#;
-            let res = format!(
-                "HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            s.write_all(res.as_bytes()).await.unwrap();
-            // Never reads the body; keeps the connection open.
-            held.push(s);
+    let up = RawUpstream::start(|mut conn| async move {
+        if conn.request_head().await.is_none() {
+            return;
         }
-    });
+        let body = r#"{"error":{"message":"bad key","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}"#;
+        let res = format!(
+            "HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        conn.write(res.as_bytes()).await;
+        // Never reads the body; keeps the connection open.
+        std::future::pending::<()>().await;
+    })
+    .await;
     // Default retry settings (attempts = 3): the body is held for replay.
     let sluice = Sidecar::start(
-        &config(
-            &format!("http://{addr}"),
+        &sluice_toml(
             "retry_buffer = \"32MiB\"\nmax_request_body = \"64MiB\"",
+            &up.url(),
             "[routes.timeouts]\nfirst_byte = \"3s\"",
         ),
         &[],
@@ -85,7 +62,6 @@ async fn an_early_answer_to_a_buffered_body_reaches_the_client() {
         started.elapsed(),
         String::from_utf8_lossy(&body)
     );
-    up.abort();
 }
 
 /// With retries off every body streams (retry_buffer is 0). An upstream
@@ -94,44 +70,31 @@ async fn an_early_answer_to_a_buffered_body_reaches_the_client() {
 /// sending only on an error answer.
 #[tokio::test]
 async fn an_early_2xx_head_does_not_cut_the_upload() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let up = tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (head, mut got) = read_head(&mut s).await;
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| {
-                        let (n, v) = l.split_once(':')?;
-                        n.eq_ignore_ascii_case("content-length")
-                            .then(|| v.trim().parse().unwrap())
-                    })
-                    .expect("a content-length");
-                s.write_all(
-                    b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n",
-                )
-                .await
-                .unwrap();
-                let mut chunk = [0u8; 4096];
-                while got.len() < len {
-                    let n = s.read(&mut chunk).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    got.extend_from_slice(&chunk[..n]);
-                }
-                let msg = format!("got {}", got.len());
-                let _ = s
-                    .write_all(format!("{:x}\r\n{msg}\r\n0\r\n\r\n", msg.len()).as_bytes())
-                    .await;
-            });
+    let up = RawUpstream::start(|mut conn| async move {
+        let Some(req) = conn.request_head().await else {
+            return;
+        };
+        let len: usize = req
+            .get("content-length")
+            .expect("a content-length")
+            .parse()
+            .unwrap();
+        conn.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n",
+        )
+        .await;
+        if !conn.fill(len).await {
+            return;
         }
-    });
+        let msg = format!("got {}", conn.buf.len());
+        conn.write(format!("{:x}\r\n{msg}\r\n0\r\n\r\n", msg.len()).as_bytes())
+            .await;
+    })
+    .await;
     let sluice = Sidecar::start(
-        &config(
-            &format!("http://{addr}"),
+        &sluice_toml(
             "",
+            &up.url(),
             "[routes.timeouts]\nidle = \"3s\"\n\n[routes.retry]\nattempts = 1",
         ),
         &[],
@@ -162,7 +125,6 @@ async fn an_early_2xx_head_does_not_cut_the_upload() {
         body.as_ref().map(|b| &b[..]).map_err(|e| e.to_string()),
         Ok(&b"got 20"[..])
     );
-    up.abort();
 }
 
 /// An upstream that answers 200 at once and streams its answer while it
@@ -179,9 +141,9 @@ async fn an_upstream_that_answers_while_it_reads_the_upload_does_not_deadlock() 
     })
     .await;
     let sluice = Sidecar::start(
-        &config(
-            &mock.url(),
+        &sluice_toml(
             "max_request_body = \"256MiB\"",
+            &mock.url(),
             "[routes.retry]\nattempts = 1",
         ),
         &[],
@@ -189,20 +151,11 @@ async fn an_upstream_that_answers_while_it_reads_the_upload_does_not_deadlock() 
     .await;
     const LEN: usize = 64 << 20;
     let mut send = h1_connection(sluice.addr).await;
-    let (tx, body) = channel();
     let req = Request::post("/v1/audio/transcriptions")
         .header("host", "sluice")
         .header("content-length", LEN.to_string())
-        .body(body)
+        .body(repeat(LEN as u64))
         .unwrap();
-    tokio::spawn(async move {
-        let frame = Bytes::from(vec![b'x'; 64 * 1024]);
-        for _ in 0..LEN / frame.len() {
-            if tx.send(frame.clone()).await.is_err() {
-                return;
-            }
-        }
-    });
     let res = tokio::time::timeout(BOUND, send.send_request(req))
         .await
         .expect("the head within the bound (sluice and the upstream wait on each other)")

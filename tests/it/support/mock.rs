@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
@@ -118,6 +119,19 @@ impl Mock {
         self.seen.lock().unwrap().clone()
     }
 
+    /// Waits until `n` requests in all have arrived; a panic if they have
+    /// not within `bound`.
+    pub async fn wait_for_requests(&self, n: usize, bound: Duration) {
+        let arrived = async {
+            while self.seen.lock().unwrap().len() < n {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(bound, arrived)
+            .await
+            .unwrap_or_else(|_| panic!("the upstream did not get {n} requests within {bound:?}"));
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
@@ -139,15 +153,47 @@ pub fn json(status: u16, body: &str) -> Response<MockBody> {
         .unwrap()
 }
 
-/// A body fed by the test: each `send` is one frame. The sender's
-/// `closed()` resolves when the connection drops the body.
-pub fn channel() -> (mpsc::Sender<Bytes>, MockBody) {
+/// The one body the tests build by hand (a response from a mock, or a
+/// request streamed to sluice), fed through a [`BodyTx`]: each `send` is one
+/// frame, `fail` breaks the body off (to its reader, a reset connection),
+/// holding the sender without sending keeps the body silent, and dropping it
+/// ends the body. The channel holds one frame, so a producer task makes
+/// frames only as they are read: flat memory for any length.
+pub fn channel() -> (BodyTx, MockBody) {
     let (tx, rx) = mpsc::channel(1);
-    (tx, ChannelBody { rx }.boxed())
+    (BodyTx(tx), ChannelBody { rx }.boxed())
+}
+
+/// The sending end of a [`channel`] body.
+pub struct BodyTx(mpsc::Sender<Result<Bytes, BoxError>>);
+
+/// The body was dropped: nobody reads it any more.
+#[derive(Debug)]
+pub struct BodyDropped;
+
+impl BodyTx {
+    /// Sends one data frame, once the one before was read.
+    pub async fn send(&self, data: impl Into<Bytes>) -> Result<(), BodyDropped> {
+        self.0.send(Ok(data.into())).await.map_err(|_| BodyDropped)
+    }
+
+    /// Breaks the body off after the frames sent so far: its reader gets
+    /// `error`.
+    pub async fn fail(self, error: &str) -> Result<(), BodyDropped> {
+        self.0
+            .send(Err(error.into()))
+            .await
+            .map_err(|_| BodyDropped)
+    }
+
+    /// Resolves once the body was dropped (the connection let go of it).
+    pub async fn closed(&self) {
+        self.0.closed().await
+    }
 }
 
 struct ChannelBody {
-    rx: mpsc::Receiver<Bytes>,
+    rx: mpsc::Receiver<Result<Bytes, BoxError>>,
 }
 
 impl Body for ChannelBody {
@@ -157,14 +203,51 @@ impl Body for ChannelBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+        self.rx.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data)))
     }
 }
 
-/// Reads a whole request body; `Err` if the stream broke off.
-pub async fn read_body(body: Incoming) -> Result<Bytes, String> {
-    body.collect()
-        .await
-        .map(|c| c.to_bytes())
-        .map_err(|e| e.to_string())
+/// `len` bytes of `x` in 64 KiB frames, made as they are read (no length
+/// declared: set a content-length header to frame it).
+pub fn repeat(len: u64) -> MockBody {
+    let (tx, body) = channel();
+    tokio::spawn(async move {
+        let frame = Bytes::from(vec![b'x'; 64 << 10]);
+        let mut remaining = len;
+        while remaining > 0 {
+            let n = remaining.min(frame.len() as u64);
+            if tx.send(frame.slice(..n as usize)).await.is_err() {
+                return;
+            }
+            remaining -= n;
+        }
+    });
+    body
+}
+
+/// A body read to its end: `Ok` with every byte on a clean end, `Err` with
+/// the bytes that came before it broke off and the error.
+pub async fn read_body(body: Incoming) -> Result<Bytes, (Bytes, String)> {
+    read_body_with(body, |_| {}).await
+}
+
+/// [`read_body`], calling `progress` with the length read so far after
+/// each data frame.
+pub async fn read_body_with(
+    mut body: Incoming,
+    mut progress: impl FnMut(usize),
+) -> Result<Bytes, (Bytes, String)> {
+    let mut got = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Some(data) = frame.data_ref() {
+                    got.extend_from_slice(data);
+                    progress(got.len());
+                }
+            }
+            Err(e) => return Err((got.freeze(), e.to_string())),
+        }
+    }
+    Ok(got.freeze())
 }

@@ -4,6 +4,7 @@ pub mod certs;
 pub mod mock;
 pub mod openai;
 pub mod raw;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -19,7 +20,7 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-pub use mock::{channel, json, Mock, MockBody};
+pub use mock::{channel, json, BodyTx, Mock, MockBody};
 
 /// A sluice served in this process on 127.0.0.1:0 (admin too); stops when dropped.
 pub struct Sidecar {
@@ -67,6 +68,12 @@ impl Sidecar {
         }
     }
 
+    /// sluice in front of the upstream at `url` (one catch-all route) with
+    /// these `[server]` lines.
+    pub async fn in_front_of(url: &str, server: &str) -> Sidecar {
+        Sidecar::start(&sluice_toml(server, url, ""), &[]).await
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
@@ -106,6 +113,31 @@ pub fn one_route(url: &str, upstream_extra: &str) -> String {
     )
 }
 
+/// A whole config: `[server]` with these lines, [`one_route`] to `url`, and
+/// the route's own tables (`[routes.retry]`...) in `route`.
+pub fn sluice_toml(server: &str, url: &str, route: &str) -> String {
+    format!("[server]\n{server}\n\n{}{route}\n", one_route(url, ""))
+}
+
+/// A body whose every byte depends on its position (a prime period, 89),
+/// so a lost, repeated or reordered piece shows; printable, so it reads as
+/// text too.
+pub fn pattern(len: usize) -> Bytes {
+    (0..len)
+        .map(|i| b'!' + (i % 89) as u8)
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+/// A loopback port nothing listens on (bound, then released).
+pub fn refused_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub type TestClient = Client<HttpConnector, Full<Bytes>>;
 
 /// An HTTP/1.1 client.
@@ -134,6 +166,17 @@ pub fn h2c_client() -> TestClient {
     Client::builder(TokioExecutor::new())
         .http2_only(true)
         .build_http()
+}
+
+/// Starts a POST to `url` whose body the test then feeds through the
+/// sender (the client sends it chunked: its length is unknown up front).
+/// The response comes on the handle; a failed request panics there.
+pub fn post_streamed(url: &str) -> (BodyTx, tokio::task::JoinHandle<Response<Incoming>>) {
+    let (tx, body) = channel();
+    let req = Request::post(url).body(body).unwrap();
+    let client = Client::builder(TokioExecutor::new()).build_http::<MockBody>();
+    let res = tokio::spawn(async move { client.request(req).await.expect("request failed") });
+    (tx, res)
 }
 
 /// Sends a request with a small body and returns the response, body unread.
