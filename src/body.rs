@@ -2,6 +2,7 @@
 //! be replayed; a larger body streams upstream as it arrives, its size
 //! checked against `max_request_body` frame by frame.
 
+use crate::http1::FramePoll;
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
@@ -183,10 +184,7 @@ impl Body for RequestBody {
     type Data = Bytes;
     type Error = RequestBodyError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> FramePoll<Self::Error> {
         match self.get_mut() {
             Self::Full(data) => Poll::Ready(whole_frame(data)),
             Self::Streaming(s) => {

@@ -652,64 +652,51 @@ mod tests {
         parse_head(&mut BytesMut::from(raw), head_only)
     }
 
+    /// A whole head that must parse.
+    fn parsed(raw: &[u8], head_only: bool) -> Head {
+        head(raw, head_only).unwrap().unwrap()
+    }
+
     #[test]
     fn response_framing_follows_rfc_9112() {
-        let h = head(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", false)
-            .unwrap()
-            .unwrap();
+        let h = parsed(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", false);
         assert_eq!((h.framing, h.keep_alive), (Framing::Length(5), true));
-        let h = head(b"HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\n", false)
-            .unwrap()
-            .unwrap();
+        let h = parsed(b"HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\n", false);
         assert_eq!(h.framing, Framing::Length(5));
-        let h = head(
+        let h = parsed(
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
             false,
-        )
-        .unwrap()
-        .unwrap();
+        );
         assert_eq!((h.framing, h.keep_alive), (Framing::Chunked, true));
-        let h = head(
+        let h = parsed(
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 9\r\n\r\n",
             false,
-        )
-        .unwrap()
-        .unwrap();
+        );
         assert_eq!((h.framing, h.keep_alive), (Framing::Chunked, false));
         assert!(
             !h.res.headers().contains_key("content-length"),
             "an intermediary must drop it (RFC 9112 6.3)"
         );
-        let h = head(b"HTTP/1.1 200 OK\r\n\r\n", false).unwrap().unwrap();
+        let h = parsed(b"HTTP/1.1 200 OK\r\n\r\n", false);
         assert_eq!((h.framing, h.keep_alive), (Framing::Eof, false));
-        let h = head(
+        let h = parsed(
             b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: Close\r\n\r\n",
             false,
-        )
-        .unwrap()
-        .unwrap();
+        );
         assert!(!h.keep_alive);
-        let h = head(b"HTTP/1.0 200 OK\r\ncontent-length: 5\r\n\r\n", false)
-            .unwrap()
-            .unwrap();
+        let h = parsed(b"HTTP/1.0 200 OK\r\ncontent-length: 5\r\n\r\n", false);
         assert!(!h.keep_alive);
-        let h = head(
+        let h = parsed(
             b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n",
             false,
-        )
-        .unwrap()
-        .unwrap();
+        );
         assert_eq!(h.framing, Framing::Empty);
-        let h = head(b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\n\r\n", true)
-            .unwrap()
-            .unwrap();
+        let h = parsed(b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\n\r\n", true);
         assert_eq!(h.framing, Framing::Empty);
-        let h = head(
+        let h = parsed(
             b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\n",
             false,
-        )
-        .unwrap()
-        .unwrap();
+        );
         assert_eq!(h.res.status(), 200);
         assert!(head(b"HTTP/1.1 100 Continue\r\n\r\n", false)
             .unwrap()
@@ -815,12 +802,10 @@ mod tests {
 
     #[test]
     fn header_values_share_the_head_bytes() {
-        let h = head(
+        let h = parsed(
             b"HTTP/1.1 200 OK\r\nx-request-id: req_1\r\ncontent-length: 0\r\n\r\n",
             false,
-        )
-        .unwrap()
-        .unwrap();
+        );
         assert_eq!(h.res.headers()["x-request-id"], "req_1");
     }
 

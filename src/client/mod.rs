@@ -16,6 +16,7 @@
 
 mod h1;
 
+use crate::http1::FramePoll;
 use std::collections::VecDeque;
 use std::fmt;
 use std::io;
@@ -30,7 +31,7 @@ use bytes::Bytes;
 use http::request::Parts;
 use http::uri::Authority;
 use http::{Request, Response};
-use http_body::{Body, Frame, SizeHint};
+use http_body::{Body, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -477,10 +478,7 @@ impl<B: SendBody> Body for UpstreamBody<B> {
     type Data = Bytes;
     type Error = Error;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> FramePoll<Error> {
         match self.get_mut() {
             Self::H1(b) => Pin::new(b).poll_frame(cx),
             Self::H2(b) => Pin::new(b)

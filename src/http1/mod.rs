@@ -20,6 +20,8 @@
 //!   error, and the side writing it to the next hop aborts rather than end it.
 
 pub mod decode;
+#[cfg(test)]
+pub mod mutations;
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -29,6 +31,9 @@ use std::task::{ready, Context, Poll};
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use tokio::io::{AsyncRead, ReadBuf};
+
+/// What `http_body::Body::poll_frame` gives for a body of `Bytes`.
+pub type FramePoll<E> = Poll<Option<Result<http_body::Frame<Bytes>, E>>>;
 
 /// One read from a socket, into a buffer on the stack.
 pub const READ_SIZE: usize = 8 * 1024;

@@ -10,6 +10,7 @@
 //! iterating; any other body is aborted (h1: no final chunk; h2: reset), so
 //! a truncated body never looks complete.
 
+use crate::http1::FramePoll;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -187,10 +188,7 @@ impl Body for ResponseBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> FramePoll<Self::Error> {
         let this = self.get_mut();
         // A fast upstream is never Pending: check the total deadline on every frame.
         if let Some(t) = &this.timer {

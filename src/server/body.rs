@@ -1,5 +1,6 @@
 //! A request body as the server hands it on.
 
+use crate::http1::FramePoll;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -54,10 +55,7 @@ impl Body for ClientBody {
     type Data = Bytes;
     type Error = BodyError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> FramePoll<Self::Error> {
         match self.get_mut() {
             Self::Hyper(b) => Pin::new(b)
                 .poll_frame(cx)

@@ -7,6 +7,7 @@
 //! timeout. Frames pass through as they came; memory stays at one frame in
 //! the channel and one in hyper.
 
+use crate::http1::FramePoll;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -114,10 +115,7 @@ impl Body for Pumped {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> FramePoll<BoxError> {
         let this = self.get_mut();
         if this.ended {
             return Poll::Ready(None);

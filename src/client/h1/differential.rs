@@ -14,6 +14,7 @@ use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{parse_head, Decoded, Decoder};
+use crate::http1::mutations::{assemble, body, config, header};
 
 /// A complete response: its status and body.
 type Read = Option<(u16, Bytes)>;
@@ -76,70 +77,24 @@ fn theirs(rt: &tokio::runtime::Runtime, input: &[u8], head_only: bool) -> Read {
     })
 }
 
-fn header() -> impl Strategy<Value = String> {
-    prop_oneof![
-        6 => Just("Content-Type: text/event-stream".to_owned()),
-        6 => (0u64..40).prop_map(|n| format!("Content-Length: {n}")),
-        4 => Just("Transfer-Encoding: chunked".to_owned()),
-        1 => Just("Content-Length: 5, 5".to_owned()),
-        1 => Just("Content-Length: +5".to_owned()),
-        1 => Just("Content-Length: -1".to_owned()),
-        1 => Just("Content-Length: 99999999999999999999".to_owned()),
-        1 => Just("Transfer-Encoding: Chunked".to_owned()),
-        1 => Just("Transfer-Encoding: gzip, chunked".to_owned()),
-        1 => Just("Transfer-Encoding: chunked, gzip".to_owned()),
-        1 => Just("Transfer-Encoding: gzip".to_owned()),
-        1 => Just("X-Fold: a\r\n b".to_owned()),
-        1 => Just("X-Nul: a\0b".to_owned()),
-        1 => Just("X-Cr: a\rb".to_owned()),
-        1 => Just("Connection: close".to_owned()),
-    ]
-}
-
-fn body() -> impl Strategy<Value = Vec<u8>> {
-    prop_oneof![
-        proptest::collection::vec(any::<u8>(), 0..48),
-        "[a-z]{0,20}".prop_map(|s| format!("{:x}\r\n{s}\r\n0\r\n\r\n", s.len()).into_bytes()),
-        Just(b"ffffffffffffffffff\r\nx\r\n0\r\n\r\n".to_vec()),
-        Just(b"5;ext=1\r\nhello\r\n0\r\nX-T: 1\r\n\r\n".to_vec()),
-        Just(b"5\r\nhelloXX0\r\n\r\n".to_vec()),
-    ]
-}
-
 prop_compose! {
     fn response()(
         status in prop_oneof![Just(200u16), Just(200), Just(204), Just(304), Just(404), Just(500)],
         interim in proptest::bool::weighted(0.1),
-        headers in proptest::collection::vec(header(), 0..4),
+        headers in proptest::collection::vec(header(&["Content-Type: text/event-stream", "X-Plain: yes"]), 0..4),
         lf_only in proptest::bool::weighted(0.1),
         body in body(),
         cut in proptest::option::weighted(0.2, any::<proptest::sample::Index>()),
     ) -> Vec<u8> {
-        let eol = if lf_only { "\n" } else { "\r\n" };
-        let mut out = Vec::new();
-        if interim {
-            out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
-        }
-        out.extend_from_slice(format!("HTTP/1.1 {status} X{eol}").as_bytes());
-        for h in headers {
-            out.extend_from_slice(h.as_bytes());
-            out.extend_from_slice(eol.as_bytes());
-        }
-        out.extend_from_slice(eol.as_bytes());
-        out.extend_from_slice(&body);
-        if let Some(at) = cut {
-            out.truncate(at.index(out.len() + 1));
-        }
+        let start = format!("HTTP/1.1 {status} X");
+        let mut out = if interim { b"HTTP/1.1 100 Continue\r\n\r\n".to_vec() } else { Vec::new() };
+        out.extend(assemble(&start, &headers, lf_only, &body, cut));
         out
     }
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(256),
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(config())]
 
     #[test]
     fn complete_responses_are_read_as_hyper_reads_them(input in response(), head_only in proptest::bool::weighted(0.1)) {

@@ -17,6 +17,7 @@ use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{parse, Parse};
+use crate::http1::mutations::{assemble, body, config, header};
 
 const MAX_BODY: u64 = 1024 * 1024;
 
@@ -62,67 +63,22 @@ fn hyper_reads(rt: &tokio::runtime::Runtime, input: &[u8]) -> Seen {
     })
 }
 
-fn header() -> impl Strategy<Value = String> {
-    prop_oneof![
-        6 => Just("Host: x".to_owned()),
-        6 => (0u64..40).prop_map(|n| format!("Content-Length: {n}")),
-        4 => Just("X-Plain: yes".to_owned()),
-        1 => Just("Content-Length: 5, 5".to_owned()),
-        1 => Just("Content-Length: +5".to_owned()),
-        1 => Just("Content-Length: -1".to_owned()),
-        1 => Just("Content-Length: 99999999999999999999".to_owned()),
-        1 => Just("Transfer-Encoding: chunked".to_owned()),
-        1 => Just("Transfer-Encoding: Chunked".to_owned()),
-        1 => Just("transfer-encoding:chunked".to_owned()),
-        1 => Just("Transfer-Encoding: gzip, chunked".to_owned()),
-        1 => Just("Transfer-Encoding: chunked, gzip".to_owned()),
-        1 => Just("Transfer-Encoding: identity".to_owned()),
-        1 => Just("Transfer-Encoding: xchunked".to_owned()),
-        1 => Just("Transfer-Encoding : chunked".to_owned()),
-        1 => Just("X-Fold: a\r\n b".to_owned()),
-        1 => Just("X-Nul: a\0b".to_owned()),
-        1 => Just("X-Cr: a\rb".to_owned()),
-        1 => Just("Expect: 100-continue".to_owned()),
-        1 => Just("Connection: close".to_owned()),
-    ]
-}
-
-fn body() -> impl Strategy<Value = Vec<u8>> {
-    prop_oneof![
-        proptest::collection::vec(any::<u8>(), 0..48),
-        // A chunked body, valid or with a size past u64.
-        "[a-z]{0,20}".prop_map(|s| format!("{:x}\r\n{s}\r\n0\r\n\r\n", s.len()).into_bytes()),
-        Just(b"ffffffffffffffffff\r\nx\r\n0\r\n\r\n".to_vec()),
-        Just(b"5;ext=1\r\nhello\r\n0\r\nX-T: 1\r\n\r\n".to_vec()),
-    ]
-}
-
 prop_compose! {
     fn request()(
         method in prop_oneof![Just("GET"), Just("POST"), Just("PUT"), Just("HEAD"), Just("DELETE")],
         path in "/[a-z0-9/._%-]{0,16}",
         version in prop_oneof![Just("HTTP/1.1"), Just("HTTP/1.1"), Just("HTTP/1.0")],
-        headers in proptest::collection::vec(header(), 0..5),
+        headers in proptest::collection::vec(header(&["Host: x", "X-Plain: yes"]), 0..5),
         lf_only in proptest::bool::weighted(0.1),
         body in body(),
         next in proptest::bool::weighted(0.3),
         cut in proptest::option::weighted(0.2, any::<proptest::sample::Index>()),
     ) -> Vec<u8> {
-        let eol = if lf_only { "\n" } else { "\r\n" };
-        let mut out = format!("{method} {path} {version}{eol}").into_bytes();
-        for h in headers {
-            out.extend_from_slice(h.as_bytes());
-            out.extend_from_slice(eol.as_bytes());
-        }
-        out.extend_from_slice(eol.as_bytes());
-        out.extend_from_slice(&body);
+        let mut body = body;
         if next {
-            out.extend_from_slice(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n");
+            body.extend_from_slice(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n");
         }
-        if let Some(at) = cut {
-            out.truncate(at.index(out.len() + 1));
-        }
-        out
+        assemble(&format!("{method} {path} {version}"), &headers, lf_only, &body, cut)
     }
 }
 
@@ -135,11 +91,7 @@ fn stricter_on_purpose(input: &[u8]) -> bool {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(256),
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(config())]
 
     #[test]
     fn accepted_requests_are_read_as_hyper_reads_them(input in request()) {
