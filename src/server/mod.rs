@@ -15,7 +15,7 @@
 //! TLS handshake) is bounded by `header_read_timeout`.
 
 mod body;
-mod h1;
+pub(crate) mod h1;
 mod h2_heads;
 mod pump;
 mod rewind;
