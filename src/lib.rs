@@ -49,6 +49,8 @@ pub mod client;
 pub mod config;
 pub mod drain;
 pub mod error;
+#[cfg(feature = "fuzzing")]
+pub mod fuzz;
 pub mod http1;
 pub mod limit;
 pub mod logging;

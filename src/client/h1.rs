@@ -317,10 +317,10 @@ fn encode_head(parts: &Parts, framing: Framing, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
 }
 
-struct Head {
-    res: Response<()>,
-    framing: Framing,
-    keep_alive: bool,
+pub(crate) struct Head {
+    pub(crate) res: Response<()>,
+    pub(crate) framing: Framing,
+    pub(crate) keep_alive: bool,
 }
 
 /// Reads until a final response head, skipping interim (1xx) ones.
@@ -353,7 +353,7 @@ fn poll_head(
 
 /// Parses a complete head off the front of `buf`: `None` when more bytes
 /// are needed. An interim (1xx) response is consumed and parsing goes on.
-fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Head>, Error> {
+pub(crate) fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Head>, Error> {
     loop {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut parsed = httparse::Response::new(&mut headers);

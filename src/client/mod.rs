@@ -14,7 +14,7 @@
 //! proxy. The framing rules it keeps against response desync are in
 //! [`crate::http1`].
 
-mod h1;
+pub(crate) mod h1;
 
 use crate::http1::FramePoll;
 use std::collections::VecDeque;

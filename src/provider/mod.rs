@@ -5,7 +5,7 @@
 //! headers). One file per dialect; routes and backends hold a
 //! `&'static dyn Provider`.
 
-mod openai;
+pub(crate) mod openai;
 
 use std::time::{Duration, SystemTime};
 

@@ -80,7 +80,7 @@ fn error_json(e: ErrorInfo) -> String {
 /// How long the upstream asks to wait: `retry-after-ms`, else `Retry-After`
 /// (seconds or an HTTP date), else for a 429 OpenAI's
 /// `x-ratelimit-reset-requests`/`-tokens` for whichever limit is exhausted.
-fn hint(headers: &HeaderMap, status: StatusCode, now: SystemTime) -> Option<Duration> {
+pub(crate) fn hint(headers: &HeaderMap, status: StatusCode, now: SystemTime) -> Option<Duration> {
     let text = |name: &str| {
         headers
             .get(name)

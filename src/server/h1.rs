@@ -70,16 +70,16 @@ pub struct Server<'a, IO, H> {
 }
 
 /// A request, read whole.
-struct Parsed {
-    req: Request<ClientBody>,
+pub(crate) struct Parsed {
+    pub(crate) req: Request<ClientBody>,
     /// The client asked to close, or its body broke off.
-    close: bool,
+    pub(crate) close: bool,
 }
 
 // Returned once per request and unpacked at once: boxing the request would
 // cost an allocation for nothing.
 #[allow(clippy::large_enum_variant)]
-enum Parse {
+pub(crate) enum Parse {
     /// The head is not complete yet.
     Partial,
     /// The head is complete; the body needs this many bytes in all.
@@ -554,7 +554,7 @@ fn poll_gone<IO: AsyncRead + Unpin>(
 /// A head that is malformed, too large, or framed two ways is refused here
 /// (the handler words the answer); a valid one this server does not serve
 /// goes to hyper.
-fn parse(buf: &[u8], max_body: u64, failed: Option<BodyError>) -> Parse {
+pub(crate) fn parse(buf: &[u8], max_body: u64, failed: Option<BodyError>) -> Parse {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let head_len = match req.parse(buf) {

@@ -57,7 +57,7 @@ macro_rules! write_through {
 }
 
 mod body;
-mod h1;
+pub(crate) mod h1;
 mod h2_heads;
 mod pump;
 mod rewind;
