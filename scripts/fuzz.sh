@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every fuzz target in fuzz/ (cargo-fuzz, libFuzzer, nightly) for
+# Runs every fuzz target in fuzz/ (cargo-fuzz, libFuzzer; nightly Rust) for
 # SECONDS each (default 60), one after another, and exits non-zero if any
 # of them crashed: a panic, a failed check, a timeout or running out of
 # memory.
@@ -20,9 +20,13 @@ if ! [[ "$secs" =~ ^[0-9]+$ ]] || [ "$secs" -lt 1 ]; then
     exit 2
 fi
 
-if ! cargo +nightly --version >/dev/null 2>&1; then
-    echo "fuzz.sh: cargo-fuzz needs a nightly toolchain (rustup toolchain install nightly)" >&2
-    exit 1
+# cargo-fuzz builds with -Zsanitizer=address: nightly, or else stable
+# with RUSTC_BOOTSTRAP=1 (its rust-std ships the ASan runtime too).
+if cargo +nightly --version >/dev/null 2>&1; then
+    toolchain=+nightly
+else
+    echo "fuzz.sh: no nightly toolchain; using $(rustc --version) with RUSTC_BOOTSTRAP=1"
+    toolchain=+stable
 fi
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "== cargo install cargo-fuzz --locked"
@@ -33,8 +37,12 @@ fi
 # rebuild everything in the workspace's.
 unset CARGO_TARGET_DIR
 
+if [ "$toolchain" = +stable ]; then
+    export RUSTC_BOOTSTRAP=1
+fi
+
 targets=(request_head chunked response_head config retry_hint)
-listed="$(cargo +nightly fuzz list | sort | tr '\n' ' ')"
+listed="$(cargo "$toolchain" fuzz list | sort | tr '\n' ' ')"
 wanted="$(printf '%s\n' "${targets[@]}" | sort | tr '\n' ' ')"
 if [ "$listed" != "$wanted" ]; then
     echo "fuzz.sh: the targets in fuzz/Cargo.toml ($listed) are not the ones run here ($wanted)" >&2
@@ -43,7 +51,7 @@ fi
 
 echo "== cargo fuzz build (all targets)"
 start=$SECONDS
-cargo +nightly fuzz build
+cargo "$toolchain" fuzz build
 echo "built in $((SECONDS - start)) s"
 
 failed=()
@@ -54,7 +62,7 @@ for t in "${targets[@]}"; do
     # New inputs go to the first directory; the seeds are only read.
     # -timeout: one input taking over 10 s is a hang; -rss_limit_mb: a
     # bounded parser has no business near 2 GiB.
-    if cargo +nightly fuzz run "$t" "fuzz/scratch/$t" "fuzz/corpus/$t" -- \
+    if cargo "$toolchain" fuzz run "$t" "fuzz/scratch/$t" "fuzz/corpus/$t" -- \
         -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 \
         -print_final_stats=1 >"$log" 2>&1; then
         runs="$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)"
@@ -64,7 +72,7 @@ for t in "${targets[@]}"; do
         echo "CRASH in $t; the fuzzer's report (all of it in $log):"
         # From the panic or the sanitizer's report on, without stack frames.
         awk '/panicked at|ERROR: libFuzzer|ERROR: AddressSanitizer/ { on = 1 }
-             on && !/^ +[0-9]+: |^ +at / { print }' "$log" | head -40
+             on && !/^ +[0-9]+: |^ +at |^ +#[0-9]+ 0x/ { print }' "$log" | head -40
         grep -E '^(Test unit written|Failing input)' -A2 "$log" | tail -3 || true
         failed+=("$t")
     fi
