@@ -64,11 +64,9 @@ enum Inner {
 struct Timer {
     waits: Option<Waits>,
     drain: drain::Watch,
-    idle: Duration,
     /// When the body last began to wait; `None` once a frame has come since
     /// (the clock is read at the next wait, not per frame).
     last_frame: Option<Instant>,
-    deadline: Option<Instant>,
     /// Made when the server first waits on the client with this body
     /// unpolled (see `Expiring`): the deadline and the cut, not idle time.
     expiry: Option<Box<Waits>>,
@@ -100,9 +98,7 @@ impl ResponseBody {
         let timer = Timer {
             waits: None,
             drain: drain.clone(),
-            idle: ctx.deadlines.idle,
             last_frame: None,
-            deadline: ctx.deadlines.total,
             expiry: None,
         };
         Self {
@@ -158,7 +154,8 @@ impl ResponseBody {
         // The idle clock starts when the body first waits after a frame (or
         // after the head): the clock is read then, not on every frame.
         let last_frame = *timer.last_frame.get_or_insert_with(Instant::now);
-        let wake = next_wake(last_frame, timer.idle, timer.deadline);
+        let (idle, deadline) = (self.ctx.deadlines.idle, self.ctx.deadlines.total);
+        let wake = next_wake(last_frame, idle, deadline);
         let drain = &timer.drain;
         let waits = timer.waits.get_or_insert_with(|| Waits {
             sleep: Box::pin(tokio::time::sleep_until(wake)),
@@ -172,13 +169,13 @@ impl ResponseBody {
                 return None;
             }
             let now = Instant::now();
-            if timer.deadline.is_some_and(|d| now >= d) {
+            if deadline.is_some_and(|d| now >= d) {
                 return Some(StreamFailure::Deadline);
             }
-            if now >= last_frame + timer.idle {
+            if now >= last_frame + idle {
                 return Some(StreamFailure::IdleTimeout);
             }
-            let wake = next_wake(last_frame, timer.idle, timer.deadline);
+            let wake = next_wake(last_frame, idle, deadline);
             waits.sleep.as_mut().reset(wake);
         }
     }
@@ -192,7 +189,8 @@ impl Body for ResponseBody {
         let this = self.get_mut();
         // A fast upstream is never Pending: check the total deadline on every frame.
         if let Some(t) = &this.timer {
-            if t.drain.is_cut() || t.deadline.is_some_and(|d| Instant::now() >= d) {
+            let total = this.ctx.deadlines.total;
+            if t.drain.is_cut() || total.is_some_and(|d| Instant::now() >= d) {
                 return this.fail(StreamFailure::Deadline, cx);
             }
         }
@@ -269,7 +267,7 @@ impl Expiring for ResponseBody {
             return Poll::Pending;
         };
         let drain = &timer.drain;
-        let deadline = timer.deadline;
+        let deadline = self.ctx.deadlines.total;
         let expiry = timer.expiry.get_or_insert_with(|| {
             // Without a total deadline only the cut ends it: a far wake.
             let at = deadline.unwrap_or_else(|| Instant::now() + FAR);
