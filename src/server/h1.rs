@@ -333,11 +333,18 @@ where
     }
 
     /// Writes a response, framed by what its body says of its length.
-    async fn respond<B>(&mut self, res: Response<B>, close: bool) -> io::Result<Next>
+    ///
+    /// The head is encoded before the future is made, so the future holds
+    /// the body alone: it lives as long as the stream, in every connection.
+    fn respond<B>(
+        &mut self,
+        res: Response<B>,
+        close: bool,
+    ) -> impl Future<Output = io::Result<Next>> + use<'_, 'a, IO, H, B>
     where
         B: Body<Data = Bytes> + Expiring + Unpin,
     {
-        let (parts, mut body) = res.into_parts();
+        let (parts, body) = res.into_parts();
         // The handler asks to close too (a 503 while shutting down).
         let close =
             close || http1::headers_have_token(&parts.headers, &header::CONNECTION, b"close");
@@ -354,6 +361,15 @@ where
             }
         };
         encode_head(&mut self.out, &parts, framing, close);
+        drop(parts);
+        self.send_body(body, framing, next)
+    }
+
+    /// Sends the head already in `out`, then the body.
+    async fn send_body<B>(&mut self, mut body: B, framing: Framing, next: Next) -> io::Result<Next>
+    where
+        B: Body<Data = Bytes> + Expiring + Unpin,
+    {
         if framing == Framing::Empty {
             drop(body);
             self.flush().await?;

@@ -300,13 +300,18 @@ impl<H: Handler> Conn<H> {
                 Err(_) => Err("no request within header_read_timeout".into()),
             };
         };
+        // Boxed: a TLS handshake's and connection's state is several KiB,
+        // and inline it would size every plaintext connection's task too.
+        Box::pin(self.accept_tls(stream, acceptor)).await
+    }
+
+    async fn accept_tls(self, stream: TcpStream, acceptor: TlsAcceptor) -> Result<(), BoxError> {
+        let bound = self.opts.header_read_timeout;
         let tls = tokio::time::timeout(bound, acceptor.accept(stream))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-        // Boxed: a TLS connection's state is several KiB, and inline it
-        // would size every plaintext connection's task too.
-        Box::pin(self.serve(tls, h2)).await
+        self.serve(tls, h2).await
     }
 
     async fn serve<IO>(self, io: IO, h2: bool) -> Result<(), BoxError>
@@ -315,7 +320,9 @@ impl<H: Handler> Conn<H> {
     {
         let io = timed::Timed::new(io, self.opts.send_timeout);
         if h2 {
-            return self.serve_hyper(Rewind::new(io, Bytes::new()), true).await;
+            // Boxed: hyper's h2 connection state would size every HTTP/1.1
+            // connection's task too.
+            return Box::pin(self.serve_hyper(Rewind::new(io, Bytes::new()), true)).await;
         }
         let fast = h1::Server::new(io, &*self.handler, &self.opts);
         match fast.serve(&self.drain).await? {
