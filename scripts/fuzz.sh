@@ -41,7 +41,7 @@ if [ "$toolchain" = +stable ]; then
     export RUSTC_BOOTSTRAP=1
 fi
 
-targets=(request_head chunked response_head config retry_hint)
+targets=(request_head chunked response_head config retry_hint scan)
 listed="$(cargo "$toolchain" fuzz list | sort | tr '\n' ' ')"
 wanted="$(printf '%s\n' "${targets[@]}" | sort | tr '\n' ' ')"
 if [ "$listed" != "$wanted" ]; then

@@ -27,6 +27,8 @@
 //!   the quota check, error shapes.
 //! - [`limit`]: rate limits (governor) and the in-flight cap.
 //! - [`body`]: request bodies, buffered for replay up to a cap or streamed.
+//! - [`scan`]: the incremental scanner over a JSON body: top-level fields
+//!   and their byte spans without a JSON tree; slicing and splicing chunks.
 //! - [`retry`]: the retry verdict, backoff, the retry budget.
 //! - [`error`]: the errors sluice answers itself.
 //! - [`access`]: the access line's format and its batched writer.
@@ -59,6 +61,7 @@ pub mod provider;
 pub mod proxy;
 pub mod retry;
 pub mod route;
+pub mod scan;
 pub mod server;
 pub mod systemd;
 
