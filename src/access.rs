@@ -80,6 +80,20 @@ pub struct Record<'a> {
     pub budget_exhausted: bool,
     /// The upstream's own `x-request-id`, if it sent one.
     pub upstream_request_id: Option<&'a str>,
+    /// A model-routed request's part.
+    pub model: Option<ModelRecord<'a>>,
+}
+
+/// What a model-routed request's line adds.
+#[derive(Debug)]
+pub struct ModelRecord<'a> {
+    /// The model the client named.
+    pub model: &'a str,
+    /// The last attempt's `upstream/model`.
+    pub deployment: &'a str,
+    /// Every attempt: `upstream/model:status` (or the outcome word), by commas.
+    pub trail: &'a str,
+    pub fallbacks: u32,
 }
 
 /// Writes the access line of `record`, if the filter lets it through.
@@ -192,6 +206,10 @@ impl Record<'_> {
             error = self.error,
             budget_exhausted = self.budget_exhausted,
             upstream_request_id = self.upstream_request_id,
+            model = self.model.as_ref().map(|m| m.model),
+            deployment = self.model.as_ref().map(|m| m.deployment),
+            trail = self.model.as_ref().map(|m| m.trail),
+            fallbacks = self.model.as_ref().map(|m| m.fallbacks),
             "request"
         );
     }
@@ -252,6 +270,12 @@ impl Record<'_> {
         );
         if let Some(id) = self.upstream_request_id {
             f.string("upstream_request_id", id);
+        }
+        if let Some(m) = &self.model {
+            f.string("model", m.model);
+            f.string("deployment", m.deployment);
+            f.string("trail", m.trail);
+            f.num("fallbacks", m.fallbacks.into());
         }
     }
 }
@@ -534,6 +558,7 @@ mod tests {
                 error: None,
                 budget_exhausted: false,
                 upstream_request_id: None,
+                model: None,
             }
             .write_line();
         };
@@ -581,6 +606,7 @@ mod tests {
             error: Some("rate_limit_exceeded"),
             budget_exhausted: true,
             upstream_request_id: Some("req_1"),
+            model: None,
         };
         let mut text = String::new();
         r.fields(&mut Text(&mut text));

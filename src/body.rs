@@ -36,6 +36,8 @@ pub enum RequestBody {
     Full(Option<Bytes>),
     /// Larger than `retry_buffer`: what was read already, then the rest.
     Streaming(Streaming),
+    /// Held whole in pieces: a body with its `model` spliced in.
+    Parts(VecDeque<Bytes>),
 }
 
 #[derive(Debug)]
@@ -142,8 +144,55 @@ impl RequestBody {
     /// A streaming body's state; `None` for a whole body.
     pub fn stream_state(&self) -> Option<Arc<StreamState>> {
         match self {
-            Self::Full(_) => None,
+            Self::Full(_) | Self::Parts(_) => None,
             Self::Streaming(s) => Some(s.state.clone()),
+        }
+    }
+
+    /// The body's bytes held in memory, from its start: all of a whole
+    /// body, the part read so far of a streaming one.
+    pub fn held(&self) -> Vec<Bytes> {
+        match self {
+            Self::Full(b) => b.iter().cloned().collect(),
+            Self::Parts(p) => p.iter().cloned().collect(),
+            Self::Streaming(s) => s.head.iter().cloned().collect(),
+        }
+    }
+
+    /// Reads the next frame of a streaming body into what is held, within
+    /// `read_timeout`. `None` when nothing more can be held (a whole body,
+    /// or the end).
+    pub async fn hold_more(&mut self, read_timeout: Duration) -> Result<Option<Bytes>, ProxyError> {
+        let Self::Streaming(s) = self else {
+            return Ok(None);
+        };
+        loop {
+            let frame = match tokio::time::timeout(read_timeout, s.rest.frame()).await {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return Ok(None),
+                Err(_) => return Err(ProxyError::RequestTimeout),
+            };
+            let frame = frame.map_err(|_| ProxyError::BadRequest)?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            s.seen += data.len() as u64;
+            if s.seen > s.max {
+                return Err(ProxyError::RequestTooLarge);
+            }
+            s.head.push_back(data.clone());
+            return Ok(Some(data));
+        }
+    }
+
+    /// Replaces `range` of the held bytes (absolute offsets from the body's
+    /// start) with `with`, by slicing: the rest is never copied.
+    pub fn splice(&mut self, range: std::ops::Range<u64>, with: Bytes) {
+        let held = self.held();
+        let parts: VecDeque<Bytes> = crate::scan::splice(&held, range, with).into();
+        match self {
+            Self::Streaming(s) => s.head = parts,
+            whole => *whole = Self::Parts(parts),
         }
     }
 }
@@ -187,6 +236,7 @@ impl Body for RequestBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> FramePoll<Self::Error> {
         match self.get_mut() {
             Self::Full(data) => Poll::Ready(whole_frame(data)),
+            Self::Parts(p) => Poll::Ready(p.pop_front().map(|d| Ok(Frame::data(d)))),
             Self::Streaming(s) => {
                 if let Some(d) = s.head.pop_front() {
                     // An h2 client stops polling once is_end_stream() is
@@ -223,6 +273,7 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Full(d) => d.is_none(),
+            Self::Parts(p) => p.is_empty(),
             Self::Streaming(s) => s.head.is_empty() && s.rest.is_end_stream(),
         }
     }
@@ -230,6 +281,7 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Full(d) => whole_hint(d),
+            Self::Parts(p) => SizeHint::with_exact(p.iter().map(|d| d.len() as u64).sum()),
             Self::Streaming(s) => prefixed_size_hint(&s.head, s.rest.size_hint()),
         }
     }

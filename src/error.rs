@@ -48,6 +48,26 @@ pub enum ProxyError {
     /// Caught by the drain: arrived as it began, or still waiting when
     /// `shutdown_grace` ran out.
     ShuttingDown,
+    /// A model-routed JSON body without a string top-level `model`.
+    ModelRequired,
+    /// A field sluice acts on appears twice at the top level.
+    AmbiguousRequestBody,
+    /// Not JSON before the fields sluice needs were found.
+    InvalidJsonBody,
+    /// A non-JSON body on a model-routed route with no `upstream`.
+    ModelRoutingUnsupportedBody,
+    /// A compressed body on a model-routed route with no `upstream`.
+    UnsupportedContentEncoding,
+    /// A model the route does not know or allow.
+    ModelNotFound,
+    /// The fields sluice needs were not within `peek_limit`.
+    RoutingBodyTooLarge,
+    /// Every attempt got 401/403 for a key sluice injected.
+    UpstreamAuthFailed,
+    /// `max_held_body` reached.
+    Overloaded,
+    /// `on_all_ejected = "fail"` and every deployment of the model is ejected.
+    NoHealthyDeployment { wait: Duration },
 }
 
 /// What a variant looks like on the wire.
@@ -148,6 +168,76 @@ impl ProxyError {
                 "sluice: shutting down; retry on another instance",
                 Upstream,
             ),
+            Self::ModelRequired => (
+                400,
+                "model_required",
+                "invalid_request_error",
+                "sluice: this route routes by model: the JSON body needs a string top-level `model`",
+                Client,
+            ),
+            Self::AmbiguousRequestBody => (
+                400,
+                "ambiguous_request_body",
+                "invalid_request_error",
+                "sluice: a top-level field sluice acts on (such as `model`) appears twice in the body",
+                Client,
+            ),
+            Self::InvalidJsonBody => (
+                400,
+                "invalid_json_body",
+                "invalid_request_error",
+                "sluice: the request body is not a JSON object",
+                Client,
+            ),
+            Self::ModelRoutingUnsupportedBody => (
+                400,
+                "model_routing_unsupported_body",
+                "invalid_request_error",
+                "sluice: this route routes by the JSON body's model and has no upstream for other requests",
+                Client,
+            ),
+            Self::UnsupportedContentEncoding => (
+                415,
+                "unsupported_content_encoding",
+                "invalid_request_error",
+                "sluice: this route reads the body's model and cannot read a compressed body",
+                Client,
+            ),
+            Self::ModelNotFound => (
+                404,
+                "model_not_found",
+                "invalid_request_error",
+                "sluice: the model does not exist on this route",
+                Client,
+            ),
+            Self::RoutingBodyTooLarge => (
+                413,
+                "routing_body_too_large",
+                "invalid_request_error",
+                "sluice: the body's model was not within the route's peek_limit",
+                Client,
+            ),
+            Self::UpstreamAuthFailed => (
+                502,
+                "upstream_auth_failed",
+                "proxy_error",
+                "sluice: every upstream refused the key sluice sent (401/403); check the configured keys",
+                Upstream,
+            ),
+            Self::NoHealthyDeployment { .. } => (
+                503,
+                "no_healthy_deployment",
+                "proxy_error",
+                "sluice: every deployment of this model is ejected after failures; retry after the time in retry-after",
+                Upstream,
+            ),
+            Self::Overloaded => (
+                503,
+                "overloaded",
+                "proxy_error",
+                "sluice: too many request bodies held at once (max_held_body); retry shortly",
+                Upstream,
+            ),
         };
         let status = StatusCode::from_u16(status).expect("a valid status");
         Shape {
@@ -194,8 +284,12 @@ impl ProxyError {
         match self {
             // As the provider sends them, so SDKs back off for the right time.
             Self::RateLimited { wait, limit } => provider.rate_limit_headers(h, wait, limit),
-            Self::ConcurrencyLimited => {
+            Self::ConcurrencyLimited | Self::Overloaded => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            Self::NoHealthyDeployment { wait } => {
+                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
             }
             Self::ShuttingDown => {
                 h.insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -279,6 +373,50 @@ impl std::error::Error for StreamFailure {}
 mod tests {
     use super::*;
     use crate::provider::OPENAI;
+
+    /// Messages are written into JSON unescaped: none may need escaping.
+    #[test]
+    fn every_error_body_is_valid_json_in_both_dialects() {
+        use crate::provider::ANTHROPIC;
+        let all = [
+            ProxyError::BadRequest,
+            ProxyError::RouteNotFound,
+            ProxyError::RequestTooLarge,
+            ProxyError::RequestTimeout,
+            ProxyError::HeadTooLarge,
+            ProxyError::RateLimited {
+                wait: Duration::from_secs(1),
+                limit: 1,
+            },
+            ProxyError::ConcurrencyLimited,
+            ProxyError::ConnectFailed,
+            ProxyError::UntrustedCertificate,
+            ProxyError::UpstreamReset,
+            ProxyError::UpstreamTimeout,
+            ProxyError::DeadlineExceeded,
+            ProxyError::ShuttingDown,
+            ProxyError::ModelRequired,
+            ProxyError::AmbiguousRequestBody,
+            ProxyError::InvalidJsonBody,
+            ProxyError::ModelRoutingUnsupportedBody,
+            ProxyError::UnsupportedContentEncoding,
+            ProxyError::ModelNotFound,
+            ProxyError::RoutingBodyTooLarge,
+            ProxyError::UpstreamAuthFailed,
+            ProxyError::Overloaded,
+            ProxyError::NoHealthyDeployment {
+                wait: Duration::from_secs(3),
+            },
+        ];
+        for e in all {
+            for p in [&OPENAI as &dyn Provider, &ANTHROPIC] {
+                let res = e.into_response(p);
+                let v: serde_json::Value =
+                    serde_json::from_slice(res.body()).unwrap_or_else(|err| panic!("{e:?}: {err}"));
+                assert!(v["error"]["message"].is_string(), "{e:?}");
+            }
+        }
+    }
 
     #[test]
     fn body_has_openai_shape() {

@@ -17,14 +17,15 @@
 //!
 //! The proxy:
 //! - [`proxy`]: the request story; the only module that calls the others.
-//!   Per-config state (`build.rs`), per-request context (`ctx.rs`), the
-//!   attempt loop (`attempts.rs`), one attempt (`exchange.rs`), the
-//!   response body (`response.rs`).
+//!   Per-config state (`build.rs`), per-request context (`ctx.rs`), model
+//!   routing (`model.rs`), the attempt loop (`attempts.rs`), one attempt
+//!   (`exchange.rs`), the response body (`response.rs`).
 //! - [`route`]: first-match routing on path prefix and method; path checks.
 //! - [`backend`]: where an attempt goes: an upstream's pool, its provider,
-//!   per-backend metrics; the request rewrite.
-//! - [`provider`]: API dialects (OpenAI today): auth headers, wait hints,
-//!   the quota check, error shapes.
+//!   per-backend metrics; the request rewrite; a model's deployments, the
+//!   walk down its fallback chain and the balancers.
+//! - [`provider`]: API dialects (OpenAI, Anthropic): auth headers, wait
+//!   hints, the quota check, error shapes.
 //! - [`limit`]: rate limits (governor) and the in-flight cap.
 //! - [`body`]: request bodies, buffered for replay up to a cap or streamed.
 //! - [`scan`]: the incremental scanner over a JSON body: top-level fields

@@ -54,6 +54,43 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    route: Arc<String>,
+    /// A `[models]` name, or "-" for one the client made up.
+    model: Arc<str>,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FallbackLabels {
+    route: Arc<String>,
+    from_model: Arc<str>,
+    to_model: Arc<str>,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeploymentLabels {
+    upstream: Arc<str>,
+    /// The model sent upstream, or "-" for the body's as sent.
+    model: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeploymentStateLabels {
+    upstream: Arc<str>,
+    model: Arc<str>,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EjectionLabels {
+    upstream: Arc<str>,
+    model: Arc<str>,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
 }
@@ -103,6 +140,16 @@ families! {
         "stream_aborts", "Responses cut after their headers, by reason";
     reloads: Family<ResultLabel, Counter> = Family::default(),
         "config_reloads", "Config reloads by result";
+    model_requests: Family<ModelLabels, Counter> = Family::default(),
+        "model_requests", "Requests on model-routed routes, by model and what became of them";
+    fallbacks: Family<FallbackLabels, Counter> = Family::default(),
+        "fallbacks", "Moves down a fallback chain, by the outcome that caused them";
+    deployment_in_flight: Family<DeploymentLabels, Gauge> = Family::default(),
+        "deployment_in_flight", "Requests in flight at each deployment, streams until they end";
+    deployment_state: Family<DeploymentStateLabels, Gauge> = Family::default(),
+        "deployment_state", "1 for the state each deployment is in (healthy, ejected, half_open)";
+    deployment_ejections: Family<EjectionLabels, Counter> = Family::default(),
+        "deployment_ejections", "Deployments taken out of rotation, by reason";
 }
 
 impl Metrics {
@@ -133,6 +180,24 @@ impl Metrics {
             budget_exhausted: self.budget_exhausted.get_or_create(&label).clone(),
             rate_limited: self.rate_limited.get_or_create(&label).clone(),
             route,
+            all: self.clone(),
+        }
+    }
+
+    /// A deployment's in-flight gauge.
+    pub fn deployment_in_flight(&self, upstream: &str, model: Option<&str>) -> Gauge {
+        let labels = DeploymentLabels {
+            upstream: upstream.into(),
+            model: model.unwrap_or("-").into(),
+        };
+        self.deployment_in_flight.get_or_create(&labels).clone()
+    }
+
+    /// A deployment's state gauges and ejection counter.
+    pub fn deployment(self: &Arc<Self>, upstream: &str, model: Option<&str>) -> DeploymentMeters {
+        DeploymentMeters {
+            upstream: upstream.into(),
+            model: model.unwrap_or("-").into(),
             all: self.clone(),
         }
     }
@@ -191,6 +256,27 @@ impl RouteMetrics {
         self.all.retries.get_or_create(&labels).inc();
     }
 
+    /// A model-routed request: `routed`, `passthrough`, `unknown` or
+    /// `rejected`; `model` is a config name or "-".
+    pub fn model_request(&self, model: &Arc<str>, result: &'static str) {
+        let labels = ModelLabels {
+            route: self.route.clone(),
+            model: model.clone(),
+            result,
+        };
+        self.all.model_requests.get_or_create(&labels).inc();
+    }
+
+    pub fn fallback(&self, from: &Arc<str>, to: &Arc<str>, reason: &'static str) {
+        let labels = FallbackLabels {
+            route: self.route.clone(),
+            from_model: from.clone(),
+            to_model: to.clone(),
+            reason,
+        };
+        self.all.fallbacks.get_or_create(&labels).inc();
+    }
+
     pub fn stream_abort(&self, reason: &'static str) {
         let labels = ReasonLabels {
             route: self.route.clone(),
@@ -226,5 +312,37 @@ impl BackendMetrics {
         } else {
             series().inc();
         }
+    }
+}
+
+/// One deployment's health metrics.
+#[derive(Debug)]
+pub struct DeploymentMeters {
+    upstream: Arc<str>,
+    model: Arc<str>,
+    all: Arc<Metrics>,
+}
+
+impl DeploymentMeters {
+    /// Sets the state gauges: 1 for `state`, 0 for the others.
+    pub fn show(&self, state: crate::backend::DeploymentState) {
+        for s in ["healthy", "ejected", "half_open"] {
+            let labels = DeploymentStateLabels {
+                upstream: self.upstream.clone(),
+                model: self.model.clone(),
+                state: s,
+            };
+            let on = i64::from(s == state.as_str());
+            self.all.deployment_state.get_or_create(&labels).set(on);
+        }
+    }
+
+    pub fn ejected(&self, reason: &'static str) {
+        let labels = EjectionLabels {
+            upstream: self.upstream.clone(),
+            model: self.model.clone(),
+            reason,
+        };
+        self.all.deployment_ejections.get_or_create(&labels).inc();
     }
 }

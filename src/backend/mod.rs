@@ -8,6 +8,8 @@
 //! A route holds a list of backends (today: one); the proxy asks it for a
 //! backend on every attempt (`pick.rs`).
 
+mod balance;
+mod health;
 mod pick;
 
 use std::error::Error as StdError;
@@ -22,7 +24,7 @@ use http::{HeaderMap, Uri, Version};
 use crate::access::RequestSpan;
 use crate::body::RequestBody;
 use crate::client::{self, Client, UpstreamBody};
-use crate::config::{self, Route};
+use crate::config::{self, PathMap, Route};
 use crate::error::ProxyError;
 use crate::metrics::BackendMetrics;
 use crate::provider::Provider;
@@ -42,18 +44,28 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::EXPECT,
 ];
 
-pub use pick::{Backends, Step, Trail};
+pub use balance::{InFlight, Load};
+pub use health::{Access, Health, Report, State as DeploymentState};
+pub use pick::{Backends, ModelEntry, Plan, Step, Trail};
 
 /// A response body from an upstream.
 pub type Upstream = UpstreamBody<RequestBody>;
 
-/// One upstream as one route sees it.
+/// One upstream as one route sees it; for a model-routed route, one
+/// deployment (an upstream and the model name it knows).
 #[derive(Debug)]
 pub struct Backend {
     pub upstream: Arc<config::Upstream>,
     pool: Client<RequestBody>,
     pub provider: &'static dyn Provider,
     pub metrics: BackendMetrics,
+    /// The model a request is sent upstream with; `None`: the body's as sent.
+    pub model: Option<Arc<str>>,
+    /// Balancing weight (1 for a route's plain upstream).
+    pub weight: u32,
+    pub priority: u32,
+    /// Shared by every route that reaches this deployment.
+    pub load: Arc<balance::Load>,
 }
 
 impl Backend {
@@ -68,6 +80,21 @@ impl Backend {
             pool,
             provider,
             metrics,
+            model: None,
+            weight: 1,
+            priority: 0,
+            load: Arc::default(),
+        }
+    }
+
+    /// A deployment of a model; `load` is the deployment's, shared by routes.
+    pub fn deployment(self, d: &config::Deployment, load: Arc<balance::Load>) -> Self {
+        Self {
+            model: d.model.as_deref().map(Arc::from),
+            weight: d.weight,
+            priority: d.priority,
+            load,
+            ..self
         }
     }
 
@@ -97,7 +124,10 @@ impl Backend {
     /// URI, `Host`, the key, the upstream's extra headers.
     pub fn aim(&self, parts: &mut Parts, route: &Route) {
         let up = &self.upstream;
-        parts.uri = upstream_uri(&parts.uri, route, up);
+        parts.uri = match &up.paths {
+            PathMap::Append => upstream_uri(&parts.uri, route, up),
+            map => mapped_uri(&parts.uri, route, up, map, self.model.as_deref()),
+        };
         let h = &mut parts.headers;
         h.insert(header::HOST, up.host.clone());
         if let Some((name, value)) = &up.key {
@@ -156,6 +186,60 @@ fn upstream_uri(uri: &Uri, route: &Route, up: &config::Upstream) -> Uri {
     // The pieces come from a valid URI and a checked base path.
     parts.path_and_query = Some(PathAndQuery::try_from(pq).expect("valid path and query"));
     Uri::from_parts(parts).expect("complete upstream URI")
+}
+
+/// A URI for an upstream whose paths differ from OpenAI's: the client's
+/// path after its `/v1` goes under the base path (Gemini's and Azure's
+/// OpenAI endpoints), or under Azure's deployment with exactly one
+/// `api-version`, the configured one.
+fn mapped_uri(
+    uri: &Uri,
+    route: &Route,
+    up: &config::Upstream,
+    map: &PathMap,
+    model: Option<&str>,
+) -> Uri {
+    let path = forwarded_path(route, uri.path());
+    let rest = match path.strip_prefix("/v1") {
+        Some(r) if r.is_empty() || r.starts_with('/') => r,
+        _ => path,
+    };
+    let mut pq = up.base_path.clone();
+    let mut query: Vec<&str> = uri.query().map_or(Vec::new(), |q| q.split('&').collect());
+    let version;
+    if let PathMap::AzureDeployments { api_version } = map {
+        pq.push('/');
+        pq.push_str(&percent_encode_segment(model.unwrap_or("")));
+        query.retain(|kv| kv.split('=').next() != Some("api-version"));
+        version = format!("api-version={api_version}");
+        query.push(&version);
+    }
+    pq.push_str(rest);
+    if pq.is_empty() {
+        pq.push('/');
+    }
+    if !query.is_empty() {
+        pq.push('?');
+        pq.push_str(&query.join("&"));
+    }
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(up.scheme.clone());
+    parts.authority = Some(up.authority.clone());
+    parts.path_and_query = Some(PathAndQuery::try_from(pq).expect("valid path and query"));
+    Uri::from_parts(parts).expect("complete upstream URI")
+}
+
+/// A model name as one path segment.
+fn percent_encode_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Removes hop-by-hop headers and every header that `Connection` names.

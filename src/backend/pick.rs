@@ -4,27 +4,184 @@
 //! and passive health (`health.rs`) answer here when a route has several
 //! deployments, and a fallback chain is walked here too.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::StatusCode;
+use tokio::time::Instant;
 
-use super::Backend;
+use super::health::Access;
+use super::{balance, Backend};
+use crate::config::{self, OnAllEjected};
+use crate::error::ProxyError;
 
 /// A route's backends, in config order; never empty.
 #[derive(Debug)]
 pub struct Backends {
     list: Vec<Arc<Backend>>,
+    /// The route's own upstream: a plain route's only backend, a
+    /// model-routed route's passthrough target.
+    direct: Option<usize>,
+    /// Model routing: every model the route reaches (those it allows and
+    /// their fallbacks).
+    models: Vec<ModelEntry>,
+    /// Allowed models by name.
+    by_name: HashMap<String, usize>,
+}
+
+/// One model as a route reaches it.
+#[derive(Debug)]
+pub struct ModelEntry {
+    /// The model's name, for metric labels.
+    pub name: Arc<str>,
+    pub model: Arc<config::Model>,
+    /// Whether clients may name it on this route.
+    pub allowed: bool,
+    /// Its deployments: indices into the route's backends.
+    pub backends: Vec<usize>,
+    /// Entry indices: itself, then its fallbacks.
+    pub chain: Vec<usize>,
 }
 
 impl Backends {
+    /// A plain route's one upstream.
     pub fn new(list: Vec<Arc<Backend>>) -> Self {
         assert!(!list.is_empty(), "a route has a backend");
-        Self { list }
+        Self {
+            list,
+            direct: Some(0),
+            models: Vec::new(),
+            by_name: HashMap::new(),
+        }
     }
 
-    /// The backend for the next attempt, and its index.
-    pub fn pick(&self, _trail: &Trail) -> (usize, &Arc<Backend>) {
-        (0, &self.list[0])
+    /// A model-routed route's backends: `direct` is its own upstream.
+    pub fn models(list: Vec<Arc<Backend>>, direct: Option<usize>, models: Vec<ModelEntry>) -> Self {
+        assert!(!list.is_empty(), "a route has a backend");
+        let by_name = models
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.allowed)
+            .map(|(i, m)| (m.model.name.clone(), i))
+            .collect();
+        Self {
+            list,
+            direct,
+            models,
+            by_name,
+        }
+    }
+
+    /// The backend for the next attempt, and its index: the route's own
+    /// upstream without a plan; with one, the plan's current model's
+    /// deployments, those not yet tried in this request first.
+    ///
+    /// Ejected deployments are skipped; one whose ejection is over takes
+    /// this request as its probe. When none is left, the model's
+    /// `on_all_ejected` says: the one that recovers soonest (`probe`), the
+    /// next model (`fallback`, which moves the plan), or 503 (`fail`). A
+    /// model with one deployment is never blocked on a request's first
+    /// attempt: ejection only keeps retries off it.
+    pub fn pick(
+        &self,
+        trail: &Trail,
+        plan: Option<&mut Plan>,
+        key: Option<&[u8]>,
+        rng: &mut fastrand::Rng,
+        now: Instant,
+    ) -> Result<usize, ProxyError> {
+        let Some(plan) = plan else {
+            return Ok(self.direct.unwrap_or(0));
+        };
+        loop {
+            let entry = self.current(plan);
+            let open: Vec<usize> = entry
+                .backends
+                .iter()
+                .copied()
+                .filter(|&i| self.list[i].load.access(now) != Access::Closed)
+                .collect();
+            let untried: Vec<usize> = open.iter().copied().filter(|&i| !trail.tried(i)).collect();
+            let mut candidates = if untried.is_empty() { open } else { untried };
+            while !candidates.is_empty() {
+                let i = balance::choose(entry.model.balance, &self.list, &candidates, key, rng);
+                let load = &self.list[i].load;
+                if load.access(now) == Access::Open || load.take_probe(now) {
+                    return Ok(i);
+                }
+                // Another request took the probe meanwhile.
+                candidates.retain(|&c| c != i);
+            }
+            let soonest = entry
+                .backends
+                .iter()
+                .copied()
+                .min_by_key(|&i| self.list[i].load.health.as_ref().and_then(|h| h.ready_at()))
+                .expect("a model has a deployment");
+            if entry.backends.len() == 1 && trail.attempts() == 0 {
+                return Ok(soonest);
+            }
+            match entry.model.on_all_ejected {
+                OnAllEjected::Fallback if self.fall_back(plan) => continue,
+                OnAllEjected::Fail => {
+                    let ready = self.list[soonest]
+                        .load
+                        .health
+                        .as_ref()
+                        .and_then(|h| h.ready_at());
+                    let wait = ready.map_or(Duration::ZERO, |r| r.saturating_duration_since(now));
+                    return Err(ProxyError::NoHealthyDeployment { wait });
+                }
+                _ => return Ok(soonest),
+            }
+        }
+    }
+
+    /// The model the plan is on.
+    pub fn current(&self, plan: &Plan) -> &ModelEntry {
+        &self.models[self.models[plan.requested].chain[plan.pos]]
+    }
+
+    /// Whether the plan's current model has a deployment not yet tried.
+    pub fn has_untried(&self, plan: &Plan, trail: &Trail) -> bool {
+        self.current(plan).backends.iter().any(|&i| !trail.tried(i))
+    }
+
+    /// Whether the plan's chain has a model after the current one.
+    pub fn has_fallback(&self, plan: &Plan) -> bool {
+        plan.pos + 1 < self.models[plan.requested].chain.len()
+    }
+
+    /// Moves the plan to the next model of its chain, if there is one.
+    pub fn fall_back(&self, plan: &mut Plan) -> bool {
+        if plan.pos + 1 >= self.models[plan.requested].chain.len() {
+            return false;
+        }
+        plan.pos += 1;
+        plan.on_model = 0;
+        plan.fallbacks += 1;
+        true
+    }
+
+    /// A plan for the allowed model `name`.
+    pub fn plan(&self, name: &str) -> Option<Plan> {
+        self.by_name.get(name).map(|&requested| Plan {
+            requested,
+            pos: 0,
+            on_model: 0,
+            fallbacks: 0,
+        })
+    }
+
+    /// The route's own upstream, if it has one.
+    pub fn direct(&self) -> Option<usize> {
+        self.direct
+    }
+
+    /// The names a client may send, in config order.
+    pub fn allowed(&self) -> impl Iterator<Item = &ModelEntry> {
+        self.models.iter().filter(|m| m.allowed)
     }
 
     pub fn get(&self, i: usize) -> &Arc<Backend> {
@@ -34,6 +191,19 @@ impl Backends {
     pub fn as_slice(&self) -> &[Arc<Backend>] {
         &self.list
     }
+}
+
+/// One request's way down its model's chain.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The entry the client named.
+    requested: usize,
+    /// Where in its chain the request is.
+    pos: usize,
+    /// Attempts made on the current model.
+    pub on_model: u32,
+    /// Moves down the chain so far.
+    pub fallbacks: u32,
 }
 
 /// One attempt: which of the route's backends, and what came of it.
@@ -73,6 +243,19 @@ impl Trail {
 
     pub fn last(&self) -> Option<&Step> {
         self.more.last().or(self.first.as_ref())
+    }
+
+    /// Changes what the last attempt came to (a response held for its
+    /// first event that failed there).
+    pub fn amend_last(&mut self, result: Result<StatusCode, &'static str>) {
+        if let Some(last) = self.more.last_mut().or(self.first.as_mut()) {
+            last.result = result;
+        }
+    }
+
+    /// Whether backend `i` was tried in this request.
+    pub fn tried(&self, i: usize) -> bool {
+        self.steps().any(|s| s.backend == i)
     }
 }
 

@@ -20,7 +20,10 @@ use serde_path_to_error::Segment;
 use toml::de::{DeTable, DeValue};
 
 pub use error::{ConfigErrors, Problem};
-pub use raw::{AuthScheme, LogFormat, RateLimitPer, RetryOn};
+pub use raw::{
+    AuthScheme, AzureApi, Balance, Commit, LogFormat, OnAllEjected, Preset, RateLimitPer, RetryOn,
+    UnknownModel,
+};
 
 /// A checked configuration.
 #[derive(Debug)]
@@ -30,6 +33,8 @@ pub struct Config {
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
     /// In file order; the first match wins.
     pub routes: Vec<Arc<Route>>,
+    /// `[models]`: the names clients send, by name.
+    pub models: BTreeMap<String, Arc<Model>>,
 }
 
 /// `[server]`, resolved.
@@ -45,6 +50,8 @@ pub struct Server {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// `None`: sized from the open-file limit at start.
     pub max_connections: Option<u32>,
+    /// Request body bytes held across all requests (peeking and replay).
+    pub max_held_body: u64,
 }
 
 /// `[log]`, resolved.
@@ -70,6 +77,88 @@ pub struct Upstream {
     pub headers: HeaderMap,
     pub connect_timeout: Duration,
     pub tls: Arc<rustls::ClientConfig>,
+    pub preset: Preset,
+    /// The API dialect it speaks (the preset's; custom: OpenAI's).
+    pub dialect: Dialect,
+    /// Whether sluice may add `stream_options.include_usage`.
+    pub inject_usage: bool,
+    /// How the client's path maps onto the upstream's.
+    pub paths: PathMap,
+    pub health: HealthConfig,
+}
+
+/// The API dialect an upstream speaks. There is no translation between
+/// dialects: a route or a fallback chain keeps to one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    OpenAi,
+    Anthropic,
+}
+
+impl Dialect {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::OpenAi => "OpenAI",
+            Self::Anthropic => "Anthropic",
+        }
+    }
+}
+
+/// How a client path reaches the upstream, after the route's `strip_prefix`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMap {
+    /// Appended to the url's base path as is.
+    Append,
+    /// The client's leading `/v1` is replaced by the base path (Gemini's
+    /// OpenAI endpoint, Azure's `/openai/v1`).
+    ReplaceV1,
+    /// Azure's `/openai/deployments/{model}` plus the path after `/v1`,
+    /// with exactly one `api-version`.
+    AzureDeployments { api_version: String },
+}
+
+/// `[upstreams.NAME.health]`, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthConfig {
+    pub consecutive_failures: u32,
+    pub failure_ratio: f64,
+    pub min_requests: u32,
+    pub window: Duration,
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
+    pub auth_ejection: Duration,
+    pub honor_rate_limit_headers: bool,
+}
+
+/// `[models.NAME]`, resolved.
+#[derive(Debug)]
+pub struct Model {
+    pub name: String,
+    /// Never empty.
+    pub deployments: Vec<Deployment>,
+    pub balance: Balance,
+    /// `balance = "hash"`.
+    pub hash_header: Option<HeaderName>,
+    /// Attempts on this model before the chain moves on; `None`: the route's.
+    pub attempts: Option<u32>,
+    /// Other models, tried in order.
+    pub fallbacks: Vec<String>,
+    pub on_all_ejected: OnAllEjected,
+    /// The dialect of every deployment.
+    pub dialect: Dialect,
+}
+
+/// One deployment of a model: an upstream and the model name it knows.
+#[derive(Debug)]
+pub struct Deployment {
+    pub upstream: Arc<Upstream>,
+    /// The model sent upstream; `None`: the body's model as sent.
+    pub model: Option<String>,
+    pub weight: u32,
+    pub priority: u32,
+    pub rpm: u32,
+    pub tpm: u64,
+    pub max_concurrent: u32,
 }
 
 /// One `[[routes]]` entry.
@@ -81,10 +170,26 @@ pub struct Route {
     /// Empty means any method.
     pub methods: Vec<Method>,
     pub strip_prefix: bool,
-    pub upstream: Arc<Upstream>,
+    /// Where requests go; with `model_routing`, where passthrough and
+    /// non-JSON requests go (none: they are refused).
+    pub upstream: Option<Arc<Upstream>>,
+    /// `Some` when the route routes by the body's `model`.
+    pub model_routing: Option<ModelRouting>,
+    /// The dialect of sluice's own errors on this route.
+    pub dialect: Dialect,
     pub timeouts: Timeouts,
     pub retry: RetryPolicy,
     pub rate_limit: Option<RateLimitConfig>,
+}
+
+/// A route's model routing.
+#[derive(Debug, Clone)]
+pub struct ModelRouting {
+    /// The `[models]` names this route allows, in config order.
+    pub models: Vec<String>,
+    pub unknown_model: UnknownModel,
+    pub peek_limit: u64,
+    pub list_models: bool,
 }
 
 /// `[routes.rate_limit]`, resolved.
@@ -118,14 +223,29 @@ pub struct RetryPolicy {
     pub attempts: u32,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
-    pub on_connect_failure: bool,
-    pub on_reset: bool,
-    pub on_timeout: bool,
-    /// Status codes that are retried.
-    pub on_status: Vec<u16>,
+    /// Outcomes retried on the same model.
+    pub retry_on: Conditions,
     pub honor_retry_after: bool,
     pub max_retry_after: Duration,
     pub budget: BudgetConfig,
+    /// Outcomes that move a request down its fallback chain.
+    pub fallback_on: Conditions,
+    pub commit: Commit,
+    pub commit_buffer: u64,
+}
+
+/// A set of attempt outcomes (`retry_on`, `fallback_on`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Conditions {
+    pub connect_failure: bool,
+    pub reset: bool,
+    pub timeout: bool,
+    pub stream_error: bool,
+    pub insufficient_quota: bool,
+    pub upstream_auth: bool,
+    pub context_length_exceeded: bool,
+    pub content_filter: bool,
+    pub statuses: Vec<u16>,
 }
 
 /// Retry budget parameters (Finagle/Linkerd style).
@@ -279,11 +399,13 @@ mod tests {
 
     #[test]
     fn a_missing_key_in_a_table_of_its_own_is_reported_with_the_rest() {
-        let text = "[upstreams.up]\napi_key_env = \"K\"\n\n[upstreams.other]\nurl = 5\n";
+        let text = "[models.m]\nbalance = \"weighted\"\n\n[upstreams.other]\nurl = 5\n";
         let found = problems(text);
         assert_eq!(found.len(), 2, "{found:#?}");
         assert!(
-            found.iter().any(|p| p.contains("missing field `url`")),
+            found
+                .iter()
+                .any(|p| p.contains("missing field `deployments`")),
             "{found:#?}"
         );
         assert!(

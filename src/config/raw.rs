@@ -23,6 +23,10 @@ pub struct RawConfig {
     /// Checked in file order; the first match wins.
     #[serde(default)]
     pub routes: Vec<RawRoute>,
+    /// Names clients send in the body's `model`, each mapped to deployments
+    /// and a fallback chain (routes with `model_routing`).
+    #[serde(default)]
+    pub models: BTreeMap<String, RawModel>,
 }
 
 /// `[server]`: the data-plane listener and its limits.
@@ -48,6 +52,9 @@ pub struct RawServer {
     /// Client connections served at once; beyond, new ones are closed at
     /// once. Absent: sized from the open-file limit.
     pub max_connections: Option<u32>,
+    /// Request body bytes held across all requests for peeking and replay;
+    /// a request that would pass it is answered 503.
+    pub max_held_body: Size,
 }
 
 impl Default for RawServer {
@@ -62,6 +69,7 @@ impl Default for RawServer {
             send_timeout: Dur(Duration::from_secs(60)),
             tls: None,
             max_connections: None,
+            max_held_body: Size(512 << 20),
         }
     }
 }
@@ -105,17 +113,22 @@ pub enum LogFormat {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
-    /// `scheme://host[:port][/base-path]`.
-    pub url: String,
+    /// Fills defaults (url, auth, headers, dialect) for a known provider;
+    /// every key set here overrides them.
+    #[serde(default)]
+    pub preset: Preset,
+    /// `scheme://host[:port][/base-path]`; the preset's when absent.
+    #[serde(default)]
+    pub url: Option<String>,
     /// Environment variable holding the provider key.
     #[serde(default)]
     pub api_key_env: Option<String>,
     /// File holding the provider key (trailing whitespace is trimmed).
     #[serde(default)]
     pub api_key_file: Option<String>,
-    /// How the key is sent.
+    /// How the key is sent; the preset's when absent (else bearer).
     #[serde(default)]
-    pub auth: AuthScheme,
+    pub auth: Option<AuthScheme>,
     /// Extra headers set on every upstream request.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
@@ -125,6 +138,180 @@ pub struct RawUpstream {
     /// Extra PEM roots trusted for this upstream; "" for none.
     #[serde(default)]
     pub ca_file: String,
+    /// Whether sluice may add `stream_options.include_usage`; the preset's
+    /// when absent (custom: false).
+    #[serde(default)]
+    pub inject_usage: Option<bool>,
+    /// Azure's URL form: "v1" (/openai/v1/...) or "deployments"
+    /// (/openai/deployments/{model}/...?api-version=).
+    #[serde(default)]
+    pub azure_api: Option<AzureApi>,
+    /// `api-version` for `azure_api = "deployments"`.
+    #[serde(default)]
+    pub api_version: String,
+    /// Passive health of this upstream's deployments.
+    #[serde(default)]
+    pub health: RawHealth,
+}
+
+/// `preset = ...`: a known provider's defaults.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    /// Nothing filled in: `url` is required.
+    #[default]
+    Custom,
+    Openai,
+    Azure,
+    Anthropic,
+    Gemini,
+    Vllm,
+    Ollama,
+}
+
+/// `azure_api = ...`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AzureApi {
+    V1,
+    Deployments,
+}
+
+/// `[upstreams.NAME.health]`: when a deployment is taken out of rotation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawHealth {
+    /// Ejected after this many failures in a row ...
+    pub consecutive_failures: u32,
+    /// ... or failures/attempts over `window` above this ...
+    pub failure_ratio: f64,
+    /// ... with at least this many attempts in the window.
+    pub min_requests: u32,
+    pub window: Dur,
+    /// The first ejection's length; doubles on each failed probe ...
+    pub base_ejection: Dur,
+    /// ... up to this.
+    pub max_ejection: Dur,
+    /// After 401/403/insufficient_quota for a key sluice injected.
+    pub auth_ejection: Dur,
+    /// `x-ratelimit-remaining-*: 0` marks it saturated until the reset.
+    pub honor_rate_limit_headers: bool,
+}
+
+impl Default for RawHealth {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            failure_ratio: 0.5,
+            min_requests: 10,
+            window: Dur(Duration::from_secs(30)),
+            base_ejection: Dur(Duration::from_secs(10)),
+            max_ejection: Dur(Duration::from_secs(30)),
+            auth_ejection: Dur(Duration::from_secs(300)),
+            honor_rate_limit_headers: true,
+        }
+    }
+}
+
+/// `[models.NAME]`: a name clients send, its deployments and fallbacks.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    pub deployments: Vec<RawDeployment>,
+    #[serde(default)]
+    pub balance: Balance,
+    /// `balance = "hash"`: the header whose value picks the deployment.
+    #[serde(default)]
+    pub hash_header: String,
+    /// Attempts on this model before moving down `fallbacks` (default: 2
+    /// with fallbacks, else the route's).
+    #[serde(default)]
+    pub attempts: Option<u32>,
+    /// Other `[models]` names, tried in order (their own fallbacks are not
+    /// followed).
+    #[serde(default)]
+    pub fallbacks: Vec<String>,
+    #[serde(default)]
+    pub on_all_ejected: OnAllEjected,
+}
+
+/// One entry of `deployments`: an upstream and the model name it knows.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDeployment {
+    pub upstream: String,
+    /// The model sent upstream; absent: the `[models]` entry's name; "":
+    /// the body's model as sent.
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// `balance = "priority"`: the lowest value among healthy deployments wins.
+    #[serde(default)]
+    pub priority: u32,
+    /// Requests per minute this deployment takes; 0 = no limit.
+    #[serde(default)]
+    pub rpm: u32,
+    /// Tokens per minute this deployment takes; 0 = no limit.
+    #[serde(default)]
+    pub tpm: u64,
+    /// Requests in flight at once; 0 = no cap.
+    #[serde(default)]
+    pub max_concurrent: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// `balance = ...`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    /// P2C on in-flight requests per weight.
+    #[default]
+    LeastRequest,
+    /// Random by weight.
+    Weighted,
+    /// The lowest `priority` among eligible deployments, ties by weight.
+    Priority,
+    /// Rendezvous hash of `hash_header` (prompt-cache affinity).
+    Hash,
+}
+
+/// `on_all_ejected = ...`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnAllEjected {
+    /// Try the deployment that recovers soonest.
+    #[default]
+    Probe,
+    /// Move down the fallback chain.
+    Fallback,
+    /// Answer 503 `no_healthy_deployment`.
+    Fail,
+}
+
+/// `unknown_model = ...`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownModel {
+    /// 404 `model_not_found`.
+    #[default]
+    Reject,
+    /// To the route's `upstream`, body untouched.
+    Passthrough,
+}
+
+/// `commit = ...`: when a response is the client's for good.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Commit {
+    /// When the response headers arrive.
+    #[default]
+    Headers,
+    /// A 2xx SSE response: at its first complete non-comment event.
+    FirstEvent,
 }
 
 fn default_connect_timeout() -> Dur {
@@ -149,8 +336,24 @@ pub struct RawRoute {
     /// Remove `path_prefix` from the path before forwarding.
     #[serde(default)]
     pub strip_prefix: bool,
-    /// Name of an `[upstreams.NAME]` table.
-    pub upstream: String,
+    /// Name of an `[upstreams.NAME]` table. With `model_routing`: where
+    /// passthrough and non-JSON requests go (optional).
+    #[serde(default)]
+    pub upstream: Option<String>,
+    /// Read the JSON body's top-level `model` and route by `[models]`.
+    #[serde(default)]
+    pub model_routing: bool,
+    /// `[models]` names this route allows; empty: all.
+    #[serde(default)]
+    pub models: Vec<String>,
+    #[serde(default)]
+    pub unknown_model: UnknownModel,
+    /// Most body bytes held while looking for fields.
+    #[serde(default = "default_peek_limit")]
+    pub peek_limit: Size,
+    /// With `model_routing`: answer `GET {prefix}/models` from `[models]`.
+    #[serde(default = "yes")]
+    pub list_models: bool,
     #[serde(default)]
     pub timeouts: RawTimeouts,
     #[serde(default)]
@@ -241,6 +444,11 @@ pub struct RawRetry {
     /// ... plus this many retries per second, always allowed.
     pub budget_min_per_second: u32,
     pub budget_ttl: Dur,
+    /// Outcomes that move the request down the fallback chain.
+    pub fallback_on: Vec<RetryOn>,
+    pub commit: Commit,
+    /// `commit = "first-event"`: commit anyway once this much is held.
+    pub commit_buffer: Size,
 }
 
 impl Default for RawRetry {
@@ -264,6 +472,22 @@ impl Default for RawRetry {
             budget_ratio: 0.2,
             budget_min_per_second: 10,
             budget_ttl: Dur(Duration::from_secs(10)),
+            fallback_on: vec![
+                Word("connect-failure".into()),
+                Word("reset".into()),
+                Word("timeout".into()),
+                Word("stream-error".into()),
+                Word("insufficient-quota".into()),
+                Word("upstream-auth".into()),
+                Status(429),
+                Status(500),
+                Status(502),
+                Status(503),
+                Status(504),
+                Status(529),
+            ],
+            commit: Commit::Headers,
+            commit_buffer: Size(64 << 10),
         }
     }
 }
@@ -272,11 +496,19 @@ impl Default for RawRetry {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(
     untagged,
-    expecting = r#"a status code or one of "connect-failure", "reset", "timeout""#
+    expecting = r#"a status code or one of the outcome words ("connect-failure", "reset", "timeout", ...)"#
 )]
 pub enum RetryOn {
     Status(i64),
     Word(String),
+}
+
+fn default_peek_limit() -> Size {
+    Size(32 << 20)
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_prefix() -> String {

@@ -11,11 +11,12 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 
 use super::raw::{
-    AuthScheme, RawConfig, RawRateLimit, RawRetry, RawRoute, RawServer, RawTimeouts, RawUpstream,
-    RetryOn,
+    AuthScheme, AzureApi, Balance, Preset, RawConfig, RawHealth, RawModel, RawRateLimit, RawRetry,
+    RawRoute, RawServer, RawTimeouts, RawUpstream, RetryOn,
 };
 use super::{
-    tls, BudgetConfig, Config, Log, Problem, RateLimitConfig, RetryPolicy, Route, Server, Timeouts,
+    tls, BudgetConfig, Conditions, Config, Deployment, Dialect, HealthConfig, Log, Model,
+    ModelRouting, PathMap, Problem, RateLimitConfig, RetryPolicy, Route, Server, Timeouts,
     Upstream,
 };
 
@@ -78,7 +79,15 @@ pub fn resolve(
             "no [upstreams.NAME] table is defined",
         ));
     }
-    let routes = routes(&raw.routes, &raw.upstreams, &upstreams, &mut problems);
+    let models = models(&raw.models, &raw.upstreams, &upstreams, &mut problems);
+    let routes = routes(
+        &raw.routes,
+        &raw.upstreams,
+        &upstreams,
+        &models,
+        server.as_ref().map_or(u64::MAX, |s| s.max_request_body),
+        &mut problems,
+    );
     match (server, problems.is_empty()) {
         (Some(server), true) => Ok(Config {
             server,
@@ -88,6 +97,7 @@ pub fn resolve(
             },
             upstreams,
             routes,
+            models,
         }),
         _ => Err(problems),
     }
@@ -145,6 +155,7 @@ fn server(raw: &RawServer, base: &Path, problems: &mut Vec<Problem>) -> Option<S
         send_timeout: raw.send_timeout.0,
         tls: tls?,
         max_connections: raw.max_connections,
+        max_held_body: raw.max_held_body.0,
     })
 }
 
@@ -174,9 +185,27 @@ fn upstream(
 ) -> Option<Upstream> {
     let at = |key: &str| format!("upstreams.{}.{key}", seg(name));
     let before = problems.len();
-    let url = parse_url(&raw.url).map_err(|m| problems.push(Problem::at(at("url"), m)));
-    let key = api_key(name, raw, base, env, problems);
+    let preset = PresetDefaults::of(raw.preset);
+    let url = match (&raw.url, preset.url) {
+        (Some(url), _) => parse_url(url).map_err(|m| problems.push(Problem::at(at("url"), m))),
+        (None, Some(url)) => Ok(parse_url(url).expect("a preset's url parses")),
+        (None, None) => {
+            let m = match raw.preset {
+                Preset::Azure => "missing field `url`: an Azure resource's endpoint, such as \"https://NAME.openai.azure.com\"",
+                _ => "missing field `url` (or set a preset such as preset = \"openai\")",
+            };
+            problems.push(Problem::at(format!("upstreams.{}", seg(name)), m));
+            Err(())
+        }
+    };
+    let auth = raw.auth.unwrap_or(preset.auth);
+    let key = api_key(name, raw, auth, base, env, problems);
+    let paths = path_map(raw, &at, problems);
+    let health = health(&raw.health, &at("health"), problems);
     let mut headers = HeaderMap::new();
+    for (k, v) in preset.headers {
+        headers.insert(*k, HeaderValue::from_static(v));
+    }
     for (k, v) in &raw.headers {
         match extra_header(k, v) {
             Ok((k, v)) => {
@@ -191,9 +220,14 @@ fn upstream(
     let ca = (!raw.ca_file.is_empty()).then(|| file(base, &raw.ca_file));
     let tls =
         tls::client_config(ca.as_deref()).map_err(|m| problems.push(Problem::at(at("ca_file"), m)));
-    let (scheme, authority, base_path) = url.ok()?;
+    let (scheme, authority, mut base_path) = url.ok()?;
     if problems.len() > before {
         return None;
+    }
+    match paths {
+        Some(PathMap::ReplaceV1) if raw.preset == Preset::Azure => base_path.push_str("/openai/v1"),
+        Some(PathMap::AzureDeployments { .. }) => base_path.push_str("/openai/deployments"),
+        _ => {}
     }
     Some(Upstream {
         name: name.to_owned(),
@@ -205,7 +239,302 @@ fn upstream(
         headers,
         connect_timeout: raw.connect_timeout.0,
         tls: tls.ok()?,
+        preset: raw.preset,
+        dialect: preset.dialect,
+        inject_usage: raw.inject_usage.unwrap_or(preset.inject_usage),
+        paths: paths?,
+        health: health?,
     })
+}
+
+/// What a preset fills in when the upstream leaves it out.
+struct PresetDefaults {
+    url: Option<&'static str>,
+    auth: AuthScheme,
+    headers: &'static [(&'static str, &'static str)],
+    dialect: Dialect,
+    inject_usage: bool,
+}
+
+impl PresetDefaults {
+    fn of(p: Preset) -> Self {
+        let openai = |url| Self {
+            url,
+            auth: AuthScheme::Bearer,
+            headers: &[],
+            dialect: Dialect::OpenAi,
+            inject_usage: true,
+        };
+        match p {
+            Preset::Custom => Self {
+                inject_usage: false,
+                ..openai(None)
+            },
+            Preset::Openai => openai(Some("https://api.openai.com")),
+            Preset::Azure => Self {
+                auth: AuthScheme::ApiKey,
+                ..openai(None)
+            },
+            Preset::Gemini => openai(Some(
+                "https://generativelanguage.googleapis.com/v1beta/openai",
+            )),
+            Preset::Vllm => openai(Some("http://127.0.0.1:8000")),
+            Preset::Ollama => openai(Some("http://127.0.0.1:11434")),
+            Preset::Anthropic => Self {
+                url: Some("https://api.anthropic.com"),
+                auth: AuthScheme::XApiKey,
+                headers: &[("anthropic-version", "2023-06-01")],
+                dialect: Dialect::Anthropic,
+                inject_usage: false,
+            },
+        }
+    }
+}
+
+/// How the client's path maps onto the upstream's: Gemini's and Azure's
+/// OpenAI endpoints take the path after the client's `/v1`.
+fn path_map(
+    raw: &RawUpstream,
+    at: &dyn Fn(&str) -> String,
+    problems: &mut Vec<Problem>,
+) -> Option<PathMap> {
+    if raw.preset != Preset::Azure {
+        if raw.azure_api.is_some() {
+            problems.push(Problem::at(at("azure_api"), "only for preset = \"azure\""));
+            return None;
+        }
+        if !raw.api_version.is_empty() {
+            problems.push(Problem::at(
+                at("api_version"),
+                "only for preset = \"azure\" with azure_api = \"deployments\"",
+            ));
+            return None;
+        }
+        return Some(match raw.preset {
+            Preset::Gemini if raw.url.is_none() => PathMap::ReplaceV1,
+            _ => PathMap::Append,
+        });
+    }
+    match raw.azure_api.unwrap_or(AzureApi::V1) {
+        AzureApi::V1 if !raw.api_version.is_empty() => {
+            let m =
+                "the v1 API takes no api-version: remove it, or set azure_api = \"deployments\"";
+            problems.push(Problem::at(at("api_version"), m));
+            None
+        }
+        AzureApi::V1 => Some(PathMap::ReplaceV1),
+        AzureApi::Deployments if raw.api_version.trim().is_empty() => {
+            let m = "azure_api = \"deployments\" needs api_version, such as \"2024-10-21\"";
+            problems.push(Problem::at(at("azure_api"), m));
+            None
+        }
+        AzureApi::Deployments => {
+            let v = raw.api_version.trim();
+            if !v
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            {
+                problems.push(Problem::at(
+                    at("api_version"),
+                    "must be a version such as \"2024-10-21\"",
+                ));
+                return None;
+            }
+            Some(PathMap::AzureDeployments {
+                api_version: v.to_owned(),
+            })
+        }
+    }
+}
+
+fn health(raw: &RawHealth, at: &str, problems: &mut Vec<Problem>) -> Option<HealthConfig> {
+    let before = problems.len();
+    let mut p = |key: &str, m: &str| problems.push(Problem::at(format!("{at}.{key}"), m));
+    if raw.consecutive_failures == 0 {
+        p("consecutive_failures", "must be at least 1");
+    }
+    if !(raw.failure_ratio > 0.0 && raw.failure_ratio <= 1.0) {
+        p("failure_ratio", "must be above 0 and at most 1");
+    }
+    if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&raw.window.0) {
+        p("window", "must be from 1s to 10m");
+    }
+    for (key, d) in [
+        ("base_ejection", raw.base_ejection.0),
+        ("auth_ejection", raw.auth_ejection.0),
+    ] {
+        if d.is_zero() {
+            p(key, "must be greater than 0");
+        }
+    }
+    if raw.max_ejection.0 < raw.base_ejection.0 {
+        p("max_ejection", "must not be less than base_ejection");
+    }
+    (problems.len() == before).then_some(HealthConfig {
+        consecutive_failures: raw.consecutive_failures,
+        failure_ratio: raw.failure_ratio,
+        min_requests: raw.min_requests,
+        window: raw.window.0,
+        base_ejection: raw.base_ejection.0,
+        max_ejection: raw.max_ejection.0,
+        auth_ejection: raw.auth_ejection.0,
+        honor_rate_limit_headers: raw.honor_rate_limit_headers,
+    })
+}
+
+fn models(
+    raw: &BTreeMap<String, RawModel>,
+    raw_upstreams: &BTreeMap<String, RawUpstream>,
+    upstreams: &BTreeMap<String, Arc<Upstream>>,
+    problems: &mut Vec<Problem>,
+) -> BTreeMap<String, Arc<Model>> {
+    let mut out = BTreeMap::new();
+    for (name, m) in raw {
+        let at = |key: &str| format!("models.{}.{key}", seg(name));
+        let before = problems.len();
+        if name.is_empty() {
+            problems.push(Problem::at("models", "a model name must not be empty"));
+        }
+        if m.deployments.is_empty() {
+            problems.push(Problem::at(
+                at("deployments"),
+                "must list at least one deployment",
+            ));
+        }
+        let mut deployments = Vec::with_capacity(m.deployments.len());
+        for (i, d) in m.deployments.iter().enumerate() {
+            let at = |key: &str| format!("models.{}.deployments[{i}].{key}", seg(name));
+            if d.weight == 0 {
+                problems.push(Problem::at(
+                    at("weight"),
+                    "must be at least 1 (remove the entry to take it out)",
+                ));
+            }
+            let Some(up) = upstreams.get(&d.upstream) else {
+                if !raw_upstreams.contains_key(&d.upstream) {
+                    problems.push(unknown_upstream(at("upstream"), &d.upstream, raw_upstreams));
+                }
+                continue;
+            };
+            let model = match &d.model {
+                None => Some(name.clone()),
+                Some(m) if m.is_empty() => None,
+                Some(m) => Some(m.clone()),
+            };
+            if model.is_none() && matches!(up.paths, PathMap::AzureDeployments { .. }) {
+                problems.push(Problem::at(
+                    at("model"),
+                    "an Azure deployment URL needs the deployment name",
+                ));
+            }
+            if deployments
+                .iter()
+                .any(|o: &Deployment| o.upstream.name == up.name && o.model == model)
+            {
+                problems.push(Problem::at(
+                    at("model"),
+                    format!(r#"listed twice: upstream "{}" with this model"#, up.name),
+                ));
+            }
+            deployments.push(Deployment {
+                upstream: up.clone(),
+                model,
+                weight: d.weight,
+                priority: d.priority,
+                rpm: d.rpm,
+                tpm: d.tpm,
+                max_concurrent: d.max_concurrent,
+            });
+        }
+        let dialect = deployments
+            .first()
+            .map_or(Dialect::OpenAi, |d| d.upstream.dialect);
+        if let Some(d) = deployments.iter().find(|d| d.upstream.dialect != dialect) {
+            problems.push(Problem::at(at("deployments"), format!(
+                r#"mixes the {} and {} dialects (upstream "{}"); sluice does not translate between them"#,
+                dialect.name(), d.upstream.dialect.name(), d.upstream.name)));
+        }
+        if let Some(n) = m.attempts {
+            if !(1..=10).contains(&n) {
+                problems.push(Problem::at(at("attempts"), "must be from 1 to 10"));
+            }
+        }
+        let hash_header = match (m.balance, m.hash_header.trim()) {
+            (Balance::Hash, "") => {
+                problems.push(Problem::at(
+                    at("hash_header"),
+                    r#"balance = "hash" needs the header to hash, such as "x-user-id""#,
+                ));
+                None
+            }
+            (_, "") => None,
+            (_, h) => match HeaderName::from_bytes(h.as_bytes()) {
+                Ok(h) => Some(h),
+                Err(_) => {
+                    problems.push(Problem::at(at("hash_header"), "not a valid header name"));
+                    None
+                }
+            },
+        };
+        for (i, f) in m.fallbacks.iter().enumerate() {
+            let at = format!("models.{}.fallbacks[{i}]", seg(name));
+            if f == name {
+                problems.push(Problem::at(at, "a model cannot be its own fallback"));
+            } else if !raw.contains_key(f) {
+                let known: Vec<&str> = raw.keys().map(String::as_str).collect();
+                problems.push(Problem::at(
+                    at,
+                    format!(r#"unknown model "{f}" (defined: {})"#, known.join(", ")),
+                ));
+            } else if m.fallbacks[..i].contains(f) {
+                problems.push(Problem::at(at, format!(r#""{f}" is listed twice"#)));
+            }
+        }
+        if problems.len() > before {
+            continue;
+        }
+        out.insert(
+            name.clone(),
+            Arc::new(Model {
+                name: name.clone(),
+                deployments,
+                balance: m.balance,
+                hash_header,
+                attempts: m.attempts.or((!m.fallbacks.is_empty()).then_some(2)),
+                fallbacks: m.fallbacks.clone(),
+                on_all_ejected: m.on_all_ejected,
+                dialect,
+            }),
+        );
+    }
+    // A chain keeps to one dialect: a fallback answers the client's request as sent.
+    for (name, m) in &out {
+        for (i, f) in m.fallbacks.iter().enumerate() {
+            if let Some(fm) = out.get(f) {
+                if fm.dialect != m.dialect {
+                    problems.push(Problem::at(format!("models.{}.fallbacks[{i}]", seg(name)), format!(
+                        r#""{f}" speaks the {} dialect and "{name}" the {}: a chain keeps to one"#,
+                        fm.dialect.name(), m.dialect.name())));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn unknown_upstream(
+    at: String,
+    name: &str,
+    raw_upstreams: &BTreeMap<String, RawUpstream>,
+) -> Problem {
+    let known: Vec<&str> = raw_upstreams.keys().map(String::as_str).collect();
+    Problem::at(
+        at,
+        format!(
+            r#"unknown upstream "{name}" (defined: {})"#,
+            known.join(", ")
+        ),
+    )
 }
 
 /// `scheme://host[:port][/base-path]` -> its parts; the base path loses a trailing slash.
@@ -243,6 +572,7 @@ fn parse_url(url: &str) -> Result<(Scheme, Authority, String), String> {
 fn api_key(
     name: &str,
     raw: &RawUpstream,
+    auth: AuthScheme,
     base: &Path,
     env: &dyn Fn(&str) -> Option<String>,
     problems: &mut Vec<Problem>,
@@ -283,11 +613,11 @@ fn api_key(
     let has_scheme = secret
         .get(..7)
         .is_some_and(|p| p.eq_ignore_ascii_case("bearer "));
-    if raw.auth == AuthScheme::Bearer && has_scheme {
+    if auth == AuthScheme::Bearer && has_scheme {
         let m = format!("the key in {source} starts with \"Bearer \": store the bare key, sluice adds the scheme");
         return fail(problems, m);
     }
-    let Some((header, value)) = raw.auth.key_header(secret) else {
+    let Some((header, value)) = auth.key_header(secret) else {
         let m =
             format!("auth = \"none\" sends no key, but {source} names one; remove it or set auth");
         return fail(problems, m);
@@ -326,6 +656,8 @@ fn routes(
     raw: &[RawRoute],
     raw_upstreams: &BTreeMap<String, RawUpstream>,
     upstreams: &BTreeMap<String, Arc<Upstream>>,
+    models: &BTreeMap<String, Arc<Model>>,
+    max_request_body: u64,
     problems: &mut Vec<Problem>,
 ) -> Vec<Arc<Route>> {
     if raw.is_empty() {
@@ -369,35 +701,145 @@ fn routes(
             .rate_limit
             .as_ref()
             .map(|l| rate_limit(l, &at("rate_limit"), problems));
-        let upstream = match upstreams.get(&r.upstream) {
-            Some(u) => u.clone(),
+        let before = problems.len();
+        let upstream = match &r.upstream {
+            None if r.model_routing => None,
             None => {
-                if !raw_upstreams.contains_key(&r.upstream) {
-                    let known: Vec<&str> = raw_upstreams.keys().map(String::as_str).collect();
-                    problems.push(Problem::at(
-                        at("upstream"),
-                        format!(
-                            r#"unknown upstream "{}" (defined: {})"#,
-                            r.upstream,
-                            known.join(", ")
-                        ),
-                    ));
-                }
+                problems.push(Problem::at(
+                    format!("routes[{i}]"),
+                    "missing field `upstream` (or set model_routing = true)",
+                ));
                 continue;
             }
+            Some(name) => match upstreams.get(name) {
+                Some(u) => Some(u.clone()),
+                None => {
+                    if !raw_upstreams.contains_key(name) {
+                        problems.push(unknown_upstream(at("upstream"), name, raw_upstreams));
+                    }
+                    continue;
+                }
+            },
         };
+        let model_routing = model_routing(r, i, models, max_request_body, problems);
+        if problems.len() > before {
+            continue;
+        }
+        // sluice's own errors take the dialect of what the route reaches.
+        let dialects = upstream
+            .iter()
+            .map(|u| (u.dialect, format!(r#"upstream "{}""#, u.name)))
+            .chain(
+                model_routing
+                    .iter()
+                    .flat_map(|m| &m.models)
+                    .filter_map(|n| models.get(n))
+                    .map(|m| (m.dialect, format!(r#"model "{}""#, m.name))),
+            );
+        let mut dialect: Option<(Dialect, String)> = None;
+        let mut mixed = false;
+        for (d, what) in dialects {
+            match &dialect {
+                None => dialect = Some((d, what)),
+                Some((first, first_what)) if *first != d && !mixed => {
+                    mixed = true;
+                    let key = if r.model_routing {
+                        at("models")
+                    } else {
+                        at("upstream")
+                    };
+                    problems.push(Problem::at(key, format!(
+                        "mixes the {} dialect ({first_what}) with the {} dialect ({what}); give each dialect its own route",
+                        first.name(), d.name())));
+                }
+                Some(_) => {}
+            }
+        }
+        if mixed {
+            continue;
+        }
+        let dialect = dialect.map_or(Dialect::OpenAi, |(d, _)| d);
         out.push(Arc::new(Route {
             name: r.name.clone(),
             path_prefix: r.path_prefix.trim_end_matches('/').to_owned(),
             methods,
             strip_prefix: r.strip_prefix,
             upstream,
+            model_routing,
+            dialect,
             timeouts,
             retry,
             rate_limit,
         }));
     }
     out
+}
+
+/// A route's model routing: the models it allows (all of `[models]` when it
+/// lists none), each of which must exist.
+fn model_routing(
+    r: &RawRoute,
+    i: usize,
+    models: &BTreeMap<String, Arc<Model>>,
+    max_request_body: u64,
+    problems: &mut Vec<Problem>,
+) -> Option<ModelRouting> {
+    let at = |key: &str| format!("routes[{i}].{key}");
+    if !r.model_routing {
+        if !r.models.is_empty() {
+            problems.push(Problem::at(
+                at("models"),
+                "has no effect without model_routing = true",
+            ));
+        }
+        return None;
+    }
+    let mut allowed = Vec::new();
+    for (j, name) in r.models.iter().enumerate() {
+        if models.contains_key(name) {
+            if !allowed.contains(name) {
+                allowed.push(name.clone());
+            }
+        } else {
+            let known: Vec<&str> = models.keys().map(String::as_str).collect();
+            problems.push(Problem::at(
+                format!("routes[{i}].models[{j}]"),
+                format!(
+                    r#"unknown model "{name}" (defined in [models]: {})"#,
+                    if known.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
+        }
+    }
+    if r.models.is_empty() {
+        if models.is_empty() {
+            problems.push(Problem::at(
+                at("model_routing"),
+                "no [models.NAME] table is defined to route to",
+            ));
+        }
+        allowed = models.keys().cloned().collect();
+    }
+    if r.unknown_model == super::UnknownModel::Passthrough && r.upstream.is_none() {
+        problems.push(Problem::at(
+            at("unknown_model"),
+            r#""passthrough" needs the route's upstream"#,
+        ));
+    }
+    if r.peek_limit.0 == 0 {
+        problems.push(Problem::at(at("peek_limit"), "must be greater than 0"));
+    }
+    Some(ModelRouting {
+        models: allowed,
+        unknown_model: r.unknown_model,
+        // Nothing larger is accepted anyway.
+        peek_limit: r.peek_limit.0.min(max_request_body),
+        list_models: r.list_models,
+    })
 }
 
 fn timeouts(raw: &RawTimeouts, at: &str, problems: &mut Vec<Problem>) -> Timeouts {
@@ -434,10 +876,7 @@ fn retry(raw: &RawRetry, at: &str, problems: &mut Vec<Problem>) -> RetryPolicy {
         attempts: raw.attempts,
         backoff_base: raw.backoff_base.0,
         backoff_max: raw.backoff_max.0,
-        on_connect_failure: false,
-        on_reset: false,
-        on_timeout: false,
-        on_status: Vec::new(),
+        retry_on: Conditions::default(),
         honor_retry_after: raw.honor_retry_after,
         max_retry_after: raw.max_retry_after.0,
         budget: BudgetConfig {
@@ -445,27 +884,72 @@ fn retry(raw: &RawRetry, at: &str, problems: &mut Vec<Problem>) -> RetryPolicy {
             min_per_second: raw.budget_min_per_second,
             ttl: raw.budget_ttl.0,
         },
+        fallback_on: Conditions::default(),
+        commit: raw.commit,
+        commit_buffer: raw.commit_buffer.0,
     };
-    for (i, on) in raw.retry_on.iter().enumerate() {
-        let key = format!("retry_on[{i}]");
-        match on {
-            RetryOn::Word(w) => match w.as_str() {
-                "connect-failure" => policy.on_connect_failure = true,
-                "reset" => policy.on_reset = true,
-                "timeout" => policy.on_timeout = true,
-                _ => p(
-                    &key,
-                    format!(
-                        r#"unknown condition "{w}": use "connect-failure", "reset", "timeout" or a status code"#
-                    ),
-                ),
-            },
-            RetryOn::Status(s) if (400..=599).contains(s) => policy.on_status.push(*s as u16),
-            RetryOn::Status(s) => p(&key, format!("{s} is not a 4xx or 5xx status code")),
+    for (i, on) in raw.fallback_on.iter().enumerate() {
+        if let Err(m) = condition(on, &mut policy.fallback_on) {
+            p(&format!("fallback_on[{i}]"), m);
         }
+    }
+    if raw.commit_buffer.0 == 0 {
+        p("commit_buffer", "must be greater than 0".into());
+    }
+    for (i, on) in raw.retry_on.iter().enumerate() {
+        if let Err(m) = condition(on, &mut policy.retry_on) {
+            p(&format!("retry_on[{i}]"), m);
+        }
+    }
+    for (i, on) in raw.fallback_on.iter().enumerate() {
+        if let Err(m) = condition(on, &mut policy.fallback_on) {
+            p(&format!("fallback_on[{i}]"), m);
+        }
+    }
+    if raw.commit_buffer.0 == 0 {
+        p("commit_buffer", "must be greater than 0".into());
     }
     policy
 }
+
+/// Adds one `retry_on`/`fallback_on` entry to `set`.
+fn condition(on: &RetryOn, set: &mut Conditions) -> Result<(), String> {
+    match on {
+        RetryOn::Word(w) => {
+            let flag = match w.as_str() {
+                "connect-failure" => &mut set.connect_failure,
+                "reset" => &mut set.reset,
+                "timeout" => &mut set.timeout,
+                "stream-error" => &mut set.stream_error,
+                "insufficient-quota" => &mut set.insufficient_quota,
+                "upstream-auth" => &mut set.upstream_auth,
+                "context-length-exceeded" => &mut set.context_length_exceeded,
+                "content-filter" => &mut set.content_filter,
+                _ => {
+                    return Err(format!(
+                        r#"unknown condition "{w}": use a status code or one of {}"#,
+                        OUTCOME_WORDS.join(", ")
+                    ))
+                }
+            };
+            *flag = true;
+        }
+        RetryOn::Status(s) if (400..=599).contains(s) => set.statuses.push(*s as u16),
+        RetryOn::Status(s) => return Err(format!("{s} is not a 4xx or 5xx status code")),
+    }
+    Ok(())
+}
+
+const OUTCOME_WORDS: &[&str] = &[
+    "connect-failure",
+    "reset",
+    "timeout",
+    "stream-error",
+    "insufficient-quota",
+    "upstream-auth",
+    "context-length-exceeded",
+    "content-filter",
+];
 
 fn rate_limit(raw: &RawRateLimit, at: &str, problems: &mut Vec<Problem>) -> RateLimitConfig {
     let mut p = |key: &str, m: &str| problems.push(Problem::at(format!("{at}.{key}"), m));

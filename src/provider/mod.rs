@@ -5,6 +5,7 @@
 //! headers). One file per dialect; routes and backends hold a
 //! `&'static dyn Provider`.
 
+pub(crate) mod anthropic;
 pub(crate) mod openai;
 
 use std::time::{Duration, SystemTime};
@@ -13,10 +14,14 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, StatusCode};
 use serde::Deserialize;
 
+pub use anthropic::Anthropic;
 pub use openai::OpenAi;
 
 /// The OpenAI dialect: OpenAI itself and every OpenAI-compatible server.
 pub static OPENAI: OpenAi = OpenAi;
+
+/// Anthropic's Messages API.
+pub static ANTHROPIC: Anthropic = Anthropic;
 
 /// How a dialect carries the upstream key (`auth = ...` in the config).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

@@ -23,6 +23,13 @@ pub trait Attempt {
         sent: Instant,
     ) -> Result<(Self::Response, Outcome), ProxyError>;
 
+    /// The route's verdict on attempt `n`, which the request's plan may
+    /// change: another deployment of its model, or the next model of its
+    /// fallback chain. The default keeps it.
+    fn steer(&mut self, v: Verdict, _outcome: Outcome, _n: u32, _now: Instant) -> Verdict {
+        v
+    }
+
     /// The budget refused a retry: the last outcome stands.
     fn budget_refused(&mut self) {}
 
@@ -57,11 +64,12 @@ pub async fn run<A: Attempt>(a: &mut A, plan: Plan<'_>) -> Result<A::Response, P
             Err(e) => Outcome::Failed(*e),
         };
         let now = Instant::now();
-        let wait =
-            match retry::verdict(plan.policy, outcome, n, plan.max, now, plan.total, &mut rng) {
-                Verdict::RetryAfter(wait) => wait,
-                Verdict::Return => return tried.map(|(res, _)| res),
-            };
+        let v = retry::verdict(plan.policy, outcome, n, plan.max, now, plan.total, &mut rng);
+        let wait = match a.steer(v, outcome, n, now) {
+            // One cap for retries, switches and fallbacks alike.
+            Verdict::RetryAfter(wait) if n < plan.max => wait,
+            _ => return tried.map(|(res, _)| res),
+        };
         if !plan.budget.try_withdraw_at(now.into_std()) {
             a.budget_refused();
             return tried.map(|(res, _)| res);
@@ -103,6 +111,7 @@ mod tests {
             tokio::time::sleep(delay).await;
             result.map(|o| match o {
                 Outcome::Response { status, .. } => (status, o),
+                Outcome::StreamError => (StatusCode::OK, o),
                 Outcome::Failed(_) => unreachable!("a failure is an Err"),
             })
         }

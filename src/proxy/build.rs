@@ -2,17 +2,17 @@
 //! the route table, each route's backends, retry budget, limiter and metric
 //! handles.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::Proxy;
-use crate::backend::{Backend, Backends};
+use crate::backend::{Backend, Backends, Health, Load, ModelEntry};
 use crate::body::BodyLimits;
-use crate::config::{Config, Route};
+use crate::config::{Config, Deployment, Dialect, Route, Upstream};
 use crate::drain;
 use crate::limit::Limiter;
 use crate::metrics::{Metrics, RouteMetrics};
-use crate::provider::{Provider, OPENAI};
+use crate::provider::{Provider, ANTHROPIC, OPENAI};
 use crate::retry::Budget;
 use crate::route::RouteTable;
 
@@ -27,7 +27,7 @@ pub struct Shared {
 #[derive(Debug)]
 pub struct RouteState {
     pub route: Arc<Route>,
-    /// Where attempts go (today: exactly one).
+    /// Where attempts go: the route's upstream, or its models' deployments.
     pub backends: Backends,
     pub budget: Arc<Budget>,
     pub limiter: Option<Arc<Limiter>>,
@@ -48,6 +48,10 @@ impl Proxy {
             .iter()
             .map(|(name, u)| (name.as_str(), Backend::pool(u)))
             .collect();
+        // A deployment's load is shared by the routes that reach it, and
+        // kept across a reload while its upstream and model stay the same.
+        let old_loads = previous.map(|p| &p.loads);
+        let mut loads = HashMap::new();
         let routes = config
             .routes
             .iter()
@@ -63,20 +67,82 @@ impl Proxy {
                     }
                     (_, l) => l.as_ref().map(Limiter::new),
                 };
-                let up = &r.upstream;
-                let backend = Backend::new(
-                    up.clone(),
-                    pools[up.name.as_str()].clone(),
-                    &OPENAI,
-                    metrics.backend(&r.name, &up.name),
-                );
+                let backend = |up: &Arc<Upstream>| {
+                    Backend::new(
+                        up.clone(),
+                        pools[up.name.as_str()].clone(),
+                        provider(up.dialect),
+                        metrics.backend(&r.name, &up.name),
+                    )
+                };
+                let backends = match &r.model_routing {
+                    None => {
+                        let up = r.upstream.as_ref().expect("a plain route has an upstream");
+                        Backends::new(vec![Arc::new(backend(up))])
+                    }
+                    Some(routing) => {
+                        let mut list = Vec::new();
+                        let direct = r.upstream.as_ref().map(|up| {
+                            list.push(Arc::new(backend(up)));
+                            0
+                        });
+                        // The allowed models, then the fallbacks they name.
+                        let mut names: Vec<&str> =
+                            routing.models.iter().map(String::as_str).collect();
+                        let mut i = 0;
+                        while i < names.len() {
+                            for f in &config.models[names[i]].fallbacks {
+                                if !names.contains(&f.as_str()) {
+                                    names.push(f);
+                                }
+                            }
+                            i += 1;
+                        }
+                        let mut entries: Vec<ModelEntry> = names
+                            .iter()
+                            .enumerate()
+                            .map(|(i, name)| {
+                                let model = config.models[*name].clone();
+                                let backends = model
+                                    .deployments
+                                    .iter()
+                                    .map(|d| {
+                                        let load =
+                                            deployment_load(d, old_loads, &mut loads, metrics);
+                                        list.push(Arc::new(
+                                            backend(&d.upstream).deployment(d, load),
+                                        ));
+                                        list.len() - 1
+                                    })
+                                    .collect();
+                                ModelEntry {
+                                    name: model.name.as_str().into(),
+                                    model,
+                                    allowed: i < routing.models.len(),
+                                    backends,
+                                    chain: Vec::new(),
+                                }
+                            })
+                            .collect();
+                        for (e, entry) in entries.iter_mut().enumerate() {
+                            let fallbacks = entry.model.fallbacks.iter().map(|f| {
+                                names
+                                    .iter()
+                                    .position(|n| n == f)
+                                    .expect("a fallback was added")
+                            });
+                            entry.chain = std::iter::once(e).chain(fallbacks).collect();
+                        }
+                        Backends::models(list, direct, entries)
+                    }
+                };
                 let state = RouteState {
                     route: r.clone(),
-                    backends: Backends::new(vec![Arc::new(backend)]),
+                    backends,
                     budget,
                     limiter,
                     metrics: metrics.route(&r.name),
-                    provider: &OPENAI,
+                    provider: provider(r.dialect),
                 };
                 (r.clone(), Arc::new(state))
             })
@@ -90,6 +156,52 @@ impl Proxy {
                 retry_buffer: config.server.retry_buffer,
                 read_timeout: config.server.header_read_timeout,
             },
+            loads,
         }
+    }
+}
+
+/// What identifies a deployment across reloads: the upstream's name and
+/// address, and the model it is sent.
+pub type LoadKey = (String, String, Option<String>);
+
+/// A deployment's load and health: the one another route built already,
+/// or the previous config's while the deployment and its health settings
+/// stay the same, or a new one.
+fn deployment_load(
+    d: &Deployment,
+    old: Option<&HashMap<LoadKey, Arc<Load>>>,
+    loads: &mut HashMap<LoadKey, Arc<Load>>,
+    metrics: &Arc<Metrics>,
+) -> Arc<Load> {
+    let key = load_key(&d.upstream, d.model.as_deref());
+    let kept = old
+        .and_then(|o| o.get(&key))
+        .filter(|l| l.health.as_ref().map(Health::config) == Some(&d.upstream.health));
+    let kept = kept.cloned();
+    loads
+        .entry(key)
+        .or_insert_with(|| {
+            kept.unwrap_or_else(|| {
+                let (up, model) = (&d.upstream.name, d.model.as_deref());
+                Arc::new(Load::new(
+                    metrics.deployment_in_flight(up, model),
+                    Health::new(d.upstream.health.clone()),
+                    metrics.deployment(up, model),
+                ))
+            })
+        })
+        .clone()
+}
+
+fn load_key(up: &Upstream, model: Option<&str>) -> LoadKey {
+    let addr = format!("{}://{}{}", up.scheme, up.authority, up.base_path);
+    (up.name.clone(), addr, model.map(str::to_owned))
+}
+
+fn provider(d: Dialect) -> &'static dyn Provider {
+    match d {
+        Dialect::OpenAi => &OPENAI,
+        Dialect::Anthropic => &ANTHROPIC,
     }
 }

@@ -14,13 +14,28 @@ use tokio::time::Instant;
 
 use super::build::RouteState;
 use crate::access::{self, RequestSpan};
-use crate::backend::{Trail, X_REQUEST_ID};
+use crate::backend::{InFlight, Trail, X_REQUEST_ID};
 use crate::config::Timeouts;
 use crate::error::StreamFailure;
 use crate::metrics::RouteMetrics;
 use crate::provider::{Provider, OPENAI};
 
 static X_SLUICE_ATTEMPTS: HeaderName = HeaderName::from_static("x-sluice-attempts");
+static X_SLUICE_UPSTREAM: HeaderName = HeaderName::from_static("x-sluice-upstream");
+static X_SLUICE_MODEL: HeaderName = HeaderName::from_static("x-sluice-model");
+static X_SLUICE_FALLBACKS: HeaderName = HeaderName::from_static("x-sluice-fallbacks");
+
+/// What a model-routed request adds to its context (boxed: a plain route's
+/// context, held by every open stream, stays small).
+#[derive(Debug)]
+pub struct ModelCtx {
+    /// The model the client named.
+    pub requested: Box<str>,
+    /// Moves down the fallback chain.
+    pub fallbacks: u32,
+    /// The answering deployment is busy until the response ends.
+    pub in_flight: Option<InFlight>,
+}
 
 /// A route's deadlines for one request, computed once at routing.
 #[derive(Debug, Clone, Copy)]
@@ -101,6 +116,8 @@ pub struct RequestCtx {
     pub end: BodyEnd,
     /// The route's in-flight slot, held until the request ends.
     pub permit: Option<OwnedSemaphorePermit>,
+    /// Model routing's part, when the request was routed by its model.
+    pub model: Option<Box<ModelCtx>>,
     finished: bool,
 }
 
@@ -133,6 +150,7 @@ impl RequestCtx {
             bytes_out: 0,
             end: BodyEnd::Unfinished,
             permit: None,
+            model: None,
             finished: false,
         }
     }
@@ -175,6 +193,19 @@ impl RequestCtx {
         if attempts > 1 || self.budget_exhausted {
             self.provider().forbid_client_retry(h);
         }
+        if let (Some(m), Some(route), Some(last)) = (&self.model, self.route(), self.trail.last()) {
+            let b = route.backends.get(last.backend);
+            if let Ok(v) = HeaderValue::from_str(&b.upstream.name) {
+                h.insert(X_SLUICE_UPSTREAM.clone(), v);
+            }
+            let sent = b.model.as_deref().unwrap_or(&m.requested);
+            if let Ok(v) = HeaderValue::from_str(sent) {
+                h.insert(X_SLUICE_MODEL.clone(), v);
+            }
+            if m.fallbacks > 0 {
+                h.insert(X_SLUICE_FALLBACKS.clone(), HeaderValue::from(m.fallbacks));
+            }
+        }
     }
 
     /// The request is over: metrics, the slot, the access line. Once.
@@ -198,10 +229,25 @@ impl RequestCtx {
         }
         self.permit = None;
         let route = self.route();
-        // The backend of the last attempt, or before any the route's first.
-        let backend = route.map(|r| {
-            let i = self.trail.last().map_or(0, |s| s.backend);
-            r.backends.get(i).upstream.name.as_str()
+        // The backend of the last attempt, or before any the route's own
+        // upstream (a model-routed route may have none).
+        let backend = route.and_then(|r| {
+            let i = self
+                .trail
+                .last()
+                .map(|s| s.backend)
+                .or(r.backends.direct())?;
+            Some(r.backends.get(i).upstream.name.as_str())
+        });
+        let (deployment, trail) = match (&self.model, route) {
+            (Some(_), Some(r)) => model_trail(&self.trail, r),
+            _ => (String::new(), String::new()),
+        };
+        let model = self.model.as_ref().map(|m| access::ModelRecord {
+            model: &m.requested,
+            deployment: &deployment,
+            trail: &trail,
+            fallbacks: m.fallbacks,
         });
         access::write(&access::Record {
             span: &self.span,
@@ -218,8 +264,34 @@ impl RequestCtx {
             error: self.error,
             budget_exhausted: self.budget_exhausted,
             upstream_request_id: self.upstream_request_id.as_deref(),
+            model,
         });
     }
+}
+
+/// The last attempt's deployment and the whole trail, as the access line
+/// writes them: `openai-a/gpt-4.1-mini:429,azure-east/gpt-4.1-mini:200`.
+fn model_trail(trail: &Trail, route: &RouteState) -> (String, String) {
+    use std::fmt::Write;
+    let name = |i: usize| {
+        let b = route.backends.get(i);
+        format!("{}/{}", b.upstream.name, b.model.as_deref().unwrap_or("-"))
+    };
+    let mut out = String::new();
+    for (n, s) in trail.steps().enumerate() {
+        if n > 0 {
+            out.push(',');
+        }
+        out.push_str(&name(s.backend));
+        let _ = match s.result {
+            Ok(status) => write!(out, ":{}", status.as_u16()),
+            Err(word) => write!(out, ":{}", word.replace('_', "-")),
+        };
+    }
+    let last = trail
+        .last()
+        .map_or_else(|| "-".to_owned(), |s| name(s.backend));
+    (last, out)
 }
 
 impl Drop for RequestCtx {

@@ -16,11 +16,15 @@ use tokio::time::Instant;
 
 use super::attempts::Attempt;
 use super::build::RouteState;
+use super::commit::{self, First};
 use super::ctx::RequestCtx;
-use crate::backend::{Backend, Step, Upstream};
+use super::is_sse;
+use super::model::{self, Routed};
+use crate::backend::{Backend, InFlight, Report, Step, Upstream};
 use crate::body::RequestBody;
+use crate::config::Commit;
 use crate::error::ProxyError;
-use crate::retry::Outcome;
+use crate::retry::{self, Outcome, PlanState, PlanStep, Verdict};
 
 /// How much of a 429 body is read to look for `insufficient_quota`.
 const QUOTA_PEEK: usize = 64 * 1024;
@@ -30,6 +34,8 @@ pub struct Forwarded {
     pub res: Response<Upstream>,
     /// Body bytes already read (a peeked 429), sent before the rest.
     pub head: VecDeque<Bytes>,
+    /// A model-routed response's deployment is busy until it ends.
+    pub in_flight: Option<InFlight>,
 }
 
 /// The request's attempts at its route's backends.
@@ -40,6 +46,9 @@ pub struct Exchange<'a> {
     ctx: &'a mut RequestCtx,
     /// Most attempts this request can make.
     pub max: u32,
+    /// A model-routed request's plan down its chain.
+    routed: Option<Box<Routed>>,
+    rng: fastrand::Rng,
 }
 
 /// The request body each attempt sends.
@@ -58,6 +67,7 @@ impl<'a> Exchange<'a> {
         parts: Parts,
         body: RequestBody,
         ctx: &'a mut RequestCtx,
+        routed: Option<Box<Routed>>,
     ) -> Self {
         let attempts = state.route.retry.attempts;
         let (body, max) = match body {
@@ -75,15 +85,45 @@ impl<'a> Exchange<'a> {
             body,
             ctx,
             max,
+            routed,
+            rng: fastrand::Rng::new(),
         }
     }
 
-    fn body(&mut self) -> RequestBody {
-        match &mut self.body {
+    /// Each attempt's body, built from the client's bytes: the model the
+    /// backend knows spliced in, so edits never stack.
+    fn body(&mut self, backend: &Backend) -> RequestBody {
+        let mut body = match &mut self.body {
             Replay::Copy(b) => RequestBody::Full(b.clone()),
             Replay::Once(b) => b
                 .take()
                 .expect("a request that cannot be replayed is sent once"),
+        };
+        if let (Some(r), Some(m)) = (&self.routed, &backend.model) {
+            body.splice(r.span.clone(), model::json_string(m));
+        }
+        body
+    }
+
+    /// Moves down the chain so far.
+    pub fn fallbacks(&self) -> u32 {
+        self.routed.as_ref().map_or(0, |r| r.plan.fallbacks)
+    }
+
+    /// The request's step down its plan, in the backends' terms.
+    fn plan_state(&self, plan: &crate::backend::Plan) -> PlanState {
+        let backends = &self.state.backends;
+        let entry = backends.current(plan);
+        let cap = entry
+            .model
+            .attempts
+            .unwrap_or(self.state.route.retry.attempts);
+        let last = self.ctx.trail.last().map(|s| backends.get(s.backend));
+        PlanState {
+            model_attempts_left: plan.on_model < cap,
+            untried_left: backends.has_untried(plan, &self.ctx.trail),
+            has_fallback: backends.has_fallback(plan),
+            injected_key: last.is_some_and(|b| b.upstream.key.is_some()),
         }
     }
 
@@ -98,10 +138,11 @@ impl<'a> Exchange<'a> {
     ) -> Result<(Forwarded, Outcome), ProxyError> {
         let policy = &self.state.route.retry;
         let status = res.status();
-        let retryable = can_retry && policy.on_status.contains(&status.as_u16());
+        let retryable = can_retry && policy.retry_on.statuses.contains(&status.as_u16());
         let mut fwd = Forwarded {
             res,
             head: VecDeque::new(),
+            in_flight: None,
         };
         let mut quota = false;
         if retryable && status == StatusCode::TOO_MANY_REQUESTS {
@@ -114,14 +155,21 @@ impl<'a> Exchange<'a> {
                 backend.provider.wait_hint(h, status, SystemTime::now())
             })
             .flatten();
-        Ok((
-            fwd,
-            Outcome::Response {
-                status,
-                hint,
-                quota,
-            },
-        ))
+        let mut outcome = Outcome::Response {
+            status,
+            hint,
+            quota,
+        };
+        if policy.commit == Commit::FirstEvent && status.is_success() && is_sse(fwd.res.headers()) {
+            let until = self.ctx.deadlines.first_byte_at(sent);
+            let (parts, mut body) = fwd.res.into_parts();
+            let first = commit::hold(&mut body, &mut fwd.head, until, policy.commit_buffer).await?;
+            fwd.res = Response::from_parts(parts, body);
+            if first == First::Error {
+                outcome = Outcome::StreamError;
+            }
+        }
+        Ok((fwd, outcome))
     }
 }
 
@@ -130,10 +178,33 @@ impl Attempt for Exchange<'_> {
 
     async fn attempt(&mut self, n: u32, sent: Instant) -> Result<(Forwarded, Outcome), ProxyError> {
         let state = self.state;
-        let (index, backend) = state.backends.pick(&self.ctx.trail);
+        let key = self.routed.as_ref().and_then(|r| {
+            let h = state.backends.current(&r.plan).model.hash_header.as_ref()?;
+            self.head
+                .parts
+                .headers
+                .get(h)
+                .map(|v| v.as_bytes().to_vec())
+        });
+        let plan = self.routed.as_mut().map(|r| &mut r.plan);
+        let index = state.backends.pick(
+            &self.ctx.trail,
+            plan,
+            key.as_deref(),
+            &mut self.rng,
+            Instant::now(),
+        )?;
+        let backend = state.backends.get(index);
+        if let Some(r) = &mut self.routed {
+            r.plan.on_model += 1;
+        }
         self.head
             .aim(state.backends.as_slice(), index, &state.route);
-        let body = self.body();
+        let body = self.body(backend);
+        let in_flight = self
+            .routed
+            .is_some()
+            .then(|| InFlight::start(&backend.load));
         let res = send(backend, &self.head.parts, body, sent, self.ctx).await;
         let m = &backend.metrics;
         let result = match &res {
@@ -150,7 +221,46 @@ impl Attempt for Exchange<'_> {
             backend: index,
             result,
         });
-        self.judge(res?, n < self.max, backend, sent).await
+        let injected = backend.upstream.key.is_some();
+        let judged = match res {
+            Ok(res) => self.judge(res, n < self.max, backend, sent).await,
+            Err(e) => Err(e),
+        };
+        // Held for its first event and failed there: the trail says how.
+        match &judged {
+            Ok((_, o @ Outcome::StreamError)) => self.ctx.trail.amend_last(Err(o.label())),
+            Err(e) if result.is_ok() => self.ctx.trail.amend_last(Err(Outcome::Failed(*e).label())),
+            _ => {}
+        }
+        if self.routed.is_some() {
+            let report = health_report(judged.as_ref().map(|(_, o)| *o), injected);
+            backend.load.report(report, Instant::now());
+        }
+        let (mut fwd, outcome) = judged?;
+        fwd.in_flight = in_flight;
+        Ok((fwd, outcome))
+    }
+
+    fn steer(&mut self, v: Verdict, outcome: Outcome, _n: u32, now: Instant) -> Verdict {
+        let Some(routed) = &self.routed else {
+            return v;
+        };
+        let state = self.plan_state(&routed.plan);
+        let policy = &self.state.route.retry;
+        match retry::steer(policy, v, outcome, state, now, self.ctx.deadlines.total) {
+            PlanStep::Return => Verdict::Return,
+            PlanStep::SameModel(wait) => Verdict::RetryAfter(wait),
+            PlanStep::Fallback => {
+                let routed = self.routed.as_mut().expect("routed");
+                let backends = &self.state.backends;
+                let from = backends.current(&routed.plan).name.clone();
+                backends.fall_back(&mut routed.plan);
+                let to = &backends.current(&routed.plan).name;
+                self.state.metrics.fallback(&from, to, outcome.reason());
+                tracing::debug!(parent: self.ctx.span.get(), from = &*from, to = &**to, "falling back");
+                Verdict::RetryAfter(Duration::ZERO)
+            }
+        }
     }
 
     fn budget_refused(&mut self) {
@@ -268,7 +378,32 @@ async fn peek_quota(
         Forwarded {
             res: Response::from_parts(parts, body),
             head,
+            in_flight: None,
         },
         quota,
     ))
+}
+
+/// What an attempt tells of its deployment's health: only what the
+/// upstream caused counts.
+fn health_report(judged: Result<Outcome, &ProxyError>, injected_key: bool) -> Report {
+    match judged {
+        Ok(Outcome::Response { quota: true, .. }) => Report::KeyRefused,
+        Ok(Outcome::Response { status, hint, .. }) => match status.as_u16() {
+            401 | 403 if injected_key => Report::KeyRefused,
+            429 => hint.map_or(Report::Failed, Report::RateLimited),
+            501 => Report::Fine,
+            s if s >= 500 => Report::Failed,
+            _ => Report::Fine,
+        },
+        Ok(Outcome::StreamError) => Report::Failed,
+        Ok(Outcome::Failed(e)) | Err(&e) => match e {
+            ProxyError::ConnectFailed
+            | ProxyError::UpstreamReset
+            | ProxyError::UpstreamTimeout
+            | ProxyError::UntrustedCertificate => Report::Failed,
+            // The client's body, sluice's own deadline: not the upstream's doing.
+            _ => Report::Ignored,
+        },
+    }
 }

@@ -11,8 +11,10 @@
 
 mod attempts;
 mod build;
+mod commit;
 mod ctx;
 mod exchange;
+mod model;
 mod response;
 
 use std::future::Future;
@@ -48,6 +50,8 @@ pub struct Proxy {
     unrouted: Arc<RouteMetrics>,
     drain: drain::Watch,
     limits: BodyLimits,
+    /// Each deployment's load, by upstream, address and model.
+    loads: std::collections::HashMap<build::LoadKey, Arc<crate::backend::Load>>,
 }
 
 /// The server's handler: each request takes the config current when it
@@ -98,7 +102,13 @@ impl Proxy {
             }
         };
         match outcome {
-            Ok(fwd) => self.respond(fwd, ctx),
+            Ok(Answer::Upstream(fwd)) => self.respond(fwd, ctx),
+            Ok(Answer::Local(res)) => {
+                ctx.status = Some(res.status());
+                let mut res = res;
+                ctx.response_headers(res.headers_mut());
+                res.map(|b| ResponseBody::full(b, ctx))
+            }
             Err(e) => refuse(e, ctx),
         }
     }
@@ -107,7 +117,7 @@ impl Proxy {
         &self,
         req: Request<ClientBody>,
         ctx: &mut RequestCtx,
-    ) -> Result<Forwarded, ProxyError> {
+    ) -> Result<Answer, ProxyError> {
         let (mut parts, body) = req.into_parts();
         route::check_request(&parts.method, parts.uri.path())?;
         let (_, state) = self
@@ -125,12 +135,59 @@ impl Proxy {
                     state.metrics.rate_limited.inc();
                 })?;
         }
-        let body = read_body(body, &parts, state, self.limits, total).await?;
+        let routing = state.route.model_routing.as_ref();
+        if routing.is_some_and(|r| r.list_models)
+            && model::is_list_models(&parts.method, parts.uri.path(), &state.route.path_prefix)
+        {
+            return Ok(Answer::Local(model::list_models(&state.backends)));
+        }
+        let mut body = read_body(body, &parts, state, self.limits, total).await?;
+        let routed = match routing {
+            None => None,
+            Some(routing) => {
+                let target = model::route(
+                    &parts,
+                    &mut body,
+                    routing,
+                    &state.backends,
+                    self.limits.read_timeout,
+                );
+                let target = match total {
+                    Some(d) => tokio::time::timeout_at(d, target)
+                        .await
+                        .unwrap_or(Err(ProxyError::DeadlineExceeded)),
+                    None => target.await,
+                };
+                let unnamed: Arc<str> = Arc::from("-");
+                match target {
+                    Err(e) => {
+                        state.metrics.model_request(&unnamed, "rejected");
+                        return Err(e);
+                    }
+                    Ok(model::Target::Direct { unknown }) => {
+                        let result = if unknown { "unknown" } else { "passthrough" };
+                        state.metrics.model_request(&unnamed, result);
+                        None
+                    }
+                    Ok(model::Target::Model(routed)) => {
+                        let name = &state.backends.current(&routed.plan).name;
+                        state.metrics.model_request(name, "routed");
+                        ctx.model = Some(Box::new(ctx::ModelCtx {
+                            requested: routed.requested.clone(),
+                            fallbacks: 0,
+                            in_flight: None,
+                        }));
+                        Some(routed)
+                    }
+                }
+            }
+        };
         backend::prepare(&mut parts, ctx.span.id_value());
         // One clock read serves the deposit and the first attempt's start.
         let now = Instant::now();
         state.budget.deposit_at(now.into_std());
-        let mut exchange = Exchange::new(state, parts, body, ctx);
+        let model_routed = routed.is_some();
+        let mut exchange = Exchange::new(state, parts, body, ctx, routed);
         let plan = attempts::Plan {
             policy: &state.route.retry,
             budget: &state.budget,
@@ -138,13 +195,26 @@ impl Proxy {
             first: now,
             total,
         };
-        attempts::run(&mut exchange, plan).await
+        let fwd = attempts::run(&mut exchange, plan).await?;
+        let fallbacks = exchange.fallbacks();
+        if let Some(m) = &mut ctx.model {
+            m.fallbacks = fallbacks;
+        }
+        // A provider's 401 may name the (masked) key: when every attempt
+        // was refused the key sluice sent, the answer is sluice's own.
+        if model_routed && all_refused_our_key(ctx, state) {
+            return Err(ProxyError::UpstreamAuthFailed);
+        }
+        Ok(Answer::Upstream(fwd))
     }
 
     /// Passes an upstream response on: its headers cleaned, ours added, its
     /// body under the request's deadlines.
     fn respond(&self, fwd: Forwarded, mut ctx: RequestCtx) -> Response<ResponseBody> {
         ctx.status = Some(fwd.res.status());
+        if let Some(m) = &mut ctx.model {
+            m.in_flight = fwd.in_flight;
+        }
         let (mut parts, body) = fwd.res.into_parts();
         backend::strip_hop_by_hop(&mut parts.headers);
         // The provider's own id (OpenAI's req_...) is what its support asks for.
@@ -157,6 +227,20 @@ impl Proxy {
         let body = ResponseBody::upstream(fwd.head, body, sse, &self.drain, ctx);
         Response::from_parts(parts, body)
     }
+}
+
+/// What a request gets: an upstream's response, or one sluice wrote.
+enum Answer {
+    Upstream(Forwarded),
+    Local(Response<bytes::Bytes>),
+}
+
+/// Whether every attempt got 401/403 for a key sluice injected.
+fn all_refused_our_key(ctx: &RequestCtx, state: &RouteState) -> bool {
+    ctx.trail.steps().all(|s| {
+        let refused = matches!(s.result, Ok(st) if st == 401 || st == 403);
+        refused && state.backends.get(s.backend).upstream.key.is_some()
+    })
 }
 
 /// sluice's own answer, in the route's dialect.
@@ -196,7 +280,7 @@ async fn read_body(
     }
 }
 
-fn is_sse(headers: &HeaderMap) -> bool {
+pub(super) fn is_sse(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))

@@ -30,6 +30,9 @@ pub enum Outcome {
     },
     /// No response: connect failure, reset, timeout, a broken request body.
     Failed(ProxyError),
+    /// A 2xx SSE response held until its first event (`commit =
+    /// "first-event"`), and that event is an error object.
+    StreamError,
 }
 
 /// What the loop does next.
@@ -48,6 +51,7 @@ impl Outcome {
         match self {
             Self::Response { status, .. } => status_class(status.as_u16()),
             Self::Failed(e) => failure_word(e),
+            Self::StreamError => "stream_error",
         }
     }
 
@@ -60,6 +64,7 @@ impl Outcome {
             Self::Response { status, .. } if status.is_server_error() => "status_5xx",
             Self::Response { .. } => "status_4xx",
             Self::Failed(e) => failure_word(e),
+            Self::StreamError => "stream_error",
         }
     }
 }
@@ -86,7 +91,7 @@ pub fn verdict(
             hint,
             quota,
         } => {
-            if quota || !policy.on_status.contains(&status.as_u16()) {
+            if quota || !policy.retry_on.statuses.contains(&status.as_u16()) {
                 return Verdict::Return;
             }
             // A longer wait than the route allows: this response is the answer.
@@ -96,7 +101,8 @@ pub fn verdict(
             hint
         }
         Outcome::Failed(e) if retryable(e, policy) => None,
-        Outcome::Failed(_) => return Verdict::Return,
+        Outcome::StreamError if policy.retry_on.stream_error => None,
+        Outcome::Failed(_) | Outcome::StreamError => return Verdict::Return,
     };
     let backoff = backoff(policy.backoff_base, policy.backoff_max, attempt - 1, rng);
     let wait = backoff.max(hint.unwrap_or(Duration::ZERO));
@@ -106,13 +112,96 @@ pub fn verdict(
     Verdict::RetryAfter(wait)
 }
 
+/// Where a request with a model plan stands after an attempt.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanState {
+    /// Its current model has attempts left.
+    pub model_attempts_left: bool,
+    /// Its current model has a deployment not yet tried in this request.
+    pub untried_left: bool,
+    /// Its chain has a next model.
+    pub has_fallback: bool,
+    /// The attempt went with a key sluice injected.
+    pub injected_key: bool,
+}
+
+/// What a model plan does next (SPEC §8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanStep {
+    /// This outcome is the request's.
+    Return,
+    /// Again on the same model, after this wait.
+    SameModel(Duration),
+    /// On to the next model of the chain, at once.
+    Fallback,
+}
+
+/// The plan's step after the route's verdict `v` on `outcome`. A retry
+/// stays on the model while it has attempts, with no wait before a
+/// deployment not yet tried; a lost key or quota moves at once to another
+/// deployment, never the same; otherwise `fallback_on` moves down the
+/// chain, at once, before the `total` deadline.
+pub fn steer(
+    policy: &RetryPolicy,
+    v: Verdict,
+    outcome: Outcome,
+    plan: PlanState,
+    now: Instant,
+    total: Option<Instant>,
+) -> PlanStep {
+    let key_lost = match outcome {
+        Outcome::Response { status, quota, .. } => {
+            quota || plan.injected_key && matches!(status.as_u16(), 401 | 403)
+        }
+        Outcome::Failed(_) | Outcome::StreamError => false,
+    };
+    let past = total.is_some_and(|d| now >= d);
+    if plan.model_attempts_left {
+        // Another deployment, at once: a hint (even one too long to wait
+        // for) and a lost key are the tried deployment's own.
+        let retryable = key_lost || policy.retry_on.matches(outcome, plan.injected_key);
+        if plan.untried_left && retryable && !past {
+            return PlanStep::SameModel(Duration::ZERO);
+        }
+        if let (false, Verdict::RetryAfter(wait)) = (key_lost, v) {
+            return PlanStep::SameModel(wait);
+        }
+    }
+    if plan.has_fallback && !past && policy.fallback_on.matches(outcome, plan.injected_key) {
+        return PlanStep::Fallback;
+    }
+    PlanStep::Return
+}
+
+impl crate::config::Conditions {
+    /// Whether `outcome` is one of these. A 429 out of quota is
+    /// `insufficient-quota` only, and a 401/403 for a key sluice sent is
+    /// `upstream-auth` only, whatever the status list says.
+    pub fn matches(&self, outcome: Outcome, injected_key: bool) -> bool {
+        match outcome {
+            Outcome::Response { quota: true, .. } => self.insufficient_quota,
+            Outcome::Response { status, .. }
+                if injected_key && matches!(status.as_u16(), 401 | 403) =>
+            {
+                self.upstream_auth
+            }
+            Outcome::Response { status, .. } => self.statuses.contains(&status.as_u16()),
+            Outcome::Failed(ProxyError::ConnectFailed) => self.connect_failure,
+            Outcome::Failed(ProxyError::UpstreamReset) => self.reset,
+            Outcome::Failed(ProxyError::UpstreamTimeout) => self.timeout,
+            Outcome::Failed(_) => false,
+            Outcome::StreamError => self.stream_error,
+        }
+    }
+}
+
 /// Which failures before response headers `retry_on` covers. An untrusted
 /// certificate and a client-side problem never get better by retrying.
 fn retryable(e: ProxyError, policy: &RetryPolicy) -> bool {
     match e {
-        ProxyError::ConnectFailed => policy.on_connect_failure,
-        ProxyError::UpstreamReset => policy.on_reset,
-        ProxyError::UpstreamTimeout => policy.on_timeout,
+        ProxyError::ConnectFailed => policy.retry_on.connect_failure,
+        ProxyError::UpstreamReset => policy.retry_on.reset,
+        ProxyError::UpstreamTimeout => policy.retry_on.timeout,
         _ => false,
     }
 }
@@ -156,10 +245,12 @@ pub fn test_policy(attempts: u32) -> RetryPolicy {
         attempts,
         backoff_base: Duration::from_millis(250),
         backoff_max: Duration::from_secs(8),
-        on_connect_failure: true,
-        on_reset: true,
-        on_timeout: false,
-        on_status: vec![429, 500, 502, 503, 504],
+        retry_on: crate::config::Conditions {
+            connect_failure: true,
+            reset: true,
+            statuses: vec![429, 500, 502, 503, 504],
+            ..Default::default()
+        },
         honor_retry_after: true,
         max_retry_after: Duration::from_secs(20),
         budget: crate::config::BudgetConfig {
@@ -167,6 +258,9 @@ pub fn test_policy(attempts: u32) -> RetryPolicy {
             min_per_second: 10,
             ttl: Duration::from_secs(10),
         },
+        fallback_on: crate::config::Conditions::default(),
+        commit: crate::config::Commit::Headers,
+        commit_buffer: 64 << 10,
     }
 }
 
@@ -296,5 +390,136 @@ mod tests {
         }
         // A zero base means no wait at all.
         assert_eq!(backoff(Duration::ZERO, max, 3, &mut rng), Duration::ZERO);
+    }
+
+    fn plan(model_attempts_left: bool, untried_left: bool, has_fallback: bool) -> PlanState {
+        PlanState {
+            model_attempts_left,
+            untried_left,
+            has_fallback,
+            injected_key: true,
+        }
+    }
+
+    fn fallback_policy() -> RetryPolicy {
+        let mut p = test_policy(3);
+        p.fallback_on = crate::config::Conditions {
+            connect_failure: true,
+            reset: true,
+            insufficient_quota: true,
+            upstream_auth: true,
+            statuses: vec![429, 503],
+            ..Default::default()
+        };
+        p
+    }
+
+    fn step(v: Verdict, outcome: Outcome, plan: PlanState) -> PlanStep {
+        let p = fallback_policy();
+        steer(&p, v, outcome, plan, Instant::now(), None)
+    }
+
+    #[test]
+    fn a_retry_waits_only_before_a_deployment_already_tried() {
+        let wait = Verdict::RetryAfter(Duration::from_secs(4));
+        let busy = status(503, Some(4), false);
+        assert_eq!(
+            step(wait, busy, plan(true, true, true)),
+            PlanStep::SameModel(Duration::ZERO)
+        );
+        assert_eq!(
+            step(wait, busy, plan(true, false, true)),
+            PlanStep::SameModel(Duration::from_secs(4))
+        );
+        // A hint too long to wait for is the tried deployment's: another one goes at once.
+        let long = status(429, Some(60), false);
+        assert_eq!(
+            step(Verdict::Return, long, plan(true, true, true)),
+            PlanStep::SameModel(Duration::ZERO)
+        );
+        assert_eq!(
+            step(Verdict::Return, long, plan(true, false, true)),
+            PlanStep::Fallback
+        );
+        // The model's attempts are spent: down the chain, at once.
+        assert_eq!(
+            step(wait, busy, plan(false, true, true)),
+            PlanStep::Fallback
+        );
+        assert_eq!(step(wait, busy, plan(false, true, false)), PlanStep::Return);
+    }
+
+    #[test]
+    fn a_lost_key_or_quota_moves_to_another_deployment_never_the_same() {
+        let quota = status(429, None, true);
+        let denied = status(401, None, false);
+        for o in [quota, denied] {
+            assert_eq!(
+                step(Verdict::Return, o, plan(true, true, true)),
+                PlanStep::SameModel(Duration::ZERO)
+            );
+            // No other key: the chain, by fallback_on's insufficient-quota/upstream-auth.
+            assert_eq!(
+                step(Verdict::Return, o, plan(true, false, true)),
+                PlanStep::Fallback
+            );
+            assert_eq!(
+                step(Verdict::Return, o, plan(true, false, false)),
+                PlanStep::Return
+            );
+        }
+        // A 401 for the client's own key is not ours to move.
+        let own = PlanState {
+            injected_key: false,
+            ..plan(true, true, true)
+        };
+        assert_eq!(step(Verdict::Return, denied, own), PlanStep::Return);
+        // Without the words, a quota 429 does not fall back even though 429 is listed.
+        let mut p = fallback_policy();
+        p.fallback_on.insufficient_quota = false;
+        let s = steer(
+            &p,
+            Verdict::Return,
+            quota,
+            plan(true, false, true),
+            Instant::now(),
+            None,
+        );
+        assert_eq!(s, PlanStep::Return);
+    }
+
+    #[test]
+    fn fallback_on_is_separate_from_retry_on_and_stops_at_the_deadline() {
+        // A timeout is not retried by default, and not listed here either.
+        let timeout = Outcome::Failed(ProxyError::UpstreamTimeout);
+        assert_eq!(
+            step(Verdict::Return, timeout, plan(true, true, true)),
+            PlanStep::Return
+        );
+        // 400 (context length, content filter): the client's problem.
+        assert_eq!(
+            step(
+                Verdict::Return,
+                status(400, None, false),
+                plan(true, true, true)
+            ),
+            PlanStep::Return
+        );
+        let reset = Outcome::Failed(ProxyError::UpstreamReset);
+        assert_eq!(
+            step(Verdict::Return, reset, plan(false, false, true)),
+            PlanStep::Fallback
+        );
+        let now = Instant::now();
+        let p = fallback_policy();
+        let s = steer(
+            &p,
+            Verdict::Return,
+            reset,
+            plan(false, false, true),
+            now,
+            Some(now),
+        );
+        assert_eq!(s, PlanStep::Return);
     }
 }

@@ -417,3 +417,147 @@ fn rate_limit_keys_are_checked() {
     assert_eq!(code, 1);
     assert!(err.contains("this table limits nothing"), "{err}");
 }
+
+#[test]
+fn models_and_presets_are_checked_with_their_place() {
+    let toml = r#"
+[upstreams.oa]
+preset = "openai"
+api_key_env = "K"
+
+[upstreams.claude]
+preset = "anthropic"
+api_key_env = "K"
+
+[upstreams.az]
+preset = "azure"
+azure_api = "deployments"
+
+[upstreams.plain]
+api_key_env = "K"
+
+[upstreams.vllm]
+preset = "vllm"
+azure_api = "v1"
+
+[models.mixed]
+deployments = [{ upstream = "oa" }, { upstream = "claude" }]
+
+[models.fast]
+deployments = [{ upstream = "oa", weight = 0 }, { upstream = "nowhere" }]
+fallbacks = ["fast", "ghost", "sonnet"]
+balance = "hash"
+attempts = 11
+
+[models.sonnet]
+deployments = []
+
+[[routes]]
+name = "llm"
+path_prefix = "/v1"
+model_routing = true
+models = ["fast", "unknown"]
+unknown_model = "passthrough"
+
+[[routes]]
+name = "plain"
+path_prefix = "/x"
+models = ["fast"]
+
+[[routes.retry]]
+"#;
+    // The last table is an array by mistake: TOML itself refuses it.
+    let (code, _, err, _) = check(toml, &[("K", "sk-x")]);
+    assert_eq!(code, 1);
+    assert!(err.contains("routes"), "{err}");
+    let toml = toml.replace(
+        "[[routes.retry]]",
+        "[routes.retry]\nfallback_on = [\"reset\", \"sometimes\", 302]\n",
+    );
+    let (code, _, err, _) = check(&toml, &[("K", "sk-x")]);
+    assert_eq!(code, 1);
+    for expected in [
+        "upstreams.az: missing field `url`: an Azure resource's endpoint",
+        "upstreams.vllm.azure_api: only for preset = \"azure\"",
+        "upstreams.plain: missing field `url` (or set a preset",
+        "models.mixed.deployments: mixes the OpenAI and Anthropic dialects",
+        "models.fast.deployments[0].weight: must be at least 1",
+        "models.fast.deployments[1].upstream: unknown upstream \"nowhere\"",
+        "models.fast.fallbacks[0]: a model cannot be its own fallback",
+        "models.fast.fallbacks[1]: unknown model \"ghost\"",
+        "models.fast.hash_header: balance = \"hash\" needs the header",
+        "models.fast.attempts: must be from 1 to 10",
+        "models.sonnet.deployments: must list at least one deployment",
+        "routes[0].models[1]: unknown model \"unknown\"",
+        "routes[0].unknown_model: \"passthrough\" needs the route's upstream",
+        "routes[1]: missing field `upstream` (or set model_routing = true)",
+        "routes[1].retry.fallback_on[1]: unknown condition \"sometimes\"",
+        "routes[1].retry.fallback_on[2]: 302 is not a 4xx or 5xx status code",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
+    // Every problem has a line and column.
+    for line in err.lines().filter(|l| l.contains(": ")) {
+        if line.contains("sluice.toml:") {
+            assert!(
+                line.split(':')
+                    .nth(1)
+                    .unwrap()
+                    .trim()
+                    .parse::<u32>()
+                    .is_ok(),
+                "{line}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_fallback_chain_keeps_to_one_dialect_and_a_route_too() {
+    let toml = r#"
+[upstreams.oa]
+preset = "openai"
+api_key_env = "K"
+
+[upstreams.claude]
+preset = "anthropic"
+api_key_env = "K"
+
+[models.gpt]
+deployments = [{ upstream = "oa" }]
+fallbacks = ["sonnet"]
+
+[models.sonnet]
+deployments = [{ upstream = "claude" }]
+
+[[routes]]
+name = "llm"
+model_routing = true
+"#;
+    let (code, _, err, _) = check(toml, &[("K", "sk-x")]);
+    assert_eq!(code, 1);
+    assert!(err.contains("models.gpt.fallbacks[0]: \"sonnet\" speaks the Anthropic dialect and \"gpt\" the OpenAI: a chain keeps to one"), "{err}");
+    let toml = toml.replace("fallbacks = [\"sonnet\"]\n", "");
+    let (code, _, err, _) = check(&toml, &[("K", "sk-x")]);
+    assert_eq!(code, 1);
+    assert!(err.contains("routes[0].models: mixes the"), "{err}");
+    let toml = toml.replace(
+        "model_routing = true",
+        "model_routing = true\nmodels = [\"sonnet\"]",
+    );
+    let (code, out, err, _) = check(&toml, &[("K", "sk-x")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ok") || !out.is_empty(), "{out}");
+}
+
+#[test]
+fn the_models_example_config_passes_check() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config.models.example.toml");
+    let keys = [
+        ("OPENAI_KEY_A", "sk-a"),
+        ("OPENAI_KEY_B", "sk-b"),
+        ("AZURE_EAST_KEY", "az"),
+    ];
+    let (code, out, err) = run_cli(&["check", "--config", example], &keys);
+    assert_eq!(code, 0, "{out}\n{err}");
+}

@@ -6,6 +6,7 @@ mod forwarding;
 mod hardening;
 mod limits;
 mod logging;
+mod models;
 mod request_body;
 mod retries;
 mod robustness;

@@ -13,6 +13,13 @@ fn repo() -> &'static Path {
 
 /// Runs an SDK script against a fresh mock and sluice; fails with its output.
 async fn run_script(program: PathBuf, script: &str) {
+    run_script_on(program, script, false).await
+}
+
+/// With `aliases`, the route routes by model: the client sends the aliases
+/// `fast` and `embed`, sluice rewrites them to the mock's names and answers
+/// `models.list()` itself.
+async fn run_script_on(program: PathBuf, script: &str, aliases: bool) {
     assert!(
         program.exists() || program.components().count() == 1,
         "{} is missing: run scripts/install-sdks.sh (the README's test command does)",
@@ -21,8 +28,28 @@ async fn run_script(program: PathBuf, script: &str) {
     let mock = openai::start().await;
     let toml = one_route(&mock.url(), "api_key_env = \"UP_KEY\"");
     let toml = toml.replace("name = \"all\"", "name = \"openai\"\npath_prefix = \"/v1\"");
+    let toml = if aliases {
+        let models = "[models.fast]\ndeployments = [{ upstream = \"up\", model = \"mock-model\" }]\n\
+                      [models.embed]\ndeployments = [{ upstream = \"up\", model = \"mock-embed\" }]\n\n";
+        format!(
+            "{models}{}",
+            toml.replace(
+                "[[routes]]",
+                "[[routes]]\nmodel_routing = true\nmodels = [\"fast\", \"embed\"]"
+            )
+        )
+    } else {
+        toml
+    };
     let proxy = Sidecar::start(&toml, &[("UP_KEY", openai::UPSTREAM_KEY)]).await;
-    let child = tokio::process::Command::new(&program)
+    let mut command = tokio::process::Command::new(&program);
+    if aliases {
+        command
+            .env("SLUICE_CHAT_MODEL", "fast")
+            .env("SLUICE_EMBED_MODEL", "embed")
+            .env("SLUICE_MODEL_IDS", "fast,embed");
+    }
+    let child = command
         .arg(repo().join(script))
         .env("SLUICE_BASE_URL", proxy.url("/v1"))
         .env("SLUICE_UNROUTED_BASE_URL", proxy.url("/nothing-here/v1"))
@@ -46,15 +73,15 @@ async fn run_script(program: PathBuf, script: &str) {
         .iter()
         .map(|s| s.uri.path().to_owned())
         .collect();
-    assert_eq!(
-        paths,
-        [
-            "/v1/chat/completions",
-            "/v1/chat/completions",
-            "/v1/embeddings",
-            "/v1/models"
-        ]
-    );
+    let mut expected = vec![
+        "/v1/chat/completions",
+        "/v1/chat/completions",
+        "/v1/embeddings",
+    ];
+    if !aliases {
+        expected.push("/v1/models");
+    }
+    assert_eq!(paths, expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,6 +96,25 @@ async fn node_openai_sdk_end_to_end() {
         "the openai npm package is missing: run scripts/install-sdks.sh"
     );
     run_script(PathBuf::from("node"), "tests/sdk/node/e2e.mjs").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_openai_sdk_through_model_aliases() {
+    run_script_on(
+        repo().join(".venv/bin/python"),
+        "tests/sdk/python/e2e.py",
+        true,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_openai_sdk_through_model_aliases() {
+    assert!(
+        repo().join("tests/sdk/node/node_modules/openai").exists(),
+        "the openai npm package is missing: run scripts/install-sdks.sh"
+    );
+    run_script_on(PathBuf::from("node"), "tests/sdk/node/e2e.mjs", true).await;
 }
 
 /// Runs one scenario of tests/sdk/python/resilience.py against `proxy`.

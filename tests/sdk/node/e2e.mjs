@@ -5,6 +5,9 @@
 //
 //   SLUICE_BASE_URL           e.g. http://127.0.0.1:41234/v1  (routed to the mock)
 //   SLUICE_UNROUTED_BASE_URL  e.g. http://127.0.0.1:41234/nothing-here/v1  (404)
+//   SLUICE_CHAT_MODEL, SLUICE_EMBED_MODEL, SLUICE_MODEL_IDS  (optional) the
+//       names the client sends and the list it expects, when the route
+//       routes by model aliases; the mock always answers as the model it was sent
 //
 // The client sends a placeholder key; the mock upstream only accepts the real
 // key, so every successful call proves sluice injected the upstream key.
@@ -19,6 +22,9 @@ const CLIENT_KEY = 'sk-client-placeholder';
 const TIMEOUT_MS = 20_000;
 const EXPECTED_TEXT = 'Hello from the mock upstream.';
 const MESSAGES = [{ role: 'user', content: 'hi' }];
+const CHAT_MODEL = process.env.SLUICE_CHAT_MODEL ?? 'mock-model';
+const EMBED_MODEL = process.env.SLUICE_EMBED_MODEL ?? 'mock-embed';
+const MODEL_IDS = (process.env.SLUICE_MODEL_IDS ?? 'mock-model,mock-embed').split(',');
 
 function env(name) {
   const value = process.env[name];
@@ -46,7 +52,7 @@ function check(cond, what) {
 const show = (v) => JSON.stringify(v);
 
 async function chatNonStreaming(client) {
-  const resp = await client.chat.completions.create({ model: 'mock-model', messages: MESSAGES });
+  const resp = await client.chat.completions.create({ model: CHAT_MODEL, messages: MESSAGES });
   const content = resp.choices[0].message.content;
   check(content === EXPECTED_TEXT, `content was ${show(content)}, expected ${show(EXPECTED_TEXT)}`);
   check(resp.model === 'mock-model', `model was ${show(resp.model)}, expected "mock-model"`);
@@ -54,7 +60,7 @@ async function chatNonStreaming(client) {
 
 async function chatStreaming(client) {
   const stream = await client.chat.completions.create({
-    model: 'mock-model',
+    model: CHAT_MODEL,
     messages: MESSAGES,
     stream: true,
   });
@@ -75,7 +81,7 @@ async function chatStreaming(client) {
 async function embeddings(client) {
   // The Node SDK asks for base64 unless told otherwise; ask for floats explicitly.
   const resp = await client.embeddings.create({
-    model: 'mock-embed',
+    model: EMBED_MODEL,
     input: 'hello',
     encoding_format: 'float',
   });
@@ -88,7 +94,7 @@ async function modelsList(client) {
   for await (const model of client.models.list()) {
     ids.push(model.id);
   }
-  check(show(ids) === show(['mock-model', 'mock-embed']), `model ids were ${show(ids)}`);
+  check(show(ids) === show(MODEL_IDS), `model ids were ${show(ids)}, expected ${show(MODEL_IDS)}`);
 }
 
 async function unrouted404(_client) {

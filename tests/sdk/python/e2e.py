@@ -5,6 +5,9 @@ sluice. Everything comes from the environment:
 
   SLUICE_BASE_URL           e.g. http://127.0.0.1:41234/v1  (routed to the mock)
   SLUICE_UNROUTED_BASE_URL  e.g. http://127.0.0.1:41234/nothing-here/v1  (404)
+  SLUICE_CHAT_MODEL, SLUICE_EMBED_MODEL, SLUICE_MODEL_IDS  (optional) the
+      names the client sends and the list it expects, when the route routes
+      by model aliases; the mock always answers as the model it was sent
 
 The client sends a placeholder key; the mock upstream only accepts the real
 key, so every successful call proves sluice injected the upstream key.
@@ -23,6 +26,9 @@ CLIENT_KEY = "sk-client-placeholder"
 TIMEOUT_S = 20.0
 EXPECTED_TEXT = "Hello from the mock upstream."
 MESSAGES = [{"role": "user", "content": "hi"}]
+CHAT_MODEL = os.environ.get("SLUICE_CHAT_MODEL", "mock-model")
+EMBED_MODEL = os.environ.get("SLUICE_EMBED_MODEL", "mock-embed")
+MODEL_IDS = os.environ.get("SLUICE_MODEL_IDS", "mock-model,mock-embed").split(",")
 
 
 def env(name: str) -> str:
@@ -47,14 +53,14 @@ def check(cond: bool, what: str) -> None:
 
 
 def chat_non_streaming(client: openai.OpenAI) -> None:
-    resp = client.chat.completions.create(model="mock-model", messages=MESSAGES)
+    resp = client.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES)
     content = resp.choices[0].message.content
     check(content == EXPECTED_TEXT, f"content was {content!r}, expected {EXPECTED_TEXT!r}")
     check(resp.model == "mock-model", f"model was {resp.model!r}, expected 'mock-model'")
 
 
 def chat_streaming(client: openai.OpenAI) -> None:
-    stream = client.chat.completions.create(model="mock-model", messages=MESSAGES, stream=True)
+    stream = client.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, stream=True)
     parts = []
     with stream:
         for chunk in stream:
@@ -73,14 +79,14 @@ def chat_streaming(client: openai.OpenAI) -> None:
 
 def embeddings(client: openai.OpenAI) -> None:
     # Ask for floats explicitly so the mock never has to produce base64.
-    resp = client.embeddings.create(model="mock-embed", input="hello", encoding_format="float")
+    resp = client.embeddings.create(model=EMBED_MODEL, input="hello", encoding_format="float")
     vec = resp.data[0].embedding
     check(vec == [0.25, -0.5, 0.125], f"embedding was {vec!r}, expected [0.25, -0.5, 0.125]")
 
 
 def models_list(client: openai.OpenAI) -> None:
     ids = [m.id for m in client.models.list()]
-    check(ids == ["mock-model", "mock-embed"], f"model ids were {ids!r}")
+    check(ids == MODEL_IDS, f"model ids were {ids!r}, expected {MODEL_IDS!r}")
 
 
 def unrouted_404(_client: openai.OpenAI) -> None:

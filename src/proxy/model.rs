@@ -1,0 +1,224 @@
+//! Model routing (SPEC §7): which model a request names, read from the
+//! top-level `model` of its JSON body without building a JSON tree, and
+//! where that sends it: a plan down the model's chain, the route's own
+//! upstream (passthrough), or a refusal. Also `GET {prefix}/models`.
+
+use std::ops::Range;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{header, HeaderMap, Method, Response, StatusCode};
+
+use crate::backend::{Backends, Plan};
+use crate::body::RequestBody;
+use crate::config::{ModelRouting, UnknownModel};
+use crate::error::ProxyError;
+use crate::scan::{self, Field, Fields, ScanError, Scanner};
+
+/// Where a model-routed request goes.
+#[derive(Debug)]
+pub enum Target {
+    /// To the route's own upstream, body untouched: a body not read for a
+    /// model (`unknown: false`), or a model not known here.
+    Direct { unknown: bool },
+    /// Down a model's chain.
+    Model(Box<Routed>),
+}
+
+/// A request routed by its model.
+#[derive(Debug)]
+pub struct Routed {
+    pub plan: Plan,
+    /// The name the client sent.
+    pub requested: Box<str>,
+    /// Where the `model` value lies in the body, for the rewrite.
+    pub span: Range<u64>,
+}
+
+/// Whether this request is one whose body is read for its model: a `POST`
+/// of JSON in identity encoding. Others go to the route's upstream.
+fn readable(parts: &Parts) -> Result<(), ProxyError> {
+    let h = &parts.headers;
+    let encoded = h
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    if encoded {
+        return Err(ProxyError::UnsupportedContentEncoding);
+    }
+    if parts.method != Method::POST || !is_json(h) {
+        return Err(ProxyError::ModelRoutingUnsupportedBody);
+    }
+    Ok(())
+}
+
+fn is_json(h: &HeaderMap) -> bool {
+    let Some(ct) = h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    let Some((kind, sub)) = essence.split_once('/') else {
+        return false;
+    };
+    kind.eq_ignore_ascii_case("application")
+        && (sub.eq_ignore_ascii_case("json")
+            || sub.len() > 5 && sub[sub.len() - 5..].eq_ignore_ascii_case("+json"))
+}
+
+/// Decides where a request on a model-routed route goes, reading as much
+/// of its body as it takes to find the top-level `model` (within
+/// `peek_limit`). A body that names a model twice is refused before
+/// anything is sent.
+pub async fn route(
+    parts: &Parts,
+    body: &mut RequestBody,
+    routing: &ModelRouting,
+    backends: &Backends,
+    read_timeout: std::time::Duration,
+) -> Result<Target, ProxyError> {
+    if let Err(e) = readable(parts) {
+        return match backends.direct() {
+            Some(_) => Ok(Target::Direct { unknown: false }),
+            None => Err(e),
+        };
+    }
+    let mut scanner = Scanner::new(Fields::empty().with(Field::Model));
+    let held = body.held();
+    let mut offset = 0u64;
+    for chunk in &held {
+        scanner.feed(chunk).map_err(scan_error)?;
+        offset += chunk.len() as u64;
+    }
+    let whole = matches!(body, RequestBody::Full(_) | RequestBody::Parts(_));
+    if whole {
+        // All of it is here: read it to the end, so a second `model`
+        // anywhere is caught before a byte goes upstream.
+        match scanner.finish() {
+            Ok(()) => {}
+            Err(e @ ScanError::Duplicate(_)) => return Err(scan_error(e)),
+            Err(e) if !scanner.has_all() => return Err(scan_error(e)),
+            // Broken after the model: the provider answers for its JSON.
+            Err(_) => {}
+        }
+    } else {
+        while !scanner.has_all() && !scanner.is_done() {
+            if offset > routing.peek_limit {
+                return Err(ProxyError::RoutingBodyTooLarge);
+            }
+            match body.hold_more(read_timeout).await? {
+                Some(chunk) => {
+                    scanner.feed(&chunk).map_err(scan_error)?;
+                    offset += chunk.len() as u64;
+                }
+                None => {
+                    scanner.finish().map_err(scan_error)?;
+                    break;
+                }
+            }
+        }
+    }
+    let span = scanner
+        .span(Field::Model)
+        .ok_or(ProxyError::ModelRequired)?
+        .value
+        .clone();
+    let held = body.held();
+    let name: String = serde_json::from_slice(&scan::slice(&held, span.clone()))
+        .map_err(|_| ProxyError::ModelRequired)?;
+    match backends.plan(&name) {
+        Some(plan) => Ok(Target::Model(Box::new(Routed {
+            plan,
+            requested: name.into(),
+            span,
+        }))),
+        None if routing.unknown_model == UnknownModel::Passthrough => {
+            Ok(Target::Direct { unknown: true })
+        }
+        None => Err(ProxyError::ModelNotFound),
+    }
+}
+
+fn scan_error(e: ScanError) -> ProxyError {
+    match e {
+        ScanError::Duplicate(_) => ProxyError::AmbiguousRequestBody,
+        ScanError::Invalid { .. } | ScanError::Truncated => ProxyError::InvalidJsonBody,
+    }
+}
+
+/// The model sent upstream, as a JSON string.
+pub fn json_string(name: &str) -> Bytes {
+    Bytes::from(serde_json::to_string(name).expect("a string serialises"))
+}
+
+/// Whether `path` is the route's `{prefix}/models`.
+pub fn is_list_models(method: &Method, path: &str, prefix: &str) -> bool {
+    (method == Method::GET || method == Method::HEAD)
+        && path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest == "/models" || rest == "/models/")
+}
+
+/// `GET {prefix}/models` in OpenAI's list shape, from the names the route
+/// allows.
+pub fn list_models(backends: &Backends) -> Response<Bytes> {
+    #[derive(serde::Serialize)]
+    struct Item<'a> {
+        id: &'a str,
+        object: &'static str,
+        created: u64,
+        owned_by: &'static str,
+    }
+    #[derive(serde::Serialize)]
+    struct List<'a> {
+        object: &'static str,
+        data: Vec<Item<'a>>,
+    }
+    let data = backends
+        .allowed()
+        .map(|m| Item {
+            id: &m.model.name,
+            object: "model",
+            created: 0,
+            owned_by: "sluice",
+        })
+        .collect();
+    let body = serde_json::to_vec(&List {
+        object: "list",
+        data,
+    })
+    .expect("serialises");
+    let mut res = Response::new(Bytes::from(body));
+    *res.status_mut() = StatusCode::OK;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_content_types() {
+        let h = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, v.parse().unwrap());
+            h
+        };
+        assert!(is_json(&h("application/json")));
+        assert!(is_json(&h("Application/JSON; charset=utf-8")));
+        assert!(is_json(&h("application/vnd.api+json")));
+        assert!(!is_json(&h("multipart/form-data; boundary=x")));
+        assert!(!is_json(&h("text/json-ish")));
+        assert!(!is_json(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn the_models_path_is_the_prefixs() {
+        assert!(is_list_models(&Method::GET, "/v1/models", "/v1"));
+        assert!(is_list_models(&Method::GET, "/models", ""));
+        assert!(!is_list_models(&Method::POST, "/v1/models", "/v1"));
+        assert!(!is_list_models(&Method::GET, "/v1/models/x", "/v1"));
+    }
+}
