@@ -259,12 +259,17 @@ impl RouteMetrics {
     /// A model-routed request: `routed`, `passthrough`, `unknown` or
     /// `rejected`; `model` is a config name or "-".
     pub fn model_request(&self, model: &Arc<str>, result: &'static str) {
+        self.model_counter(model, result).inc();
+    }
+
+    /// The series of [`RouteMetrics::model_request`], to keep.
+    pub fn model_counter(&self, model: &Arc<str>, result: &'static str) -> Counter {
         let labels = ModelLabels {
             route: self.route.clone(),
             model: model.clone(),
             result,
         };
-        self.all.model_requests.get_or_create(&labels).inc();
+        self.all.model_requests.get_or_create(&labels).clone()
     }
 
     pub fn fallback(&self, from: &Arc<str>, to: &Arc<str>, reason: &'static str) {

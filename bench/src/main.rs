@@ -73,6 +73,10 @@ struct RunArgs {
     /// [default: 1,32,256].
     #[arg(long, value_delimiter = ',')]
     conns: Option<Vec<usize>>,
+    /// Serve sluice's route with model_routing (the body's model read and
+    /// rewritten through [models]) instead of a plain route.
+    #[arg(long)]
+    model_routing: bool,
 }
 
 /// What one run measures.
@@ -288,7 +292,11 @@ fn run(runtime: &tokio::runtime::Runtime, args: RunArgs) -> Result<(), String> {
 
     let sluice_addr = procs::free_addr().map_err(err)?;
     let config = dir.join("sluice.toml");
-    std::fs::write(&config, procs::sluice_config(sluice_addr, mock.addr)).map_err(err)?;
+    let mut sluice_toml = procs::sluice_config(sluice_addr, mock.addr);
+    if args.model_routing {
+        sluice_toml = procs::model_routed(&sluice_toml);
+    }
+    std::fs::write(&config, sluice_toml).map_err(err)?;
     let start_sluice = |log: &str| {
         Proc::start(Spawn {
             name: "sluice",

@@ -261,6 +261,13 @@ upstream = "mock"
     )
 }
 
+/// The same config with the route reading the body's model: the client's
+/// `gpt-4o-mini` is an alias rewritten to the mock's own name.
+pub fn model_routed(config: &str) -> String {
+    let models = "[models.\"gpt-4o-mini\"]\ndeployments = [{ upstream = \"mock\", model = \"gpt-4o-mini-2024-07-18\" }]\n\n[[routes]]";
+    config.replacen("[[routes]]", models, 1) + "model_routing = true\n"
+}
+
 /// nginx as a streaming reverse proxy: one worker, keep-alive upstream,
 /// no buffering, the key injected, access log on.
 pub fn nginx_config(dir: &Path, listen: SocketAddr, upstream: SocketAddr) -> String {

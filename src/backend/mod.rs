@@ -61,6 +61,12 @@ pub struct Backend {
     pub metrics: BackendMetrics,
     /// The model a request is sent upstream with; `None`: the body's as sent.
     pub model: Option<Arc<str>>,
+    /// What is said of it once per request, made once: the model as a JSON
+    /// string (spliced into bodies), and the `x-sluice-upstream` and
+    /// `x-sluice-model` values.
+    pub model_json: Option<bytes::Bytes>,
+    pub upstream_header: Option<HeaderValue>,
+    pub model_header: Option<HeaderValue>,
     /// Balancing weight (1 for a route's plain upstream).
     pub weight: u32,
     pub priority: u32,
@@ -81,6 +87,9 @@ impl Backend {
             provider,
             metrics,
             model: None,
+            model_json: None,
+            upstream_header: None,
+            model_header: None,
             weight: 1,
             priority: 0,
             load: Arc::default(),
@@ -89,8 +98,15 @@ impl Backend {
 
     /// A deployment of a model; `load` is the deployment's, shared by routes.
     pub fn deployment(self, d: &config::Deployment, load: Arc<balance::Load>) -> Self {
+        let json = |m: &str| bytes::Bytes::from(serde_json::to_string(m).expect("a string"));
         Self {
             model: d.model.as_deref().map(Arc::from),
+            model_json: d.model.as_deref().map(json),
+            upstream_header: HeaderValue::from_str(&d.upstream.name).ok(),
+            model_header: d
+                .model
+                .as_deref()
+                .and_then(|m| HeaderValue::from_str(m).ok()),
             weight: d.weight,
             priority: d.priority,
             load,

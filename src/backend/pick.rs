@@ -35,6 +35,8 @@ pub struct Backends {
 pub struct ModelEntry {
     /// The model's name, for metric labels.
     pub name: Arc<str>,
+    /// Its `sluice_model_requests_total{result="routed"}` series, once looked up.
+    pub routed: std::sync::OnceLock<prometheus_client::metrics::counter::Counter>,
     pub model: Arc<config::Model>,
     /// Whether clients may name it on this route.
     pub allowed: bool,
@@ -96,6 +98,12 @@ impl Backends {
         };
         loop {
             let entry = self.current(plan);
+            // The common case: one deployment, open.
+            if let [only] = entry.backends[..] {
+                if self.list[only].load.access(now) == Access::Open {
+                    return Ok(only);
+                }
+            }
             let open: Vec<usize> = entry
                 .backends
                 .iter()

@@ -281,25 +281,40 @@ fn inline_body<B: SendBody>(
     framing: Framing,
     out: &mut Vec<u8>,
 ) -> Result<bool, Error> {
-    match framing {
+    let mut left = match framing {
         Framing::Empty | Framing::Length(0) => return Ok(false),
-        Framing::Length(n) if n <= INLINE_BODY => {}
+        Framing::Length(n) if n <= INLINE_BODY => n,
         _ => return Ok(true),
-    }
-    // A body in memory is ready at once; any other says Pending and is
-    // polled again, with a real waker, by the upload.
+    };
+    // A body in memory is ready at once, in one frame or several (a body
+    // with its model spliced in); any other says Pending and is polled
+    // again, with a real waker, by the upload.
     let mut cx = Context::from_waker(Waker::noop());
-    match Pin::new(&mut *body).poll_frame(&mut cx) {
-        Poll::Ready(Some(Ok(frame))) => {
-            if let Ok(data) = frame.into_data() {
-                out.extend_from_slice(&data);
+    loop {
+        match Pin::new(&mut *body).poll_frame(&mut cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    // More than its length said: never sent as framed.
+                    left = left
+                        .checked_sub(data.len() as u64)
+                        .ok_or(Error::RequestBody)?;
+                    out.extend_from_slice(&data);
+                }
+                if body.is_end_stream() {
+                    break;
+                }
             }
-            Ok(!body.is_end_stream())
+            Poll::Ready(Some(Err(_))) => return Err(Error::RequestBody),
+            Poll::Ready(None) => break,
+            Poll::Pending => return Ok(true),
         }
-        Poll::Ready(Some(Err(_))) => Err(Error::RequestBody),
-        Poll::Ready(None) => Ok(false),
-        Poll::Pending => Ok(true),
     }
+    // Shorter than its length said: the upstream would wait for the rest,
+    // and take the next request's bytes for it.
+    if left > 0 {
+        return Err(Error::RequestBody);
+    }
+    Ok(false)
 }
 
 /// The request line and headers, origin-form; the framing headers are ours.
@@ -647,6 +662,52 @@ mod differential;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A body held in pieces whose declared length may lie.
+    struct Pieces(std::collections::VecDeque<Bytes>, u64);
+
+    impl http_body::Body for Pieces {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.0.pop_front().map(|d| Ok(http_body::Frame::data(d))))
+        }
+        fn is_end_stream(&self) -> bool {
+            self.0.is_empty()
+        }
+        fn size_hint(&self) -> SizeHint {
+            SizeHint::with_exact(self.1)
+        }
+    }
+
+    #[test]
+    fn a_body_in_pieces_goes_with_the_head_and_a_wrong_length_is_refused() {
+        let pieces = |p: &[&'static str], len| {
+            Pieces(
+                p.iter().map(|s| Bytes::from_static(s.as_bytes())).collect(),
+                len,
+            )
+        };
+        let mut out = Vec::new();
+        let mut b = pieces(&["{\"model\":", "\"x\"", "}"], 13);
+        assert!(!inline_body(&mut b, Framing::Length(13), &mut out).unwrap());
+        assert_eq!(out, b"{\"model\":\"x\"}");
+        // Longer or shorter than the length the head announced: never sent.
+        let mut out = Vec::new();
+        let mut b = pieces(&["12345", "678"], 5);
+        assert!(matches!(
+            inline_body(&mut b, Framing::Length(5), &mut out),
+            Err(Error::RequestBody)
+        ));
+        let mut b = pieces(&["123"], 5);
+        assert!(matches!(
+            inline_body(&mut b, Framing::Length(5), &mut Vec::new()),
+            Err(Error::RequestBody)
+        ));
+    }
 
     fn head(raw: &[u8], head_only: bool) -> Result<Option<Head>, Error> {
         parse_head(&mut BytesMut::from(raw), head_only)

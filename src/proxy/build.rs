@@ -117,6 +117,7 @@ impl Proxy {
                                     .collect();
                                 ModelEntry {
                                     name: model.name.as_str().into(),
+                                    routed: Default::default(),
                                     model,
                                     allowed: i < routing.models.len(),
                                     backends,

@@ -195,11 +195,14 @@ impl RequestCtx {
         }
         if let (Some(m), Some(route), Some(last)) = (&self.model, self.route(), self.trail.last()) {
             let b = route.backends.get(last.backend);
-            if let Ok(v) = HeaderValue::from_str(&b.upstream.name) {
-                h.insert(X_SLUICE_UPSTREAM.clone(), v);
+            if let Some(v) = &b.upstream_header {
+                h.insert(X_SLUICE_UPSTREAM.clone(), v.clone());
             }
-            let sent = b.model.as_deref().unwrap_or(&m.requested);
-            if let Ok(v) = HeaderValue::from_str(sent) {
+            let sent = match &b.model_header {
+                Some(v) => Some(v.clone()),
+                None => HeaderValue::from_str(&m.requested).ok(),
+            };
+            if let Some(v) = sent {
                 h.insert(X_SLUICE_MODEL.clone(), v);
             }
             if m.fallbacks > 0 {

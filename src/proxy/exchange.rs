@@ -19,7 +19,7 @@ use super::build::RouteState;
 use super::commit::{self, First};
 use super::ctx::RequestCtx;
 use super::is_sse;
-use super::model::{self, Routed};
+use super::model::Routed;
 use crate::backend::{Backend, InFlight, Report, Step, Upstream};
 use crate::body::RequestBody;
 use crate::config::Commit;
@@ -99,8 +99,8 @@ impl<'a> Exchange<'a> {
                 .take()
                 .expect("a request that cannot be replayed is sent once"),
         };
-        if let (Some(r), Some(m)) = (&self.routed, &backend.model) {
-            body.splice(r.span.clone(), model::json_string(m));
+        if let (Some(r), Some(m)) = (&self.routed, &backend.model_json) {
+            body.splice(r.span.clone(), m.clone());
         }
         body
     }

@@ -158,20 +158,21 @@ impl Proxy {
                         .unwrap_or(Err(ProxyError::DeadlineExceeded)),
                     None => target.await,
                 };
-                let unnamed: Arc<str> = Arc::from("-");
+                let unnamed = || Arc::<str>::from("-");
                 match target {
                     Err(e) => {
-                        state.metrics.model_request(&unnamed, "rejected");
+                        state.metrics.model_request(&unnamed(), "rejected");
                         return Err(e);
                     }
                     Ok(model::Target::Direct { unknown }) => {
                         let result = if unknown { "unknown" } else { "passthrough" };
-                        state.metrics.model_request(&unnamed, result);
+                        state.metrics.model_request(&unnamed(), result);
                         None
                     }
                     Ok(model::Target::Model(routed)) => {
-                        let name = &state.backends.current(&routed.plan).name;
-                        state.metrics.model_request(name, "routed");
+                        let entry = state.backends.current(&routed.plan);
+                        let counter = || state.metrics.model_counter(&entry.name, "routed");
+                        entry.routed.get_or_init(counter).inc();
                         ctx.model = Some(Box::new(ctx::ModelCtx {
                             requested: routed.requested.clone(),
                             fallbacks: 0,

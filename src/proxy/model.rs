@@ -144,11 +144,6 @@ fn scan_error(e: ScanError) -> ProxyError {
     }
 }
 
-/// The model sent upstream, as a JSON string.
-pub fn json_string(name: &str) -> Bytes {
-    Bytes::from(serde_json::to_string(name).expect("a string serialises"))
-}
-
 /// Whether `path` is the route's `{prefix}/models`.
 pub fn is_list_models(method: &Method, path: &str, prefix: &str) -> bool {
     (method == Method::GET || method == Method::HEAD)

@@ -678,3 +678,46 @@ async fn after_the_first_event_the_stream_is_the_clients() {
     assert!(text.contains("upstream_reset"), "{text}");
     assert_eq!((a_hits.load(SeqCst), b_hits.load(SeqCst)), (1, 0));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_model_falls_back_after_one_first_byte() {
+    let silent = Mock::start(|_req: Request<Incoming>| async {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        json(200, "{}")
+    })
+    .await;
+    let (b, b_log) = upstream(vec![OK]).await;
+    let models = "[models.m]\ndeployments = [{ upstream = \"a\" }]\nfallbacks = [\"f\"]\n[models.f]\ndeployments = [{ upstream = \"b\" }]\n";
+    let route = "[routes.timeouts]\nfirst_byte = \"2s\"\n";
+    let sidecar = Sidecar::start(&config(&[&silent.url(), &b.url()], models, route), KEYS).await;
+    let started = tokio::time::Instant::now();
+    let (head, _) = post(&sidecar.url("/v1/chat/completions"), chat("m")).await;
+    let took = started.elapsed();
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["x-sluice-upstream"], "b");
+    // timeout is not in retry_on: one attempt on the primary, then the fallback.
+    assert_eq!(head.headers()["x-sluice-attempts"], "2");
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert_eq!(b_log.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn an_empty_budget_stops_the_plan_mid_chain() {
+    let (a, _) = upstream(vec![(503, "", r#"{"error":{"message":"busy"}}"#)]).await;
+    let (b, b_log) = upstream(vec![OK]).await;
+    let models = "[models.m]\ndeployments = [{ upstream = \"a\" }]\nfallbacks = [\"f\"]\n[models.f]\ndeployments = [{ upstream = \"b\" }]\n";
+    // No floor, and a retry costs a thousand requests' deposits.
+    let route = "[routes.retry]\nbudget_ratio = 0.001\nbudget_min_per_second = 0\n";
+    let sidecar = Sidecar::start(&config(&[&a.url(), &b.url()], models, route), KEYS).await;
+    let (head, body) = post(&sidecar.url("/v1/chat/completions"), chat("m")).await;
+    assert_eq!(head.status(), 503);
+    assert!(
+        String::from_utf8_lossy(&body).contains("busy"),
+        "the upstream's own answer"
+    );
+    assert_eq!(head.headers()["x-should-retry"], "false");
+    assert!(b_log.lock().unwrap().is_empty(), "the chain stopped");
+}
