@@ -1,7 +1,7 @@
 //! The incremental scanner over a JSON request body (SPEC §7, "Reading the
 //! body"): finds the top-level fields a route acts on without building a
 //! JSON tree, refuses a body that repeats one, and says where each value
-//! lies so the caller can read it ([`slice`]) or replace it ([`splice`])
+//! lies so the caller can read it ([`slice()`]) or replace it ([`splice`])
 //! without copying or re-serialising the prompt.
 //!
 //! The body arrives in chunks that may split it anywhere, so all state

@@ -74,7 +74,7 @@ struct RunArgs {
     #[arg(long, value_delimiter = ',')]
     conns: Option<Vec<usize>>,
     /// Serve sluice's route with model_routing (the body's model read and
-    /// rewritten through [models]) instead of a plain route.
+    /// rewritten through `[models]`) instead of a plain route.
     #[arg(long)]
     model_routing: bool,
 }
