@@ -7,18 +7,11 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 
+use super::openai::{CLIENT_KEYS, X_SHOULD_RETRY};
 use super::{ErrorInfo, Provider};
-
-static CLIENT_KEYS: [HeaderName; 3] = [
-    header::AUTHORIZATION,
-    HeaderName::from_static("api-key"),
-    HeaderName::from_static("x-api-key"),
-];
 
 static X_LIMIT: HeaderName = HeaderName::from_static("anthropic-ratelimit-requests-limit");
 static X_REMAINING: HeaderName = HeaderName::from_static("anthropic-ratelimit-requests-remaining");
-/// The Anthropic SDKs obey it as the OpenAI ones do.
-static X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 
 #[derive(Debug)]
 pub struct Anthropic;

@@ -9,7 +9,7 @@ use super::{ErrorInfo, Provider};
 
 /// Client key headers: OpenAI's, Azure's and Anthropic's (a client may send
 /// any of them through an OpenAI-compatible route).
-static CLIENT_KEYS: [HeaderName; 3] = [
+pub(super) static CLIENT_KEYS: [HeaderName; 3] = [
     header::AUTHORIZATION,
     HeaderName::from_static("api-key"),
     HeaderName::from_static("x-api-key"),
@@ -19,7 +19,7 @@ static X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests
 static X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
 static X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
 /// The OpenAI (and Anthropic) SDKs obey it.
-static X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
+pub(super) static X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 
 #[derive(Debug)]
 pub struct OpenAi;
