@@ -20,6 +20,55 @@ use crate::server::{whole_frame, whole_hint, ClientBody};
 /// answer is not lost to a TCP reset: nginx's lingering close.
 const LINGER: Duration = Duration::from_secs(5);
 
+/// Request body bytes held in memory across all requests (for replay and
+/// for peeking at a model), against `[server] max_held_body`. Shared by
+/// every config, so a reload does not reset it.
+#[derive(Debug, Default)]
+pub struct HeldBytes(std::sync::atomic::AtomicU64);
+
+/// Bytes one request holds, given back when it is dropped.
+#[derive(Debug)]
+pub struct Held {
+    all: Arc<HeldBytes>,
+    n: u64,
+}
+
+impl HeldBytes {
+    /// Takes `n` more bytes for `held`, unless that would pass `max`.
+    pub fn take(self: &Arc<Self>, held: &mut Option<Held>, n: u64, max: u64) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        if n == 0 {
+            return true;
+        }
+        let ok = self
+            .0
+            .fetch_update(Relaxed, Relaxed, |now| {
+                now.checked_add(n).filter(|&t| t <= max)
+            })
+            .is_ok();
+        if ok {
+            held.get_or_insert_with(|| Held {
+                all: self.clone(),
+                n: 0,
+            })
+            .n += n;
+        }
+        ok
+    }
+
+    pub fn now(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.all
+            .0
+            .fetch_sub(self.n, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Limits for request bodies, from `[server]`.
 #[derive(Debug, Clone, Copy)]
 pub struct BodyLimits {

@@ -106,6 +106,7 @@ pub async fn run(
     let shared = Arc::new(proxy::Shared {
         metrics: Arc::default(),
         drain: drain.clone(),
+        held: Arc::default(),
     });
     let metrics = shared.metrics.clone();
     let proxy = Arc::new(ArcSwap::from_pointee(proxy::Proxy::new(

@@ -21,6 +21,8 @@ use crate::route::RouteTable;
 pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub drain: drain::Watch,
+    /// Request body bytes held across all requests.
+    pub held: Arc<crate::body::HeldBytes>,
 }
 
 /// What a route sends to and what it keeps between requests.
@@ -158,6 +160,8 @@ impl Proxy {
                 read_timeout: config.server.header_read_timeout,
             },
             loads,
+            held: shared.held.clone(),
+            max_held_body: config.server.max_held_body,
         }
     }
 }

@@ -50,6 +50,9 @@ pub struct Proxy {
     unrouted: Arc<RouteMetrics>,
     drain: drain::Watch,
     limits: BodyLimits,
+    /// Request body bytes held across all requests, and their cap.
+    held: Arc<crate::body::HeldBytes>,
+    max_held_body: u64,
     /// Each deployment's load, by upstream, address and model.
     loads: std::collections::HashMap<build::LoadKey, Arc<crate::backend::Load>>,
 }
@@ -141,16 +144,31 @@ impl Proxy {
         {
             return Ok(Answer::Local(model::list_models(&state.backends)));
         }
-        let mut body = read_body(body, &parts, state, self.limits, total).await?;
+        // What the body will hold in memory, taken before it is read: a
+        // whole body up to retry_buffer (one of unknown length counts as
+        // that much), and more later while peeking for a model.
+        let mut held = None;
+        let limits = self.limits;
+        let expected = match http_body::Body::size_hint(&body).exact() {
+            Some(n) => n.min(limits.retry_buffer.max(1)),
+            None => limits.retry_buffer,
+        };
+        if !self.held.take(&mut held, expected, self.max_held_body) {
+            return Err(ProxyError::Overloaded);
+        }
+        let mut body = read_body(body, &parts, state, limits, total).await?;
         let routed = match routing {
             None => None,
             Some(routing) => {
+                let (all, max) = (&self.held, self.max_held_body);
+                let mut reserve = |n| all.take(&mut held, n, max);
                 let target = model::route(
                     &parts,
                     &mut body,
                     routing,
                     &state.backends,
                     self.limits.read_timeout,
+                    &mut reserve,
                 );
                 let target = match total {
                     Some(d) => tokio::time::timeout_at(d, target)

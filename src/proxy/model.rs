@@ -74,6 +74,7 @@ pub async fn route(
     routing: &ModelRouting,
     backends: &Backends,
     read_timeout: std::time::Duration,
+    reserve: &mut (dyn FnMut(u64) -> bool + Send),
 ) -> Result<Target, ProxyError> {
     if let Err(e) = readable(parts) {
         return match backends.direct() {
@@ -105,6 +106,10 @@ pub async fn route(
                 return Err(ProxyError::RoutingBodyTooLarge);
             }
             match body.hold_more(read_timeout).await? {
+                // Held beyond what was taken for the body up front.
+                Some(chunk) if !reserve(chunk.len() as u64) => {
+                    return Err(ProxyError::Overloaded);
+                }
                 Some(chunk) => {
                     scanner.feed(&chunk).map_err(scan_error)?;
                     offset += chunk.len() as u64;

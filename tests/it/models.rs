@@ -721,3 +721,52 @@ async fn an_empty_budget_stops_the_plan_mid_chain() {
     assert_eq!(head.headers()["x-should-retry"], "false");
     assert!(b_log.lock().unwrap().is_empty(), "the chain stopped");
 }
+
+#[tokio::test]
+async fn bodies_held_across_requests_are_capped_by_max_held_body() {
+    let (mock, log) = upstream(vec![OK]).await;
+    let models = "[models.m]\ndeployments = [{ upstream = \"a\" }]\n";
+    let toml = format!(
+        "[server]\nretry_buffer = \"1KiB\"\nmax_held_body = 1500\n\n{}",
+        config(&[&mock.url()], models, "")
+    );
+    let sidecar = Sidecar::start(&toml, KEYS).await;
+    let url = sidecar.url("/v1/chat/completions");
+    // A body of unknown length, still arriving, counts as retry_buffer.
+    let (tx, body) = channel();
+    let req = Request::post(&url)
+        .header("content-type", "application/json")
+        .body(body)
+        .unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<MockBody>();
+    let first = tokio::spawn(async move { client.request(req).await.expect("request failed") });
+    tx.send(r#"{"model":"m","messages":["#).await.unwrap();
+    // Until it is in, a 600-byte body would pass 1500.
+    let big = format!(
+        r#"{{"model":"m","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(560)
+    );
+    let (mut refused, mut early) = (false, 0);
+    for _ in 0..50 {
+        let (head, body) = post(&url, big.clone()).await;
+        if head.status() == 503 {
+            assert_sluice_error(&head, &body, 503, "overloaded");
+            assert_eq!(head.headers()["retry-after"], "1");
+            refused = true;
+            break;
+        }
+        // The first request had not been read yet: try again.
+        early += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "a body over max_held_body was not refused");
+    tx.send("]}").await.unwrap();
+    drop(tx);
+    let (head, _) = collect(first.await.unwrap()).await;
+    assert_eq!(head.status(), 200);
+    // Given back: the same body goes through now.
+    let (head, _) = post(&url, big).await;
+    assert_eq!(head.status(), 200);
+    assert_eq!(log.lock().unwrap().len(), 2 + early);
+}
