@@ -53,6 +53,48 @@ fn the_example_config_documents_every_key() {
         "strip_prefix",
         "upstream",
     ] {
+        documented(&text, "config.example.toml", key);
+    }
+    // The LLM layer's keys, in the example with models.
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config.models.example.toml"
+    ))
+    .unwrap();
+    for key in [
+        "preset",
+        "inject_usage",
+        "azure_api",
+        "api_version",
+        "consecutive_failures",
+        "failure_ratio",
+        "min_requests",
+        "window",
+        "base_ejection",
+        "max_ejection",
+        "auth_ejection",
+        "honor_rate_limit_headers",
+        "balance",
+        "hash_header",
+        "attempts",
+        "fallbacks",
+        "on_all_ejected",
+        "model_routing",
+        "models",
+        "unknown_model",
+        "peek_limit",
+        "list_models",
+        "fallback_on",
+        "commit",
+        "commit_buffer",
+    ] {
+        documented(&text, "config.models.example.toml", key);
+    }
+}
+
+/// `key = ...` appears in `text`, active or commented out, with a comment.
+fn documented(text: &str, file: &str, key: &str) {
+    {
         let line = text
             .lines()
             .find(|l| {
@@ -60,7 +102,7 @@ fn the_example_config_documents_every_key() {
                     .trim_start_matches("# ")
                     .starts_with(&format!("{key} ="))
             })
-            .unwrap_or_else(|| panic!("config.example.toml lacks {key}"));
+            .unwrap_or_else(|| panic!("{file} lacks {key}"));
         assert!(line.contains(" # "), "{key} has no comment: {line}");
     }
 }
