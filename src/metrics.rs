@@ -331,7 +331,7 @@ pub struct DeploymentMeters {
 impl DeploymentMeters {
     /// Sets the state gauges: 1 for `state`, 0 for the others.
     pub fn show(&self, state: crate::backend::DeploymentState) {
-        for s in ["healthy", "ejected", "half_open"] {
+        for s in ["healthy", "ejected", "half_open", "saturated"] {
             let labels = DeploymentStateLabels {
                 upstream: self.upstream.clone(),
                 model: self.model.clone(),

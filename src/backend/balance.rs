@@ -59,6 +59,15 @@ impl Load {
         }
     }
 
+    /// Its rate limit is used up for `wait` (`x-ratelimit-remaining-*: 0`).
+    pub fn saturate(&self, wait: std::time::Duration, now: Instant) {
+        let (Some(h), Some(m)) = (&self.health, &self.meters) else {
+            return;
+        };
+        h.saturate(now + wait);
+        m.show(h.state(now));
+    }
+
     /// Takes the probe of an ejected deployment whose ejection is over.
     pub fn take_probe(&self, now: Instant) -> bool {
         let (Some(h), Some(m)) = (&self.health, &self.meters) else {

@@ -54,6 +54,8 @@ pub enum State {
     Healthy,
     Ejected,
     HalfOpen,
+    /// Its rate limit is used up (`x-ratelimit-remaining-*: 0`) until the reset.
+    Saturated,
 }
 
 impl State {
@@ -62,6 +64,7 @@ impl State {
             Self::Healthy => "healthy",
             Self::Ejected => "ejected",
             Self::HalfOpen => "half_open",
+            Self::Saturated => "saturated",
         }
     }
 }
@@ -85,6 +88,8 @@ struct Inner {
     buckets: Vec<(u64, u32, u32)>,
     /// The clock's origin for bucket numbers.
     origin: Instant,
+    /// Its rate limit is used up until then: skipped, but not failed.
+    saturated: Option<Instant>,
 }
 
 /// Whether a deployment may take an attempt now.
@@ -108,6 +113,7 @@ impl Health {
                 probing: None,
                 buckets: Vec::with_capacity(buckets),
                 origin: Instant::now(),
+                saturated: None,
             }),
         }
     }
@@ -123,6 +129,9 @@ impl Health {
     /// Whether an attempt may go now, without taking the probe.
     pub fn access(&self, now: Instant) -> Access {
         let s = self.lock();
+        if s.saturated.is_some_and(|t| now < t) {
+            return Access::Closed;
+        }
         match s.until {
             None => Access::Open,
             Some(until) if now < until => Access::Closed,
@@ -146,10 +155,23 @@ impl Health {
 
     /// When it can be tried again (now, if it can).
     pub fn ready_at(&self) -> Option<Instant> {
-        self.lock().until
+        let s = self.lock();
+        s.until.max(s.saturated)
+    }
+
+    /// The upstream said its rate limit is used up until `until`: skipped
+    /// until then, without counting as a failure.
+    pub fn saturate(&self, until: Instant) {
+        if self.cfg.honor_rate_limit_headers {
+            let mut s = self.lock();
+            s.saturated = Some(s.saturated.map_or(until, |t| t.max(until)));
+        }
     }
 
     pub fn state(&self, now: Instant) -> State {
+        if self.lock().saturated.is_some_and(|t| now < t) {
+            return State::Saturated;
+        }
         match self.access(now) {
             Access::Open => State::Healthy,
             Access::Probe => State::HalfOpen,
@@ -343,6 +365,29 @@ mod tests {
         for _ in 0..4 {
             assert_eq!(h.report(Report::Failed, now()), None);
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_used_up_rate_limit_saturates_until_its_reset_without_a_failure() {
+        let h = Health::new(cfg());
+        let now = Instant::now;
+        h.saturate(now() + Duration::from_secs(6));
+        assert_eq!(
+            (h.access(now()), h.state(now())),
+            (Access::Closed, State::Saturated)
+        );
+        advance(6).await;
+        assert_eq!(
+            (h.access(now()), h.state(now())),
+            (Access::Open, State::Healthy)
+        );
+        // Off with honor_rate_limit_headers = false.
+        let h = Health::new(HealthConfig {
+            honor_rate_limit_headers: false,
+            ..cfg()
+        });
+        h.saturate(now() + Duration::from_secs(6));
+        assert_eq!(h.access(now()), Access::Open);
     }
 
     #[tokio::test(start_paused = true)]

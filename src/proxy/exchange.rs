@@ -233,8 +233,13 @@ impl Attempt for Exchange<'_> {
             _ => {}
         }
         if self.routed.is_some() {
+            let now = Instant::now();
             let report = health_report(judged.as_ref().map(|(_, o)| *o), injected);
-            backend.load.report(report, Instant::now());
+            backend.load.report(report, now);
+            let headers = judged.as_ref().ok().map(|(f, _)| f.res.headers());
+            if let Some(wait) = headers.and_then(crate::provider::openai::used_up_for) {
+                backend.load.saturate(wait, now);
+            }
         }
         let (mut fwd, outcome) = judged?;
         fwd.in_flight = in_flight;

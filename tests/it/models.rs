@@ -36,7 +36,7 @@ async fn upstream(answers: Vec<(u16, &'static str, &'static str)>) -> (Mock, Log
             let mut res = Response::builder()
                 .status(status)
                 .header("content-type", "application/json");
-            if let Some((k, v)) = extra.split_once(": ") {
+            for (k, v) in extra.lines().filter_map(|l| l.split_once(": ")) {
                 res = res.header(k, v);
             }
             res.body(full(body)).unwrap()
@@ -769,4 +769,43 @@ async fn bodies_held_across_requests_are_capped_by_max_held_body() {
     let (head, _) = post(&url, big).await;
     assert_eq!(head.status(), 200);
     assert_eq!(log.lock().unwrap().len(), 2 + early);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_used_up_rate_limit_takes_a_deployment_out_until_its_reset() {
+    let used_up = (
+        200,
+        "x-ratelimit-remaining-requests: 0\nx-ratelimit-reset-requests: 20s",
+        r#"{"id":"ok"}"#,
+    );
+    let (a, a_log) = upstream(vec![used_up, OK]).await;
+    let (b, b_log) = upstream(vec![OK]).await;
+    let models = "[models.m]\ndeployments = [{ upstream = \"a\" }, { upstream = \"b\", priority = 1 }]\nbalance = \"priority\"\n";
+    let sidecar = Sidecar::start(&config(&[&a.url(), &b.url()], models, ""), KEYS).await;
+    let url = sidecar.url("/v1/chat/completions");
+    let upstream_of = |head: &Response<()>| {
+        head.headers()["x-sluice-upstream"]
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (head, _) = post(&url, chat("m")).await;
+    assert_eq!(upstream_of(&head), "a");
+    let (head, _) = post(&url, chat("m")).await;
+    assert_eq!(upstream_of(&head), "b", "a is saturated until its reset");
+    let (_, metrics) = get(&sidecar.admin_url("/metrics")).await;
+    let metrics = String::from_utf8_lossy(&metrics);
+    let line = r#"sluice_deployment_state{upstream="a",model="m",state="saturated"} 1"#;
+    assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+    assert!(
+        !metrics.contains(r#"sluice_deployment_ejections_total{upstream="a""#),
+        "not a failure"
+    );
+    tokio::time::advance(Duration::from_secs(20)).await;
+    let (head, _) = post(&url, chat("m")).await;
+    assert_eq!(upstream_of(&head), "a");
+    assert_eq!(
+        (a_log.lock().unwrap().len(), b_log.lock().unwrap().len()),
+        (2, 1)
+    );
 }
