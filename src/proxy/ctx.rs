@@ -231,6 +231,17 @@ impl RequestCtx {
             _ => {}
         }
         self.permit = None;
+        // A stream the upstream broke or left silent after it was committed
+        // counts against the deployment's health too.
+        if let (Some(_), Some(r), Some(last)) = (&self.model, self.route(), self.trail.last()) {
+            if matches!(
+                self.end,
+                BodyEnd::Failed(StreamFailure::IdleTimeout | StreamFailure::UpstreamReset)
+            ) {
+                let load = &r.backends.get(last.backend).load;
+                load.report(crate::backend::Report::Failed, Instant::now());
+            }
+        }
         let route = self.route();
         // The backend of the last attempt, or before any the route's own
         // upstream (a model-routed route may have none).

@@ -809,3 +809,35 @@ async fn a_used_up_rate_limit_takes_a_deployment_out_until_its_reset() {
         (2, 1)
     );
 }
+
+#[tokio::test]
+async fn a_stream_broken_after_commit_counts_against_its_deployment() {
+    const EVENTS: &[&str] = &["data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n"];
+    let (a, _) = sse_upstream(EVENTS, true).await;
+    let (b, b_hits) = sse_upstream(EVENTS, false).await;
+    let models = "[models.m]\ndeployments = [{ upstream = \"a\" }, { upstream = \"b\", priority = 1 }]\nbalance = \"priority\"\n";
+    let toml = config(&[&a.url(), &b.url()], models, "").replace(
+        "[upstreams.a]\n",
+        "[upstreams.a]\nhealth = { consecutive_failures = 1 }\n",
+    );
+    let sidecar = Sidecar::start(&toml, KEYS).await;
+    let url = sidecar.url("/v1/chat/completions");
+    let (head, body) = post(&url, chat("m")).await;
+    assert_eq!(head.headers()["x-sluice-upstream"], "a");
+    assert!(String::from_utf8_lossy(&body).contains("upstream_reset"));
+    // The access line, and so the report, comes when the body is dropped.
+    let mut moved = false;
+    for _ in 0..50 {
+        let (head, _) = post(&url, chat("m")).await;
+        if head.headers()["x-sluice-upstream"] == "b" {
+            moved = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        moved,
+        "a stayed in rotation after breaking a committed stream"
+    );
+    assert!(b_hits.load(SeqCst) >= 1);
+}
