@@ -96,6 +96,10 @@ pub struct Streaming {
     seen: u64,
     max: u64,
     state: Arc<StreamState>,
+    /// Model routing read the start of this body: the rest is scanned as it
+    /// streams, and a field it acts on repeated later breaks the upload off
+    /// (the upstream never sees a complete body with two values).
+    scanner: Option<Box<crate::scan::Scanner>>,
 }
 
 /// What the proxy watches of a streaming body while an attempt runs.
@@ -187,7 +191,16 @@ impl RequestBody {
             seen,
             max: limits.max_request_body,
             state: Arc::default(),
+            scanner: None,
         }))
+    }
+
+    /// Scans the rest of a streaming body with `scanner` (which has read
+    /// what is held) as it goes upstream.
+    pub fn scan_rest(&mut self, scanner: crate::scan::Scanner) {
+        if let Self::Streaming(s) = self {
+            s.scanner = Some(Box::new(scanner));
+        }
     }
 
     /// A streaming body's state; `None` for a whole body.
@@ -311,6 +324,11 @@ impl Body for RequestBody {
                         s.seen += d.len() as u64;
                         if s.seen > s.max {
                             return Err(fail(ProxyError::RequestTooLarge));
+                        }
+                        if let Some(scan) = &mut s.scanner {
+                            if let Err(crate::scan::ScanError::Duplicate(_)) = scan.feed(d) {
+                                return Err(fail(ProxyError::AmbiguousRequestBody));
+                            }
                         }
                     }
                     Ok(f)

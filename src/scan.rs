@@ -249,6 +249,7 @@ fn unescape(raw: &[u8], out: &mut [u8; LONGEST]) -> Option<usize> {
 }
 
 /// Scans one JSON request body fed in chunks; see the module docs.
+#[derive(Debug)]
 pub struct Scanner {
     watched: Fields,
     state: State,

@@ -126,6 +126,10 @@ pub async fn route(
         .ok_or(ProxyError::ModelRequired)?
         .value
         .clone();
+    if !whole {
+        // The rest streams: a second `model` in it still breaks it off.
+        body.scan_rest(scanner);
+    }
     let held = body.held();
     let name: String = serde_json::from_slice(&scan::slice(&held, span.clone()))
         .map_err(|_| ProxyError::ModelRequired)?;

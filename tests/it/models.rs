@@ -841,3 +841,57 @@ async fn a_stream_broken_after_commit_counts_against_its_deployment() {
     );
     assert!(b_hits.load(SeqCst) >= 1);
 }
+
+#[tokio::test]
+async fn a_second_model_later_in_a_streamed_body_breaks_the_upload_off() {
+    let complete = Arc::new(AtomicUsize::new(0));
+    let c = complete.clone();
+    let mock = Mock::start(move |req: Request<Incoming>| {
+        let c = c.clone();
+        async move {
+            if read_body(req.into_body()).await.is_ok() {
+                c.fetch_add(1, SeqCst);
+            }
+            json(200, r#"{"id":"ok"}"#)
+        }
+    })
+    .await;
+    let models = "[models.m]\ndeployments = [{ upstream = \"a\" }]\n[models.other]\ndeployments = [{ upstream = \"a\" }]\n";
+    let toml = format!(
+        "[server]\nretry_buffer = \"1KiB\"\n\n{}",
+        config(&[&mock.url()], models, "")
+    );
+    let sidecar = Sidecar::start(&toml, KEYS).await;
+    let body = format!(
+        r#"{{"model":"m","messages":[{{"role":"user","content":"{}"}}],"model":"other"}}"#,
+        "x".repeat(8192)
+    );
+    // Chunked (no length), so it streams past retry_buffer.
+    let (tx, stream) = channel();
+    let req = Request::post(sidecar.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(stream)
+        .unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<MockBody>();
+    let res = tokio::spawn(async move { client.request(req).await });
+    for piece in body.as_bytes().chunks(1000) {
+        if tx.send(Bytes::copy_from_slice(piece)).await.is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    let res = tokio::time::timeout(Duration::from_secs(20), res)
+        .await
+        .unwrap()
+        .unwrap();
+    if let Ok(res) = res {
+        let (head, got) = collect(res).await;
+        assert_sluice_error(&head, &got, 400, "ambiguous_request_body");
+    }
+    assert_eq!(
+        complete.load(SeqCst),
+        0,
+        "the upstream never got a whole body"
+    );
+}
