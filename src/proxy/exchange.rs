@@ -399,6 +399,8 @@ fn health_report(judged: Result<Outcome, &ProxyError>, injected_key: bool) -> Re
             429 => hint.map_or(Report::Failed, Report::RateLimited),
             501 => Report::Fine,
             s if s >= 500 => Report::Failed,
+            // The client's mistake says nothing of the upstream, either way.
+            400..=499 => Report::Ignored,
             _ => Report::Fine,
         },
         Ok(Outcome::StreamError) => Report::Failed,
@@ -410,5 +412,49 @@ fn health_report(judged: Result<Outcome, &ProxyError>, injected_key: bool) -> Re
             // The client's body, sluice's own deadline: not the upstream's doing.
             _ => Report::Ignored,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::StatusCode;
+
+    fn status(code: u16) -> Result<Outcome, &'static ProxyError> {
+        Ok(Outcome::Response {
+            status: StatusCode::from_u16(code).unwrap(),
+            hint: None,
+            quota: false,
+        })
+    }
+
+    #[test]
+    fn only_what_the_upstream_caused_counts_for_health() {
+        assert_eq!(health_report(status(200), true), Report::Fine);
+        assert_eq!(health_report(status(501), true), Report::Fine);
+        for code in [500, 502, 503, 504, 529, 429] {
+            assert_eq!(health_report(status(code), true), Report::Failed, "{code}");
+        }
+        for code in [400, 404, 413, 422] {
+            assert_eq!(health_report(status(code), true), Report::Ignored, "{code}");
+        }
+        assert_eq!(health_report(status(401), true), Report::KeyRefused);
+        assert_eq!(health_report(status(401), false), Report::Ignored);
+        assert_eq!(
+            health_report(Ok(Outcome::StreamError), true),
+            Report::Failed
+        );
+        assert_eq!(
+            health_report(Err(&ProxyError::ConnectFailed), true),
+            Report::Failed
+        );
+        assert_eq!(
+            health_report(Err(&ProxyError::BadRequest), true),
+            Report::Ignored
+        );
+        assert_eq!(
+            health_report(Err(&ProxyError::DeadlineExceeded), true),
+            Report::Ignored
+        );
     }
 }
