@@ -126,6 +126,10 @@ pub async fn route(
         .ok_or(ProxyError::ModelRequired)?
         .value
         .clone();
+    // The same limit whether the body was held whole or not.
+    if span.end > routing.peek_limit {
+        return Err(ProxyError::RoutingBodyTooLarge);
+    }
     if !whole {
         // The rest streams: a second `model` in it still breaks it off.
         body.scan_rest(scanner);

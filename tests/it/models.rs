@@ -895,3 +895,17 @@ async fn a_second_model_later_in_a_streamed_body_breaks_the_upload_off() {
         "the upstream never got a whole body"
     );
 }
+
+#[tokio::test]
+async fn a_model_past_peek_limit_is_413() {
+    let (mock, log) = upstream(vec![OK]).await;
+    let models = "[models.m]\ndeployments = [{ upstream = \"a\" }]\n";
+    let sidecar = Sidecar::start(&config(&[&mock.url()], models, "peek_limit = 64\n"), KEYS).await;
+    let url = sidecar.url("/v1/chat/completions");
+    let late = format!(r#"{{"messages":["{}"],"model":"m"}}"#, "x".repeat(100));
+    let (head, body) = post(&url, late).await;
+    assert_sluice_error(&head, &body, 413, "routing_body_too_large");
+    let (head, _) = post(&url, chat("m")).await;
+    assert_eq!(head.status(), 200);
+    assert_eq!(log.lock().unwrap().len(), 1);
+}
