@@ -103,11 +103,13 @@ pub async fn run(
     mut reloads: mpsc::UnboundedReceiver<Reload>,
 ) {
     let (signal, drain) = drain::channel();
+    let held: Arc<body::HeldBytes> = Arc::default();
     let shared = Arc::new(proxy::Shared {
         metrics: Arc::default(),
         drain: drain.clone(),
-        held: Arc::default(),
+        held: held.clone(),
     });
+    shared.metrics.watch_held(held);
     let metrics = shared.metrics.clone();
     let proxy = Arc::new(ArcSwap::from_pointee(proxy::Proxy::new(
         &config, &shared, None,

@@ -70,6 +70,14 @@ struct FallbackLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TtftLabels {
+    route: Arc<String>,
+    upstream: Arc<String>,
+    /// The deployment's model, or "-" for the body's as sent.
+    model: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DeploymentLabels {
     upstream: Arc<str>,
     /// The model sent upstream, or "-" for the body's as sent.
@@ -99,10 +107,12 @@ struct ResultLabel {
 /// all in one `Default`.
 macro_rules! families {
     ($($field:ident: $ty:ty = $make:expr, $name:literal, $help:literal;)*) => {
-        /// Every family SPEC §6 names.
+        /// Every family SPEC §6 and §12 name.
         #[derive(Debug)]
         pub struct Metrics {
             registry: Registry,
+            /// Read into `held_bytes` when the metrics are scraped.
+            held: OnceLock<Arc<crate::body::HeldBytes>>,
             $($field: $ty,)*
         }
 
@@ -113,7 +123,7 @@ macro_rules! families {
                     let $field: $ty = $make;
                     registry.register($name, $help, $field.clone());
                 )*
-                Self { registry, $($field,)* }
+                Self { registry, held: OnceLock::new(), $($field,)* }
             }
         }
     };
@@ -150,15 +160,29 @@ families! {
         "deployment_state", "1 for the state each deployment is in (healthy, ejected, half_open)";
     deployment_ejections: Family<EjectionLabels, Counter> = Family::default(),
         "deployment_ejections", "Deployments taken out of rotation, by reason";
+    ttft: Family<TtftLabels, Histogram, fn() -> Histogram> = Family::new_with_constructor(latency),
+        "upstream_ttft_seconds", "Model-routed event streams: attempt sent to the first body bytes";
+    held_bytes: Gauge = Gauge::default(),
+        "request_body_held_bytes", "Request body bytes held in memory across all requests";
 }
 
 impl Metrics {
     /// The Prometheus (OpenMetrics) text.
     pub fn encode(&self) -> String {
+        if let Some(held) = self.held.get() {
+            self.held_bytes
+                .set(i64::try_from(held.now()).unwrap_or(i64::MAX));
+        }
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// Shows `held` as `sluice_request_body_held_bytes`, read at each
+    /// scrape (the requests that hold bytes never touch the gauge).
+    pub fn watch_held(&self, held: Arc<crate::body::HeldBytes>) {
+        let _ = self.held.set(held);
     }
 
     /// Counts a reload: `ok` or `error`.
@@ -211,6 +235,7 @@ impl Metrics {
         BackendMetrics {
             ok_attempt: OnceLock::new(),
             ttfb: self.ttfb.get_or_create(&labels).clone(),
+            ttft: None,
             labels,
             all: self.clone(),
         }
@@ -299,9 +324,23 @@ pub struct BackendMetrics {
     /// The series of the common outcome (2xx), kept once looked up.
     ok_attempt: OnceLock<Counter>,
     pub ttfb: Histogram,
+    /// Time to the first token, kept for the backends of model-routed routes.
+    pub ttft: Option<Histogram>,
 }
 
 impl BackendMetrics {
+    /// Times this backend's event streams to their first bytes, labelled
+    /// with `model` (the deployment's, or "-").
+    pub fn time_first_token(mut self, model: &str) -> Self {
+        let labels = TtftLabels {
+            route: self.labels.route.clone(),
+            upstream: self.labels.upstream.clone(),
+            model: model.into(),
+        };
+        self.ttft = Some(self.all.ttft.get_or_create(&labels).clone());
+        self
+    }
+
     /// `outcome`: "2xx".."5xx" or a failure word.
     pub fn attempt(&self, outcome: &'static str) {
         let series = || {

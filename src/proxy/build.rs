@@ -69,23 +69,28 @@ impl Proxy {
                     }
                     (_, l) => l.as_ref().map(Limiter::new),
                 };
-                let backend = |up: &Arc<Upstream>| {
+                // A model-routed route's backends also time the first token.
+                let backend = |up: &Arc<Upstream>, model: Option<&str>| {
+                    let mut m = metrics.backend(&r.name, &up.name);
+                    if r.model_routing.is_some() {
+                        m = m.time_first_token(model.unwrap_or("-"));
+                    }
                     Backend::new(
                         up.clone(),
                         pools[up.name.as_str()].clone(),
                         provider(up.dialect),
-                        metrics.backend(&r.name, &up.name),
+                        m,
                     )
                 };
                 let backends = match &r.model_routing {
                     None => {
                         let up = r.upstream.as_ref().expect("a plain route has an upstream");
-                        Backends::new(vec![Arc::new(backend(up))])
+                        Backends::new(vec![Arc::new(backend(up, None))])
                     }
                     Some(routing) => {
                         let mut list = Vec::new();
                         let direct = r.upstream.as_ref().map(|up| {
-                            list.push(Arc::new(backend(up)));
+                            list.push(Arc::new(backend(up, None)));
                             0
                         });
                         // The allowed models, then the fallbacks they name.
@@ -112,7 +117,8 @@ impl Proxy {
                                         let load =
                                             deployment_load(d, old_loads, &mut loads, metrics);
                                         list.push(Arc::new(
-                                            backend(&d.upstream).deployment(d, load),
+                                            backend(&d.upstream, d.model.as_deref())
+                                                .deployment(d, load),
                                         ));
                                         list.len() - 1
                                     })

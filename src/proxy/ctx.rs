@@ -19,6 +19,7 @@ use crate::config::Timeouts;
 use crate::error::StreamFailure;
 use crate::metrics::RouteMetrics;
 use crate::provider::{Provider, OPENAI};
+use prometheus_client::metrics::histogram::Histogram;
 
 static X_SLUICE_ATTEMPTS: HeaderName = HeaderName::from_static("x-sluice-attempts");
 static X_SLUICE_UPSTREAM: HeaderName = HeaderName::from_static("x-sluice-upstream");
@@ -35,6 +36,17 @@ pub struct ModelCtx {
     pub fallbacks: u32,
     /// The answering deployment is busy until the response ends.
     pub in_flight: Option<InFlight>,
+    /// An event stream's first bytes still to be timed (attempt sent, histogram).
+    pub first_token: Option<(Instant, Histogram)>,
+}
+
+impl ModelCtx {
+    /// The response's first body bytes went out: times the first token.
+    pub fn first_bytes(&mut self) {
+        if let Some((sent, h)) = self.first_token.take() {
+            h.observe(sent.elapsed().as_secs_f64());
+        }
+    }
 }
 
 /// A route's deadlines for one request, computed once at routing.

@@ -12,6 +12,7 @@ use http::request::Parts;
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode, Uri};
 use http_body::Body as _;
 use http_body_util::BodyExt;
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::time::Instant;
 
 use super::attempts::Attempt;
@@ -36,6 +37,9 @@ pub struct Forwarded {
     pub head: VecDeque<Bytes>,
     /// A model-routed response's deployment is busy until it ends.
     pub in_flight: Option<InFlight>,
+    /// An event stream's first bytes still to be timed: when the attempt
+    /// was sent, and the histogram.
+    pub first_token: Option<(Instant, Histogram)>,
 }
 
 /// The request's attempts at its route's backends.
@@ -143,6 +147,7 @@ impl<'a> Exchange<'a> {
             res,
             head: VecDeque::new(),
             in_flight: None,
+            first_token: None,
         };
         let mut quota = false;
         if retryable && status == StatusCode::TOO_MANY_REQUESTS {
@@ -160,14 +165,24 @@ impl<'a> Exchange<'a> {
             hint,
             quota,
         };
-        if policy.commit == Commit::FirstEvent && status.is_success() && is_sse(fwd.res.headers()) {
+        let stream = status.is_success() && is_sse(fwd.res.headers());
+        let ttft = backend.metrics.ttft.as_ref().filter(|_| stream);
+        if stream && policy.commit == Commit::FirstEvent {
             let until = self.ctx.deadlines.first_byte_at(sent);
             let (parts, mut body) = fwd.res.into_parts();
             let first = commit::hold(&mut body, &mut fwd.head, until, policy.commit_buffer).await?;
             fwd.res = Response::from_parts(parts, body);
-            if first == First::Error {
-                outcome = Outcome::StreamError;
+            match first {
+                First::Error => outcome = Outcome::StreamError,
+                // Held to its first event: timed now, once.
+                _ => {
+                    if let Some(h) = ttft {
+                        h.observe(sent.elapsed().as_secs_f64());
+                    }
+                }
             }
+        } else {
+            fwd.first_token = ttft.map(|h| (sent, h.clone()));
         }
         Ok((fwd, outcome))
     }
@@ -384,6 +399,7 @@ async fn peek_quota(
             res: Response::from_parts(parts, body),
             head,
             in_flight: None,
+            first_token: None,
         },
         quota,
     ))

@@ -195,6 +195,7 @@ impl Proxy {
                             requested: routed.requested.clone(),
                             fallbacks: 0,
                             in_flight: None,
+                            first_token: None,
                         }));
                         Some(routed)
                     }
@@ -233,6 +234,7 @@ impl Proxy {
         ctx.status = Some(fwd.res.status());
         if let Some(m) = &mut ctx.model {
             m.in_flight = fwd.in_flight;
+            m.first_token = fwd.first_token;
         }
         let (mut parts, body) = fwd.res.into_parts();
         backend::strip_hop_by_hop(&mut parts.headers);

@@ -221,6 +221,9 @@ impl Body for ResponseBody {
                     this.ctx.bytes_out += d.len() as u64;
                     if this.sse && !d.is_empty() {
                         this.at_boundary = d.ends_with(b"\n\n") || d.ends_with(b"\r\n\r\n");
+                        if let Some(m) = &mut this.ctx.model {
+                            m.first_bytes();
+                        }
                     }
                 }
                 if let Some(t) = &mut this.timer {

@@ -761,6 +761,11 @@ async fn bodies_held_across_requests_are_capped_by_max_held_body() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(refused, "a body over max_held_body was not refused");
+    // The held bytes show at a scrape: the first body's retry_buffer.
+    let (_, metrics) = get(&sidecar.admin_url("/metrics")).await;
+    let metrics = String::from_utf8_lossy(&metrics);
+    let line = "sluice_request_body_held_bytes 1024\n";
+    assert!(metrics.contains(line), "{line} missing:\n{metrics}");
     tx.send("]}").await.unwrap();
     drop(tx);
     let (head, _) = collect(first.await.unwrap()).await;
@@ -769,6 +774,63 @@ async fn bodies_held_across_requests_are_capped_by_max_held_body() {
     let (head, _) = post(&url, big).await;
     assert_eq!(head.status(), 200);
     assert_eq!(log.lock().unwrap().len(), 2 + early);
+    let (_, metrics) = get(&sidecar.admin_url("/metrics")).await;
+    let metrics = String::from_utf8_lossy(&metrics);
+    let line = "sluice_request_body_held_bytes 0\n";
+    assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+}
+
+/// The value of the series `name{labels}` in a Prometheus text scrape.
+fn series(metrics: &str, name_and_labels: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+}
+
+// Wall clock: under the paused clock a frame that comes after a sleep can
+// lose the race with the client's own timeout. Bounds only, no upper one.
+#[tokio::test]
+async fn time_to_first_token_runs_to_the_streams_first_bytes_not_its_headers() {
+    // Headers at once, the first event 1 s later.
+    let slow_start = Mock::start(|_req: Request<Incoming>| async {
+        let (tx, body) = channel();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let _ = tx.send("data: {\"choices\":[]}\n\n").await;
+            let _ = tx.send("data: [DONE]\n\n").await;
+        });
+        sse(body)
+    })
+    .await;
+    let models = "[models.m]\ndeployments = [{ upstream = \"a\", model = \"m-1\" }]\n";
+    for commit in ["headers", "first-event"] {
+        let route = format!("[routes.retry]\ncommit = \"{commit}\"\n");
+        let toml = config(&[&slow_start.url()], models, &route)
+            + "\n[[routes]]\nname = \"plain\"\npath_prefix = \"/plain\"\nupstream = \"a\"\n";
+        let sidecar = Sidecar::start(&toml, KEYS).await;
+        let (head, _) = post(&sidecar.url("/plain/chat/completions"), chat("m")).await;
+        assert_eq!(head.status(), 200, "{commit}");
+        let (head, body) = post(&sidecar.url("/v1/chat/completions"), chat("m")).await;
+        assert_eq!(head.status(), 200, "{commit}");
+        assert!(body.ends_with(b"data: [DONE]\n\n"), "{commit}");
+        let (_, metrics) = get(&sidecar.admin_url("/metrics")).await;
+        let metrics = String::from_utf8_lossy(&metrics);
+        let labels = r#"{route="llm",upstream="a",model="m-1"}"#;
+        let ttft = format!("sluice_upstream_ttft_seconds_sum{labels}");
+        let ttft = series(&metrics, &ttft).unwrap_or_else(|| panic!("{commit}:\n{metrics}"));
+        assert!(ttft >= 1.0, "{commit}: {ttft}");
+        let count = format!("sluice_upstream_ttft_seconds_count{labels}");
+        assert_eq!(series(&metrics, &count), Some(1.0), "{commit}");
+        let ttfb = r#"sluice_upstream_ttfb_seconds_sum{route="llm",upstream="a"}"#;
+        let ttfb = series(&metrics, ttfb).unwrap();
+        assert!(ttfb < ttft, "{commit}: headers came first, {ttfb}");
+        // A plain route has no such series.
+        assert!(
+            !metrics.contains(r#"sluice_upstream_ttft_seconds_count{route="plain""#),
+            "{metrics}"
+        );
+    }
 }
 
 #[tokio::test(start_paused = true)]
