@@ -193,6 +193,18 @@ fn parse_head(buf: &[u8]) -> io::Result<Option<(usize, Head)>> {
     Ok(Some((len, (status, framing, keep_alive))))
 }
 
+/// The chat body's length without padding or `stream`.
+pub const BASE_LEN: usize = 189;
+
+/// The body length the chat request is padded to, when set.
+static PAD: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+/// Pads every chat request's body (spaces in the user's message) to `n`
+/// bytes, for a request of a given size.
+pub fn pad_chat_to(n: usize) {
+    let _ = PAD.set(n);
+}
+
 /// A chat request as an OpenAI SDK sends it; `stream` asks the mock for an
 /// SSE stream of that many chunks, `interval_ms` apart (0 = until closed).
 pub fn chat_request(addr: SocketAddr, stream: Option<(u64, u64)>) -> Vec<u8> {
@@ -201,7 +213,11 @@ pub fn chat_request(addr: SocketAddr, stream: Option<(u64, u64)>) -> Vec<u8> {
         None => (String::new(), ""),
     };
     let body = format!(
-        r#"{{"model":"gpt-4o-mini","messages":[{{"role":"system","content":"You are a helpful assistant."}},{{"role":"user","content":"Say this is a test, in one short sentence please."}}],"max_tokens":64{flag}}}"#
+        r#"{{"model":"gpt-4o-mini","messages":[{{"role":"system","content":"You are a helpful assistant."}},{{"role":"user","content":"Say this is a test, in one short sentence please.{pad}"}}],"max_tokens":64{flag}}}"#,
+        pad = " ".repeat(
+            PAD.get()
+                .map_or(0, |&n| n.saturating_sub(BASE_LEN + flag.len()))
+        )
     );
     format!(
         "POST /v1/chat/completions{query} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
@@ -210,4 +226,27 @@ pub fn chat_request(addr: SocketAddr, stream: Option<(u64, u64)>) -> Vec<u8> {
         body.len()
     )
     .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_padded_chat_body_has_the_length_asked_and_stays_json() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let unpadded = chat_request(addr, None);
+        let split = |r: &[u8]| {
+            let at = r.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            r[at..].to_vec()
+        };
+        assert_eq!(split(&unpadded).len(), BASE_LEN);
+        pad_chat_to(600);
+        for stream in [None, Some((3, 0))] {
+            let body = split(&chat_request(addr, stream));
+            assert_eq!(body.len(), 600);
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["model"], "gpt-4o-mini");
+        }
+    }
 }

@@ -9,7 +9,7 @@ mod procs;
 mod report;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -73,15 +73,26 @@ struct RunArgs {
     /// [default: 1,32,256].
     #[arg(long, value_delimiter = ',')]
     conns: Option<Vec<usize>>,
-    /// Serve sluice's route with model_routing (the body's model read and
-    /// rewritten through `[models]`) instead of a plain route.
+    /// Also run a second sluice, `sluice-models`, whose route has
+    /// model_routing (the body's model read and rewritten through
+    /// `[models]`), measured in the same rounds as the plain one.
     #[arg(long)]
     model_routing: bool,
+    /// Also run this sluice binary (an earlier build) on the plain route,
+    /// as target `baseline`, measured in the same rounds: an A/B of two
+    /// builds on a shared machine.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
+    /// Pad the chat request's body to this many bytes (default: about 200).
+    #[arg(long)]
+    chat_bytes: Option<usize>,
 }
 
 /// What one run measures.
 pub struct Plan {
     pub smoke: bool,
+    /// The chat request body's length.
+    pub chat_bytes: usize,
     pub conns: Vec<usize>,
     pub rounds: usize,
     pub warmup: Duration,
@@ -100,6 +111,7 @@ impl Plan {
         let mut plan = if args.smoke {
             Plan {
                 smoke: true,
+                chat_bytes: client::BASE_LEN,
                 conns: vec![1, 8],
                 rounds: 1,
                 warmup: Duration::from_millis(200),
@@ -115,6 +127,7 @@ impl Plan {
         } else {
             Plan {
                 smoke: false,
+                chat_bytes: client::BASE_LEN,
                 conns: vec![1, 32, 256],
                 rounds: 3,
                 warmup: Duration::from_secs(1),
@@ -139,6 +152,9 @@ impl Plan {
         }
         if let Some(h) = &args.held {
             plan.held = h.clone();
+        }
+        if let Some(n) = args.chat_bytes {
+            plan.chat_bytes = n.max(client::BASE_LEN);
         }
         if let Some(c) = &args.conns {
             plan.conns = c.iter().copied().filter(|&c| c > 0).collect();
@@ -249,6 +265,9 @@ fn main() -> std::process::ExitCode {
 
 fn run(runtime: &tokio::runtime::Runtime, args: RunArgs) -> Result<(), String> {
     let plan = Plan::from(&args);
+    if let Some(n) = args.chat_bytes {
+        client::pad_chat_to(n);
+    }
     let cpu_count = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cpus = procs::cpus();
     let (proxy_cpu, load_cpu) = match cpus {
@@ -292,24 +311,39 @@ fn run(runtime: &tokio::runtime::Runtime, args: RunArgs) -> Result<(), String> {
 
     let sluice_addr = procs::free_addr().map_err(err)?;
     let config = dir.join("sluice.toml");
-    let mut sluice_toml = procs::sluice_config(sluice_addr, mock.addr);
-    if args.model_routing {
-        sluice_toml = procs::model_routed(&sluice_toml);
-    }
-    std::fs::write(&config, sluice_toml).map_err(err)?;
-    let start_sluice = |log: &str| {
-        Proc::start(Spawn {
-            name: "sluice",
-            program: &sluice,
-            args: vec!["--config".into(), config.display().to_string()],
-            env: vec![("SLUICE_BENCH_KEY", "sk-bench-not-a-real-key".into())],
-            cpu: proxy_cpu,
-            log: dir.join(log),
-            addr: sluice_addr,
-        })
-        .map_err(err)
-    };
+    std::fs::write(&config, procs::sluice_config(sluice_addr, mock.addr)).map_err(err)?;
+    let start_with =
+        |program: &Path, name: &'static str, config: &Path, addr: SocketAddr, log: &str| {
+            Proc::start(Spawn {
+                name,
+                program,
+                args: vec!["--config".into(), config.display().to_string()],
+                env: vec![("SLUICE_BENCH_KEY", "sk-bench-not-a-real-key".into())],
+                cpu: proxy_cpu,
+                log: dir.join(log),
+                addr,
+            })
+            .map_err(err)
+        };
+    let start = |name, config: &Path, addr, log: &str| start_with(&sluice, name, config, addr, log);
+    let start_sluice = |log: &str| start("sluice", &config, sluice_addr, log);
     let mut proxies = vec![start_sluice("sluice.log")?];
+    if args.model_routing {
+        let addr = procs::free_addr().map_err(err)?;
+        let routed = dir.join("sluice-models.toml");
+        let toml = procs::model_routed(&procs::sluice_config(addr, mock.addr));
+        std::fs::write(&routed, toml).map_err(err)?;
+        proxies.push(start("sluice-models", &routed, addr, "sluice-models.log")?);
+    }
+    if let Some(base) = &args.baseline {
+        if !base.is_file() {
+            return Err(format!("no sluice binary at {}", base.display()));
+        }
+        let addr = procs::free_addr().map_err(err)?;
+        let plain = dir.join("baseline.toml");
+        std::fs::write(&plain, procs::sluice_config(addr, mock.addr)).map_err(err)?;
+        proxies.push(start_with(base, "baseline", &plain, addr, "baseline.log")?);
+    }
     if let Some(nginx) = &nginx {
         let nginx_addr = procs::free_addr().map_err(err)?;
         let conf = dir.join("nginx.conf");

@@ -209,12 +209,14 @@ pub fn markdown(r: &Results) -> String {
 
     let _ = writeln!(
         out,
-        "### Request/response\n\n`POST /v1/chat/completions`, ~200-byte body, ~600-byte JSON answer; \
+        "### Request/response\n\n`POST /v1/chat/completions`, {}-byte body, ~600-byte JSON answer; \
          closed loop. Each point is {} rounds over all targets in turn, each {:.0} s measured after {:.0} s \
-         of warm-up, merged. Latencies in µs; \"added\" is the proxy's figure minus the direct path's.\n",
+         of warm-up, merged. Latencies in µs; \"added\" is the proxy's figure minus the direct path's.{}\n",
+        p.chat_bytes,
         p.rounds,
         p.measure.as_secs_f64(),
-        p.warmup.as_secs_f64()
+        p.warmup.as_secs_f64(),
+        extra_targets(&all)
     );
     let mut t = Table::new(&all, ratios);
     for &conns in &p.conns {
@@ -556,6 +558,7 @@ pub fn json(r: &Results) -> Value {
         .collect();
     json!({
         "smoke": r.plan.smoke,
+        "chat_bytes": r.plan.chat_bytes,
         "machine": {
             "date": r.machine.date,
             "cpu": r.machine.cpu,
@@ -624,4 +627,19 @@ mod tests {
         // A round where nginx added nothing has no ratio.
         assert_eq!(round_ratios(&d, &s, &point(&[(1, 100)])), "–");
     }
+}
+
+/// What the optional targets are, for the request/response text.
+fn extra_targets(all: &[&Target]) -> String {
+    let mut out = String::new();
+    if all.iter().any(|t| t.name == "sluice-models") {
+        out.push_str(
+            " `sluice-models` is a second sluice whose route reads the body's `model` and \
+             rewrites it through `[models]` (`--model-routing`).",
+        );
+    }
+    if all.iter().any(|t| t.name == "baseline") {
+        out.push_str(" `baseline` is an earlier sluice build on the plain route (`--baseline`).");
+    }
+    out
 }
