@@ -57,6 +57,21 @@ impl Window {
     }
 }
 
+/// `count` chat requests one after another on one connection; the first
+/// that fails or is not a 200 is the error.
+pub async fn one_by_one(addr: SocketAddr, count: u64) -> Result<(), String> {
+    let request = chat_request(addr, None);
+    let mut conn = Conn::new(addr);
+    for i in 0..count {
+        match conn.exchange(&request, |_| {}).await {
+            Ok(200) => {}
+            Ok(status) => return Err(format!("request {i}: status {status}")),
+            Err(e) => return Err(format!("request {i}: {e}")),
+        }
+    }
+    Ok(())
+}
+
 /// `conns` connections, each sending the next request as soon as the last
 /// answer is in (or `pause` after it). Only answers that arrive inside
 /// `window` count.

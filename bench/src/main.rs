@@ -34,6 +34,27 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
     },
+    /// Print the run's sluice config (bench/instructions.sh uses it).
+    Config {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        upstream: SocketAddr,
+        /// The route reads the body's model, as with `--model-routing`.
+        #[arg(long)]
+        model_routing: bool,
+    },
+    /// Send `count` chat requests one after another on one connection;
+    /// fails on the first that is not a 200.
+    Send {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        count: u64,
+        /// Pad the chat request's body to this many bytes.
+        #[arg(long)]
+        chat_bytes: Option<usize>,
+    },
 }
 
 #[derive(clap::Args, Clone)]
@@ -240,6 +261,41 @@ fn main() -> std::process::ExitCode {
         .enable_all()
         .build()
         .expect("runtime");
+    match cli.command {
+        Some(Cmd::Config {
+            listen,
+            upstream,
+            model_routing,
+        }) => {
+            let config = procs::sluice_config(listen, upstream);
+            print!(
+                "{}",
+                if model_routing {
+                    procs::model_routed(&config)
+                } else {
+                    config
+                }
+            );
+            return std::process::ExitCode::SUCCESS;
+        }
+        Some(Cmd::Send {
+            addr,
+            count,
+            chat_bytes,
+        }) => {
+            if let Some(n) = chat_bytes {
+                client::pad_chat_to(n);
+            }
+            return match runtime.block_on(load::one_by_one(addr, count)) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("sluice-bench send: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
+        Some(Cmd::Mock { .. }) | None => {}
+    }
     if let Some(Cmd::Mock { listen }) = cli.command {
         return runtime.block_on(async {
             let listener = match tokio::net::TcpListener::bind(listen).await {

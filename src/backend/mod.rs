@@ -67,6 +67,9 @@ pub struct Backend {
     pub model_json: Option<bytes::Bytes>,
     pub upstream_header: Option<HeaderValue>,
     pub model_header: Option<HeaderValue>,
+    /// `upstream/model` (`-` for the body's model), as the access line
+    /// names a deployment.
+    pub label: Box<str>,
     /// Balancing weight (1 for a route's plain upstream).
     pub weight: u32,
     pub priority: u32,
@@ -82,6 +85,7 @@ impl Backend {
         metrics: BackendMetrics,
     ) -> Self {
         Self {
+            label: format!("{}/-", upstream.name).into(),
             upstream,
             pool,
             provider,
@@ -103,6 +107,7 @@ impl Backend {
             model: d.model.as_deref().map(Arc::from),
             model_json: d.model.as_deref().map(json),
             upstream_header: HeaderValue::from_str(&d.upstream.name).ok(),
+            label: format!("{}/{}", d.upstream.name, d.model.as_deref().unwrap_or("-")).into(),
             model_header: d
                 .model
                 .as_deref()

@@ -75,6 +75,17 @@ impl Backends {
         }
     }
 
+    /// Whether a request for `plan` may go to more than one backend: the
+    /// deployments of its model and of the fallbacks it names.
+    pub fn may_switch(&self, plan: &Plan) -> bool {
+        let mut reach = self.models[plan.requested]
+            .chain
+            .iter()
+            .flat_map(|&m| &self.models[m].backends);
+        let first = reach.next();
+        reach.any(|b| Some(b) != first)
+    }
+
     /// The backend for the next attempt, and its index: the route's own
     /// upstream without a plan; with one, the plan's current model's
     /// deployments, those not yet tried in this request first.
@@ -174,7 +185,15 @@ impl Backends {
 
     /// A plan for the allowed model `name`.
     pub fn plan(&self, name: &str) -> Option<Plan> {
-        self.by_name.get(name).map(|&requested| Plan {
+        // A few names compare faster than they hash.
+        let found = if self.models.len() <= 8 {
+            self.models
+                .iter()
+                .position(|m| m.allowed && *m.name == *name)
+        } else {
+            self.by_name.get(name).copied()
+        };
+        found.map(|requested| Plan {
             requested,
             pos: 0,
             on_model: 0,

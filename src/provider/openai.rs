@@ -125,19 +125,29 @@ pub(crate) fn hint(headers: &HeaderMap, status: StatusCode, now: SystemTime) -> 
 /// How long a response says its rate limit stays used up: the reset of a
 /// limit whose `x-ratelimit-remaining-*` is 0 (the later of the two).
 pub fn used_up_for(headers: &HeaderMap) -> Option<Duration> {
-    let text = |name: &str| {
+    let text = |name: &HeaderName| {
         headers
             .get(name)
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
     };
-    let reset = |kind: &str| {
-        (text(&format!("x-ratelimit-remaining-{kind}")) == Some("0"))
-            .then(|| text(&format!("x-ratelimit-reset-{kind}")).and_then(go_duration))
+    let reset = |[remaining, reset]: &[HeaderName; 2]| {
+        (text(remaining) == Some("0"))
+            .then(|| text(reset).and_then(go_duration))
             .flatten()
     };
-    reset("requests").max(reset("tokens"))
+    reset(&RATE_LIMIT_REQUESTS).max(reset(&RATE_LIMIT_TOKENS))
 }
+
+/// OpenAI's remaining and reset headers, for requests and for tokens.
+static RATE_LIMIT_REQUESTS: [HeaderName; 2] = [
+    HeaderName::from_static("x-ratelimit-remaining-requests"),
+    HeaderName::from_static("x-ratelimit-reset-requests"),
+];
+static RATE_LIMIT_TOKENS: [HeaderName; 2] = [
+    HeaderName::from_static("x-ratelimit-remaining-tokens"),
+    HeaderName::from_static("x-ratelimit-reset-tokens"),
+];
 
 /// Parses Go's duration format as OpenAI sends it: "6m0s", "1.5s", "120ms".
 pub fn go_duration(s: &str) -> Option<Duration> {

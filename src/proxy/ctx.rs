@@ -30,8 +30,8 @@ static X_SLUICE_FALLBACKS: HeaderName = HeaderName::from_static("x-sluice-fallba
 /// context, held by every open stream, stays small).
 #[derive(Debug)]
 pub struct ModelCtx {
-    /// The model the client named.
-    pub requested: Box<str>,
+    /// The model the client named (a `[models]` name).
+    pub requested: Arc<str>,
     /// Moves down the fallback chain.
     pub fallbacks: u32,
     /// The answering deployment is busy until the response ends.
@@ -267,11 +267,11 @@ impl RequestCtx {
         });
         let (deployment, trail) = match (&self.model, route) {
             (Some(_), Some(r)) => model_trail(&self.trail, r),
-            _ => (String::new(), String::new()),
+            _ => ("", String::new()),
         };
         let model = self.model.as_ref().map(|m| access::ModelRecord {
             model: &m.requested,
-            deployment: &deployment,
+            deployment,
             trail: &trail,
             fallbacks: m.fallbacks,
         });
@@ -297,27 +297,21 @@ impl RequestCtx {
 
 /// The last attempt's deployment and the whole trail, as the access line
 /// writes them: `openai-a/gpt-4.1-mini:429,azure-east/gpt-4.1-mini:200`.
-fn model_trail(trail: &Trail, route: &RouteState) -> (String, String) {
-    use std::fmt::Write;
-    let name = |i: usize| {
-        let b = route.backends.get(i);
-        format!("{}/{}", b.upstream.name, b.model.as_deref().unwrap_or("-"))
-    };
-    let mut out = String::new();
+fn model_trail<'a>(trail: &Trail, route: &'a RouteState) -> (&'a str, String) {
+    let label = |i: usize| &*route.backends.get(i).label;
+    let mut out = String::with_capacity(trail.steps().map(|s| label(s.backend).len() + 5).sum());
     for (n, s) in trail.steps().enumerate() {
         if n > 0 {
             out.push(',');
         }
-        out.push_str(&name(s.backend));
-        let _ = match s.result {
-            Ok(status) => write!(out, ":{}", status.as_u16()),
-            Err(word) => write!(out, ":{}", word.replace('_', "-")),
-        };
+        out.push_str(label(s.backend));
+        out.push(':');
+        match s.result {
+            Ok(status) => out.push_str(status.as_str()),
+            Err(word) => out.extend(word.chars().map(|c| if c == '_' { '-' } else { c })),
+        }
     }
-    let last = trail
-        .last()
-        .map_or_else(|| "-".to_owned(), |s| name(s.backend));
-    (last, out)
+    (trail.last().map_or("-", |s| label(s.backend)), out)
 }
 
 impl Drop for RequestCtx {

@@ -213,8 +213,12 @@ impl Attempt for Exchange<'_> {
         if let Some(r) = &mut self.routed {
             r.plan.on_model += 1;
         }
+        let may_switch = self
+            .routed
+            .as_ref()
+            .is_some_and(|r| state.backends.may_switch(&r.plan));
         self.head
-            .aim(state.backends.as_slice(), index, &state.route);
+            .aim(state.backends.as_slice(), index, &state.route, may_switch);
         let body = self.body(backend);
         let in_flight = self
             .routed
@@ -307,7 +311,15 @@ struct Outgoing {
 impl Outgoing {
     /// Aims the head at backend `i`: a no-op when it already is, so the
     /// head is lent to each attempt, never copied, while the backend stays.
-    fn aim(&mut self, backends: &[Arc<Backend>], i: usize, route: &crate::config::Route) {
+    /// `may_switch`: a later attempt may go to another backend, so the
+    /// client's URI and headers are kept to start again from.
+    fn aim(
+        &mut self,
+        backends: &[Arc<Backend>],
+        i: usize,
+        route: &crate::config::Route,
+        may_switch: bool,
+    ) {
         if self.aimed == Some(i) {
             return;
         }
@@ -316,10 +328,11 @@ impl Outgoing {
                 self.parts.uri = uri.clone();
                 self.parts.headers = headers.clone();
             }
-            None if backends.len() > 1 => {
+            None if may_switch => {
                 self.pristine = Some((self.parts.uri.clone(), self.parts.headers.clone()));
             }
-            _ => {}
+            // A head aimed once cannot be aimed again from itself.
+            _ => debug_assert!(self.aimed.is_none(), "a switch nobody planned for"),
         }
         backends[i].aim(&mut self.parts, route);
         self.aimed = Some(i);

@@ -3,7 +3,9 @@
 //! where that sends it: a plan down the model's chain, the route's own
 //! upstream (passthrough), or a refusal. Also `GET {prefix}/models`.
 
+use std::borrow::Cow;
 use std::ops::Range;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::request::Parts;
@@ -29,8 +31,8 @@ pub enum Target {
 #[derive(Debug)]
 pub struct Routed {
     pub plan: Plan,
-    /// The name the client sent.
-    pub requested: Box<str>,
+    /// The name the client sent (a `[models]` name).
+    pub requested: Arc<str>,
     /// Where the `model` value lies in the body, for the rewrite.
     pub span: Range<u64>,
 }
@@ -55,6 +57,10 @@ fn is_json(h: &HeaderMap) -> bool {
     let Some(ct) = h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
         return false;
     };
+    // What SDKs send, without the parsing below.
+    if ct.eq_ignore_ascii_case("application/json") {
+        return true;
+    }
     let essence = ct.split(';').next().unwrap_or("").trim();
     let Some((kind, sub)) = essence.split_once('/') else {
         return false;
@@ -134,13 +140,20 @@ pub async fn route(
         // The rest streams: a second `model` in it still breaks it off.
         body.scan_rest(scanner);
     }
-    let held = body.held();
-    let name: String = serde_json::from_slice(&scan::slice(&held, span.clone()))
-        .map_err(|_| ProxyError::ModelRequired)?;
+    let held = if whole { held } else { body.held() };
+    let raw = scan::slice(&held, span.clone());
+    // The value as sent, quotes and all: unescaped only when it has escapes.
+    let name: Cow<'_, str> = match raw.strip_prefix(b"\"").and_then(|r| r.strip_suffix(b"\"")) {
+        Some(inner) if !inner.contains(&b'\\') => {
+            Cow::Borrowed(std::str::from_utf8(inner).map_err(|_| ProxyError::ModelRequired)?)
+        }
+        _ => Cow::Owned(serde_json::from_slice(&raw).map_err(|_| ProxyError::ModelRequired)?),
+    };
     match backends.plan(&name) {
         Some(plan) => Ok(Target::Model(Box::new(Routed {
+            // The config's own name, shared: the lookup is exact.
+            requested: backends.current(&plan).name.clone(),
             plan,
-            requested: name.into(),
             span,
         }))),
         None if routing.unknown_model == UnknownModel::Passthrough => {

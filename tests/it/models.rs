@@ -971,3 +971,40 @@ async fn a_model_past_peek_limit_is_413() {
     assert_eq!(head.status(), 200);
     assert_eq!(log.lock().unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn a_model_reached_only_as_a_fallback_cannot_be_named_by_clients() {
+    // Few models are looked up by comparing names, many by hashing: both.
+    for n in [2usize, 12] {
+        let (mock, log) = upstream(vec![OK]).await;
+        let mut models = String::new();
+        for i in 0..n {
+            let fallback = if i == 0 {
+                ", fallbacks = [\"backup\"]"
+            } else {
+                ""
+            };
+            models.push_str(&format!(
+                "[models.m{i}]\ndeployments = [{{ upstream = \"a\", model = \"d{i}\" }}]\n{}\n",
+                fallback.trim_start_matches(", ")
+            ));
+        }
+        models.push_str("[models.backup]\ndeployments = [{ upstream = \"a\", model = \"b\" }]\n");
+        let allowed: Vec<String> = (0..n).map(|i| format!("\"m{i}\"")).collect();
+        let route = format!("models = [{}]\n", allowed.join(", "));
+        let sidecar = Sidecar::start(&config(&[&mock.url()], &models, &route), KEYS).await;
+        let url = sidecar.url("/v1/chat/completions");
+        let last = format!("m{}", n - 1);
+        let (head, _) = post(&url, chat(&last)).await;
+        assert_eq!(head.status(), 200, "{n} models");
+        assert_eq!(
+            head.headers()["x-sluice-model"],
+            format!("d{}", n - 1).as_str()
+        );
+        let (head, body) = post(&url, chat("backup")).await;
+        assert_sluice_error(&head, &body, 404, "model_not_found");
+        let (head, body) = post(&url, chat("m")).await;
+        assert_sluice_error(&head, &body, 404, "model_not_found");
+        assert_eq!(log.lock().unwrap().len(), 1, "{n} models");
+    }
+}
