@@ -165,8 +165,13 @@ impl<'a> Exchange<'a> {
             hint,
             quota,
         };
-        let stream = status.is_success() && is_sse(fwd.res.headers());
-        let ttft = backend.metrics.ttft.as_ref().filter(|_| stream);
+        // Only a route that commits on the first event or times the first
+        // token looks at what kind of body this is.
+        let ttft = backend.metrics.ttft.as_ref();
+        let stream = (policy.commit == Commit::FirstEvent || ttft.is_some())
+            && status.is_success()
+            && is_sse(fwd.res.headers());
+        let ttft = ttft.filter(|_| stream);
         if stream && policy.commit == Commit::FirstEvent {
             let until = self.ctx.deadlines.first_byte_at(sent);
             let (parts, mut body) = fwd.res.into_parts();
