@@ -53,6 +53,10 @@ impl Load {
         if let Some(why) = h.report(r, now) {
             m.ejected(why.as_str());
         }
+        // A success leaves a healthy deployment healthy.
+        if r == Report::Fine && before == State::Healthy {
+            return;
+        }
         let after = h.state(now);
         if after != before {
             m.show(after);

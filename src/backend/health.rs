@@ -128,7 +128,10 @@ impl Health {
 
     /// Whether an attempt may go now, without taking the probe.
     pub fn access(&self, now: Instant) -> Access {
-        let s = self.lock();
+        self.access_of(&self.lock(), now)
+    }
+
+    fn access_of(&self, s: &Inner, now: Instant) -> Access {
         if s.saturated.is_some_and(|t| now < t) {
             return Access::Closed;
         }
@@ -169,13 +172,14 @@ impl Health {
     }
 
     pub fn state(&self, now: Instant) -> State {
-        if self.lock().saturated.is_some_and(|t| now < t) {
+        let s = self.lock();
+        if s.saturated.is_some_and(|t| now < t) {
             return State::Saturated;
         }
-        match self.access(now) {
+        match self.access_of(&s, now) {
             Access::Open => State::Healthy,
             Access::Probe => State::HalfOpen,
-            Access::Closed if self.lock().probing.is_some() => State::HalfOpen,
+            Access::Closed if s.probing.is_some() => State::HalfOpen,
             Access::Closed => State::Ejected,
         }
     }

@@ -125,6 +125,14 @@ pub(crate) fn hint(headers: &HeaderMap, status: StatusCode, now: SystemTime) -> 
 /// How long a response says its rate limit stays used up: the reset of a
 /// limit whose `x-ratelimit-remaining-*` is 0 (the later of the two).
 pub fn used_up_for(headers: &HeaderMap) -> Option<Duration> {
+    // One pass over the names first: most responses have no such header
+    // at 0, and looking each name up hashes it.
+    let at_zero = headers.iter().any(|(name, value)| {
+        name.as_str().starts_with("x-ratelimit-remaining-") && value.as_bytes().trim_ascii() == b"0"
+    });
+    if !at_zero {
+        return None;
+    }
     let text = |name: &HeaderName| {
         headers
             .get(name)

@@ -274,6 +274,11 @@ impl Attempt for Exchange<'_> {
         let Some(routed) = &self.routed else {
             return v;
         };
+        // retry_on and fallback_on name 4xx and 5xx only: a success is
+        // the request's whatever the plan.
+        if matches!(outcome, Outcome::Response { status, .. } if status.is_success()) {
+            return v;
+        }
         let state = self.plan_state(&routed.plan);
         let policy = &self.state.route.retry;
         match retry::steer(policy, v, outcome, state, now, self.ctx.deadlines.total) {
