@@ -36,6 +36,12 @@ fn a_smoke_run_measures_every_phase() {
         .arg("--smoke")
         .arg("--sluice")
         .arg(sluice_binary())
+        // The optional targets too: a model-routed sluice, and a baseline
+        // build (the same binary here), with a padded request.
+        .arg("--model-routing")
+        .arg("--baseline")
+        .arg(sluice_binary())
+        .args(["--chat-bytes", "600"])
         .arg("--json")
         .arg(&json)
         .arg("--out")
@@ -67,6 +73,9 @@ fn a_smoke_run_measures_every_phase() {
         .map(|t| t["name"].as_str().unwrap())
         .collect();
     assert_eq!(&names[..2], ["direct", "sluice"], "{names:?}");
+    assert!(names.contains(&"sluice-models"), "{names:?}");
+    assert!(names.contains(&"baseline"), "{names:?}");
+    assert_eq!(r["chat_bytes"], 600);
     for t in targets {
         let name = t["name"].as_str().unwrap();
         let points = t["points"].as_array().unwrap();
@@ -130,6 +139,7 @@ fn a_smoke_run_measures_every_phase() {
         assert!(md.contains(heading), "{heading} missing:\n{md}");
     }
     assert!(md.contains("| requests/s, 8 conn |"), "{md}");
+    assert!(md.contains("600-byte body"), "{md}");
     // Round-by-round tail ratios need both proxies.
     assert_eq!(
         md.contains("| added p99, round by round, 8 conn |"),
@@ -137,4 +147,42 @@ fn a_smoke_run_measures_every_phase() {
         "{md}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_printed_configs_pass_sluice_check() {
+    for routing in [&[][..], &["--model-routing"][..]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
+            .args([
+                "config",
+                "--listen",
+                "127.0.0.1:1",
+                "--upstream",
+                "127.0.0.1:2",
+            ])
+            .args(routing)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let path = std::env::temp_dir().join(format!(
+            "sluice-bench-config-{}-{}.toml",
+            std::process::id(),
+            routing.len()
+        ));
+        std::fs::write(&path, &out.stdout).unwrap();
+        let check = Command::new(sluice_binary())
+            .args(["check", "--config"])
+            .arg(&path)
+            .env("SLUICE_BENCH_KEY", "sk-test")
+            .output()
+            .unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert!(
+            check.status.success(),
+            "{routing:?}: {}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+        let toml = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(toml.contains("model_routing = true"), !routing.is_empty());
+    }
 }
