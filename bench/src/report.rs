@@ -598,6 +598,21 @@ pub fn write_into(path: &Path, section: &str) -> std::io::Result<()> {
     std::fs::write(path, new)
 }
 
+/// What the optional targets are, for the request/response text.
+fn extra_targets(all: &[&Target]) -> String {
+    let mut out = String::new();
+    if all.iter().any(|t| t.name == "sluice-models") {
+        out.push_str(
+            " `sluice-models` is a second sluice whose route reads the body's `model` and \
+             rewrites it through `[models]` (`--model-routing`).",
+        );
+    }
+    if all.iter().any(|t| t.name == "baseline") {
+        out.push_str(" `baseline` is an earlier sluice build on the plain route (`--baseline`).");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -627,19 +642,4 @@ mod tests {
         // A round where nginx added nothing has no ratio.
         assert_eq!(round_ratios(&d, &s, &point(&[(1, 100)])), "–");
     }
-}
-
-/// What the optional targets are, for the request/response text.
-fn extra_targets(all: &[&Target]) -> String {
-    let mut out = String::new();
-    if all.iter().any(|t| t.name == "sluice-models") {
-        out.push_str(
-            " `sluice-models` is a second sluice whose route reads the body's `model` and \
-             rewrites it through `[models]` (`--model-routing`).",
-        );
-    }
-    if all.iter().any(|t| t.name == "baseline") {
-        out.push_str(" `baseline` is an earlier sluice build on the plain route (`--baseline`).");
-    }
-    out
 }
