@@ -1008,3 +1008,34 @@ async fn a_model_reached_only_as_a_fallback_cannot_be_named_by_clients() {
         assert_eq!(log.lock().unwrap().len(), 1, "{n} models");
     }
 }
+
+// Wall clock, bounds only: the fallback's answer comes over a socket after
+// the primary's timeout, which the paused clock could race.
+#[tokio::test]
+async fn first_event_commit_fails_over_a_stream_that_sends_headers_then_nothing() {
+    let silent = Mock::start(|_req: Request<Incoming>| async {
+        let (tx, body) = channel();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            drop(tx);
+        });
+        sse(body)
+    })
+    .await;
+    const GOOD: &[&str] = &["data: {\"choices\":[]}\n\n", "data: [DONE]\n\n"];
+    let (b, b_hits) = sse_upstream(GOOD, false).await;
+    let models = "[models.m]\ndeployments = [{ upstream = \"a\" }]\nattempts = 1\nfallbacks = [\"f\"]\n[models.f]\ndeployments = [{ upstream = \"b\" }]\n";
+    let route =
+        "[routes.retry]\ncommit = \"first-event\"\n[routes.timeouts]\nfirst_byte = \"1s\"\n";
+    let sidecar = Sidecar::start(&config(&[&silent.url(), &b.url()], models, route), KEYS).await;
+    let started = Instant::now();
+    let (head, body) = post(&sidecar.url("/v1/chat/completions"), chat("m")).await;
+    let took = started.elapsed();
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["x-sluice-upstream"], "b");
+    assert_eq!(head.headers()["x-sluice-fallbacks"], "1");
+    assert_eq!(body, GOOD.concat().as_bytes());
+    assert_eq!(b_hits.load(SeqCst), 1);
+    // The primary had first_byte to send its first event.
+    assert!(took >= Duration::from_secs(1), "{took:?}");
+}
