@@ -65,6 +65,7 @@ pub mod route;
 pub mod scan;
 pub mod server;
 pub mod systemd;
+pub mod usage;
 
 #[cfg(test)]
 mod layering;

@@ -1,0 +1,492 @@
+//! Token usage read from a response as it passes (SPEC §10): OpenAI JSON
+//! and SSE, the Responses API's `response.completed`, and Anthropic's
+//! `message_start` plus its last `message_delta`.
+//!
+//! Nothing here parses every chunk. Each frame of an event stream gets one
+//! SIMD search for `"usage":`; only an event that names a usage object is
+//! parsed (OpenAI's last chunk, Anthropic's first and last events, the
+//! Responses API's last). A JSON body keeps a window of its last bytes, and
+//! the last `"usage":` object in it is parsed once, at the end. A quote
+//! inside a JSON string is escaped (`\"usage\":`), so text in the content
+//! never matches; and a matched event is parsed as JSON, so only a real
+//! `usage` field counts. A parse failure is only ever a missing figure:
+//! the tap reads the bytes, it never changes them.
+//!
+//! Not wired into the response path yet (issue 16 does that, with the
+//! metrics and the access line).
+
+use memchr::memmem;
+use serde::Deserialize;
+
+/// Tokens one response used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub input: u64,
+    pub output: u64,
+    /// Input tokens served from the provider's prompt cache.
+    pub cached: u64,
+    pub reasoning: u64,
+}
+
+/// How a response carries its body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// `text/event-stream`.
+    Sse,
+    /// One JSON document.
+    Json,
+}
+
+/// The bytes of a JSON body kept for its usage: the top-level `usage`
+/// object comes last in every dialect, and is a few hundred bytes.
+const JSON_WINDOW: usize = 4096;
+
+/// The longest event kept while it arrives in pieces; a longer one is
+/// passed over (a Responses API `response.completed` carries the whole
+/// answer, but its usage is found in its tail: see `Tap::sse_frame`).
+const MAX_EVENT: usize = 256 << 10;
+
+/// Watches one response body's bytes for its usage.
+#[derive(Debug)]
+pub struct Tap {
+    framing: Framing,
+    /// SSE: the start of an event whose end has not come yet. JSON: the
+    /// body's last bytes.
+    carry: Vec<u8>,
+    /// An event grew past `MAX_EVENT`: the rest of it is skipped.
+    skipping: bool,
+    found: Found,
+}
+
+/// What the usage events said so far.
+#[derive(Debug, Default, Clone, Copy)]
+struct Found {
+    /// Anthropic's `message_start`: input and cache figures.
+    start: Option<Usage>,
+    /// The last usage object seen (OpenAI's, the Responses API's,
+    /// Anthropic's cumulative `message_delta`).
+    last: Option<Usage>,
+}
+
+static USAGE_KEY: std::sync::LazyLock<memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memmem::Finder::new(b"\"usage\":"));
+
+impl Tap {
+    pub fn new(framing: Framing) -> Self {
+        Self {
+            framing,
+            carry: Vec::new(),
+            skipping: false,
+            found: Found::default(),
+        }
+    }
+
+    /// The next frame of the body, as it goes to the client.
+    pub fn frame(&mut self, data: &[u8]) {
+        match self.framing {
+            Framing::Sse => self.sse_frame(data),
+            Framing::Json => self.json_frame(data),
+        }
+    }
+
+    /// The body ended (or broke off): the usage, if the response said it.
+    pub fn end(mut self) -> Option<Usage> {
+        if self.framing == Framing::Json {
+            let window = std::mem::take(&mut self.carry);
+            return last_usage_object(&window);
+        }
+        // A stream that ends without a blank line still ends its event.
+        if !self.carry.is_empty() && !self.skipping {
+            let event = std::mem::take(&mut self.carry);
+            self.event(&event);
+        }
+        match (self.found.start, self.found.last) {
+            // Anthropic: input from the start, output (cumulative) from
+            // the last delta.
+            (Some(start), Some(last)) => Some(Usage {
+                output: last.output,
+                reasoning: last.reasoning,
+                ..start
+            }),
+            (start, last) => last.or(start),
+        }
+    }
+
+    fn json_frame(&mut self, data: &[u8]) {
+        if data.len() >= JSON_WINDOW {
+            self.carry.clear();
+            self.carry
+                .extend_from_slice(&data[data.len() - JSON_WINDOW..]);
+            return;
+        }
+        let keep = JSON_WINDOW - data.len();
+        if self.carry.len() > keep {
+            self.carry.drain(..self.carry.len() - keep);
+        }
+        self.carry.extend_from_slice(data);
+    }
+
+    fn sse_frame(&mut self, data: &[u8]) {
+        let mut rest = data;
+        if !self.carry.is_empty() || self.skipping {
+            // Finish the event the last frame began: its blank line may
+            // straddle the two frames.
+            let Some(end) = self.joint_end(rest).or_else(|| event_end(rest)) else {
+                self.hold(rest);
+                return;
+            };
+            let (head, tail) = rest.split_at(end);
+            rest = tail;
+            if self.skipping {
+                self.skipping = false;
+            } else {
+                let mut event = std::mem::take(&mut self.carry);
+                event.extend_from_slice(head);
+                self.event(&event);
+            }
+        }
+        // The complete events in this frame: only those naming a usage
+        // object are parsed. A frame without one costs one search.
+        let complete = last_event_end(rest).unwrap_or(0);
+        let (events, partial) = rest.split_at(complete);
+        let mut from = 0;
+        for at in USAGE_KEY.find_iter(events) {
+            if at < from {
+                continue;
+            }
+            let start = event_start(&events[..at]);
+            let end = at + event_end(&events[at..]).unwrap_or(events.len() - at);
+            self.event(&events[start..end]);
+            from = end;
+        }
+        self.hold(partial);
+    }
+
+    /// Where in `next` the held event ends, when its blank line began in
+    /// the held bytes (`\n` | `\n`, or any cut of `\r\n\r\n`).
+    fn joint_end(&self, next: &[u8]) -> Option<usize> {
+        let held = &self.carry[self.carry.len().saturating_sub(3)..];
+        let mut joint = [0u8; 6];
+        let n = next.len().min(3);
+        joint[..held.len()].copy_from_slice(held);
+        joint[held.len()..held.len() + n].copy_from_slice(&next[..n]);
+        let joint = &joint[..held.len() + n];
+        let end = event_end(joint)?;
+        (end > held.len()).then(|| end - held.len())
+    }
+
+    /// Keeps the start of an event that continues in the next frame.
+    fn hold(&mut self, part: &[u8]) {
+        if self.skipping {
+            return;
+        }
+        if self.carry.len() + part.len() > MAX_EVENT {
+            self.carry = Vec::new();
+            self.skipping = true;
+            return;
+        }
+        self.carry.extend_from_slice(part);
+    }
+
+    /// One whole SSE event: parsed only when it names a usage object.
+    fn event(&mut self, event: &[u8]) {
+        if USAGE_KEY.find(event).is_none() {
+            return;
+        }
+        let mut data = Vec::new();
+        for line in event.split(|&b| b == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if let Some(v) = line.strip_prefix(b"data:") {
+                if !data.is_empty() {
+                    data.push(b'\n');
+                }
+                data.extend_from_slice(v.strip_prefix(b" ").unwrap_or(v));
+            }
+        }
+        let Ok(e) = serde_json::from_slice::<Event>(&data) else {
+            return;
+        };
+        if let Some(u) = e.message.and_then(|m| m.usage) {
+            // Anthropic's message_start.
+            self.found.start = Some(u.figures());
+        }
+        if let Some(u) = e.response.and_then(|r| r.usage) {
+            self.found.last = Some(u.figures());
+        }
+        if let Some(u) = e.usage {
+            self.found.last = Some(u.figures());
+        }
+    }
+}
+
+/// Where the event that `before` ends in begins: after the last blank line.
+fn event_start(before: &[u8]) -> usize {
+    let lf = memmem::rfind(before, b"\n\n").map(|i| i + 2);
+    let crlf = memmem::rfind(before, b"\r\n\r\n").map(|i| i + 4);
+    lf.max(crlf).unwrap_or(0)
+}
+
+/// The end of the first event in `buf`, past its blank line.
+fn event_end(buf: &[u8]) -> Option<usize> {
+    let lf = memmem::find(buf, b"\n\n").map(|i| i + 2);
+    let crlf = memmem::find(buf, b"\r\n\r\n").map(|i| i + 4);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The end of the last complete event in `buf`, past its blank line.
+fn last_event_end(buf: &[u8]) -> Option<usize> {
+    let lf = memmem::rfind(buf, b"\n\n").map(|i| i + 2);
+    let crlf = memmem::rfind(buf, b"\r\n\r\n").map(|i| i + 4);
+    lf.max(crlf)
+}
+
+/// The last `"usage":{...}` object in `window` (a JSON body's tail).
+fn last_usage_object(window: &[u8]) -> Option<Usage> {
+    let at = USAGE_KEY.find_iter(window).last()?;
+    let value = &window[at + b"\"usage\":".len()..];
+    let mut values = serde_json::Deserializer::from_slice(value).into_iter::<Reported>();
+    values.next()?.ok().map(|u| u.figures())
+}
+
+/// The parts of an event that carry usage.
+#[derive(Deserialize)]
+struct Event {
+    #[serde(default)]
+    usage: Option<Reported>,
+    /// Anthropic's `message_start`.
+    #[serde(default)]
+    message: Option<Wrapped>,
+    /// The Responses API's `response.completed`.
+    #[serde(default)]
+    response: Option<Wrapped>,
+}
+
+#[derive(Deserialize)]
+struct Wrapped {
+    #[serde(default)]
+    usage: Option<Reported>,
+}
+
+/// A usage object in any dialect: OpenAI chat (`prompt_tokens`,
+/// `completion_tokens`), the Responses API (`input_tokens`,
+/// `output_tokens`), Anthropic (`input_tokens`, `output_tokens`,
+/// `cache_read_input_tokens`).
+#[derive(Deserialize, Default)]
+struct Reported {
+    #[serde(default, alias = "input_tokens")]
+    prompt_tokens: Option<u64>,
+    #[serde(default, alias = "output_tokens")]
+    completion_tokens: Option<u64>,
+    #[serde(default)]
+    cache_read_input_tokens: Option<u64>,
+    #[serde(default, alias = "input_tokens_details")]
+    prompt_tokens_details: Option<Details>,
+    #[serde(default, alias = "output_tokens_details")]
+    completion_tokens_details: Option<Details>,
+}
+
+#[derive(Deserialize, Default)]
+struct Details {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+    #[serde(default)]
+    reasoning_tokens: Option<u64>,
+}
+
+impl Reported {
+    fn figures(self) -> Usage {
+        let detail = |d: &Option<Details>, f: fn(&Details) -> Option<u64>| d.as_ref().and_then(f);
+        Usage {
+            input: self.prompt_tokens.unwrap_or(0),
+            output: self.completion_tokens.unwrap_or(0),
+            cached: self
+                .cache_read_input_tokens
+                .or_else(|| detail(&self.prompt_tokens_details, |d| d.cached_tokens))
+                .unwrap_or(0),
+            reasoning: detail(&self.completion_tokens_details, |d| d.reasoning_tokens).unwrap_or(0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `body` to a tap in frames cut at `cuts`.
+    fn tap(framing: Framing, body: &str, cuts: &[usize]) -> Option<Usage> {
+        let mut t = Tap::new(framing);
+        let mut from = 0;
+        for &c in cuts.iter().chain(std::iter::once(&body.len())) {
+            t.frame(&body.as_bytes()[from..c]);
+            from = c;
+        }
+        t.end()
+    }
+
+    /// Every way of cutting `body` in two and in three (with a stride).
+    fn every_split(framing: Framing, body: &str) -> Vec<Option<Usage>> {
+        let mut out = vec![tap(framing, body, &[])];
+        for a in 0..=body.len() {
+            out.push(tap(framing, body, &[a]));
+            for b in (a..=body.len()).step_by(7) {
+                out.push(tap(framing, body, &[a, b]));
+            }
+        }
+        out
+    }
+
+    const OPENAI_SSE: &str = concat!(
+        "data: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"say \\\"usage\\\":{\\\"prompt_tokens\\\":999}\"}}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c1\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":34,\"total_tokens\":46,",
+        "\"prompt_tokens_details\":{\"cached_tokens\":8},\"completion_tokens_details\":{\"reasoning_tokens\":5}}}\n\n",
+        "data: [DONE]\n\n"
+    );
+
+    #[test]
+    fn openai_sse_usage_comes_from_the_last_usage_event_at_every_split() {
+        let want = Some(Usage {
+            input: 12,
+            output: 34,
+            cached: 8,
+            reasoning: 5,
+        });
+        for got in every_split(Framing::Sse, OPENAI_SSE) {
+            assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn crlf_events_split_anywhere_still_count() {
+        let body = OPENAI_SSE.replace('\n', "\r\n");
+        for got in every_split(Framing::Sse, &body) {
+            assert_eq!(got.map(|u| (u.input, u.output)), Some((12, 34)));
+        }
+    }
+
+    #[test]
+    fn text_that_looks_like_usage_inside_content_never_counts() {
+        let body = "data: {\"choices\":[{\"delta\":{\"content\":\"\\\"usage\\\":{\\\"prompt_tokens\\\":7}\"}}]}\n\ndata: [DONE]\n\n";
+        for got in every_split(Framing::Sse, body) {
+            assert_eq!(got, None);
+        }
+        let json = r#"{"choices":[{"message":{"content":"\"usage\":{\"prompt_tokens\":7}"}}]}"#;
+        for got in every_split(Framing::Json, json) {
+            assert_eq!(got, None);
+        }
+    }
+
+    #[test]
+    fn anthropic_output_is_the_last_delta_not_the_sum() {
+        let body = concat!(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"usage\":{\"input_tokens\":20,\"cache_read_input_tokens\":4,\"output_tokens\":1}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"hi\"}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":null},\"usage\":{\"output_tokens\":5}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":12}}\n\n",
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"
+        );
+        let want = Some(Usage {
+            input: 20,
+            output: 12,
+            cached: 4,
+            reasoning: 0,
+        });
+        for got in every_split(Framing::Sse, body) {
+            assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn the_responses_api_reports_in_response_completed() {
+        let body = concat!(
+            "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"r\",\"usage\":null}}\n\n",
+            "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"hi\"}\n\n",
+            "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"r\",\"output\":[{\"type\":\"message\",\"content\":[{\"type\":\"output_text\",\"text\":\"hi\"}]}],",
+            "\"usage\":{\"input_tokens\":9,\"input_tokens_details\":{\"cached_tokens\":2},\"output_tokens\":3,\"output_tokens_details\":{\"reasoning_tokens\":1},\"total_tokens\":12}}}\n\n"
+        );
+        let want = Some(Usage {
+            input: 9,
+            output: 3,
+            cached: 2,
+            reasoning: 1,
+        });
+        for got in every_split(Framing::Sse, body) {
+            assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn a_malformed_event_is_passed_over_and_a_stream_without_done_still_counts() {
+        let body = concat!(
+            "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"usage\":{\"prompt_tokens\":\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}"
+        );
+        let want = Some(Usage {
+            input: 3,
+            output: 4,
+            ..Usage::default()
+        });
+        for got in every_split(Framing::Sse, body) {
+            assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn a_json_body_reports_its_top_level_usage_even_after_a_large_answer() {
+        let big = "x".repeat(100_000);
+        let body = format!(
+            r#"{{"object":"list","data":[{{"embedding":"{big}","usage":{{"prompt_tokens":1}}}}],"model":"m","usage":{{"prompt_tokens":21,"total_tokens":21}}}}"#
+        );
+        let want = Some(Usage {
+            input: 21,
+            ..Usage::default()
+        });
+        assert_eq!(tap(Framing::Json, &body, &[]), want);
+        for cut in [1, 5000, body.len() - 40, body.len() - 1] {
+            assert_eq!(tap(Framing::Json, &body, &[cut]), want, "{cut}");
+        }
+        let anthropic = r#"{"id":"m","content":[{"type":"text","text":"hi"}],"usage":{"input_tokens":5,"cache_read_input_tokens":1,"output_tokens":2}}"#;
+        for got in every_split(Framing::Json, anthropic) {
+            assert_eq!(
+                got,
+                Some(Usage {
+                    input: 5,
+                    output: 2,
+                    cached: 1,
+                    reasoning: 0
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn a_stream_without_usage_reports_none_and_holds_nothing_between_events() {
+        let mut t = Tap::new(Framing::Sse);
+        for _ in 0..1000 {
+            t.frame(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n");
+            assert!(t.carry.is_empty());
+        }
+        assert_eq!(t.end(), None);
+    }
+
+    #[test]
+    fn an_event_past_the_cap_is_skipped_and_the_next_still_counts() {
+        let mut t = Tap::new(Framing::Sse);
+        t.frame(b"data: {\"usage\":{\"prompt_tokens\":1},\"x\":\"");
+        for _ in 0..(MAX_EVENT / 1024 + 1) {
+            t.frame(&[b'y'; 1024]);
+        }
+        assert!(t.carry.is_empty());
+        t.frame(b"\"}\n\ndata: {\"usage\":{\"prompt_tokens\":2}}\n\n");
+        assert_eq!(
+            t.end(),
+            Some(Usage {
+                input: 2,
+                ..Usage::default()
+            })
+        );
+    }
+}
