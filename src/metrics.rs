@@ -324,7 +324,7 @@ pub struct BackendMetrics {
     /// The series of the common outcome (2xx), kept once looked up.
     ok_attempt: OnceLock<Counter>,
     pub ttfb: Histogram,
-    /// Time to the first token, kept for the backends of model-routed routes.
+    /// Time to the first token, kept for deployments (not a route's own upstream).
     pub ttft: Option<Histogram>,
 }
 

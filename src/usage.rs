@@ -38,12 +38,13 @@ pub enum Framing {
 }
 
 /// The bytes of a JSON body kept for its usage: the top-level `usage`
-/// object comes last in every dialect, and is a few hundred bytes.
-const JSON_WINDOW: usize = 4096;
+/// object comes near the end in every dialect. The Responses API echoes
+/// the request's `metadata` (up to about 9 KiB) after it.
+const WINDOW: usize = 16 << 10;
 
-/// The longest event kept while it arrives in pieces; a longer one is
-/// passed over (a Responses API `response.completed` carries the whole
-/// answer, but its usage is found in its tail: see `Tap::sse_frame`).
+/// The longest event kept whole while it arrives in pieces. Past it (a
+/// Responses API `response.completed` carries the whole answer) only its
+/// last `WINDOW` bytes are kept, where its usage is.
 const MAX_EVENT: usize = 256 << 10;
 
 /// Watches one response body's bytes for its usage.
@@ -53,7 +54,7 @@ pub struct Tap {
     /// SSE: the start of an event whose end has not come yet. JSON: the
     /// body's last bytes.
     carry: Vec<u8>,
-    /// An event grew past `MAX_EVENT`: the rest of it is skipped.
+    /// The held event grew past `MAX_EVENT`: `carry` keeps its tail only.
     skipping: bool,
     found: Found,
 }
@@ -92,13 +93,12 @@ impl Tap {
     /// The body ended (or broke off): the usage, if the response said it.
     pub fn end(mut self) -> Option<Usage> {
         if self.framing == Framing::Json {
-            let window = std::mem::take(&mut self.carry);
-            return last_usage_object(&window);
+            return last_usage_object(&self.carry);
         }
         // A stream that ends without a blank line still ends its event.
-        if !self.carry.is_empty() && !self.skipping {
+        if !self.carry.is_empty() {
             let event = std::mem::take(&mut self.carry);
-            self.event(&event);
+            self.finish_event(&event);
         }
         match (self.found.start, self.found.last) {
             // Anthropic: input from the start, output (cumulative) from
@@ -113,22 +113,12 @@ impl Tap {
     }
 
     fn json_frame(&mut self, data: &[u8]) {
-        if data.len() >= JSON_WINDOW {
-            self.carry.clear();
-            self.carry
-                .extend_from_slice(&data[data.len() - JSON_WINDOW..]);
-            return;
-        }
-        let keep = JSON_WINDOW - data.len();
-        if self.carry.len() > keep {
-            self.carry.drain(..self.carry.len() - keep);
-        }
-        self.carry.extend_from_slice(data);
+        keep_tail(&mut self.carry, data, WINDOW);
     }
 
     fn sse_frame(&mut self, data: &[u8]) {
         let mut rest = data;
-        if !self.carry.is_empty() || self.skipping {
+        if !self.carry.is_empty() {
             // Finish the event the last frame began: its blank line may
             // straddle the two frames.
             let Some(end) = self.joint_end(rest).or_else(|| event_end(rest)) else {
@@ -137,29 +127,50 @@ impl Tap {
             };
             let (head, tail) = rest.split_at(end);
             rest = tail;
-            if self.skipping {
-                self.skipping = false;
-            } else {
-                let mut event = std::mem::take(&mut self.carry);
-                event.extend_from_slice(head);
-                self.event(&event);
-            }
+            let mut event = std::mem::take(&mut self.carry);
+            event.extend_from_slice(head);
+            self.finish_event(&event);
         }
-        // The complete events in this frame: only those naming a usage
-        // object are parsed. A frame without one costs one search.
+        // The complete events in this frame: only one naming a usage
+        // object (not `"usage":null`) is parsed. A frame without one costs
+        // one search.
         let complete = last_event_end(rest).unwrap_or(0);
         let (events, partial) = rest.split_at(complete);
         let mut from = 0;
         for at in USAGE_KEY.find_iter(events) {
-            if at < from {
+            if at < from || !object_after(events, at) {
                 continue;
             }
-            let start = event_start(&events[..at]);
+            let start = from + event_start(&events[from..at]);
             let end = at + event_end(&events[at..]).unwrap_or(events.len() - at);
             self.event(&events[start..end]);
             from = end;
         }
         self.hold(partial);
+    }
+
+    /// Keeps the start of an event that continues in the next frame (its
+    /// tail only, once it is past `MAX_EVENT`).
+    fn hold(&mut self, part: &[u8]) {
+        if !self.skipping && self.carry.len() + part.len() > MAX_EVENT {
+            self.skipping = true;
+        }
+        if self.skipping {
+            keep_tail(&mut self.carry, part, WINDOW);
+        } else {
+            self.carry.extend_from_slice(part);
+        }
+    }
+
+    /// A held event has ended: parsed whole, or by its tail.
+    fn finish_event(&mut self, event: &[u8]) {
+        if std::mem::take(&mut self.skipping) {
+            if let Some(u) = last_usage_object(event) {
+                self.found.last = Some(u);
+            }
+        } else {
+            self.event(event);
+        }
     }
 
     /// Where in `next` the held event ends, when its blank line began in
@@ -175,22 +186,9 @@ impl Tap {
         (end > held.len()).then(|| end - held.len())
     }
 
-    /// Keeps the start of an event that continues in the next frame.
-    fn hold(&mut self, part: &[u8]) {
-        if self.skipping {
-            return;
-        }
-        if self.carry.len() + part.len() > MAX_EVENT {
-            self.carry = Vec::new();
-            self.skipping = true;
-            return;
-        }
-        self.carry.extend_from_slice(part);
-    }
-
     /// One whole SSE event: parsed only when it names a usage object.
     fn event(&mut self, event: &[u8]) {
-        if USAGE_KEY.find(event).is_none() {
+        if !USAGE_KEY.find_iter(event).any(|at| object_after(event, at)) {
             return;
         }
         let mut data = Vec::new();
@@ -243,12 +241,41 @@ fn last_event_end(buf: &[u8]) -> Option<usize> {
     lf.max(crlf)
 }
 
-/// The last `"usage":{...}` object in `window` (a JSON body's tail).
+/// Whether the `"usage":` at `at` is followed by an object.
+fn object_after(buf: &[u8], at: usize) -> bool {
+    buf[at + USAGE_KEY.needle().len()..]
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|&b| b == b'{')
+}
+
+/// The last `"usage":{...}` object in `window` (the tail of a JSON body or
+/// of a long event) that reads as usage: a client's `metadata` echoed
+/// after it may name `usage` too, but only with a string value.
 fn last_usage_object(window: &[u8]) -> Option<Usage> {
-    let at = USAGE_KEY.find_iter(window).last()?;
-    let value = &window[at + b"\"usage\":".len()..];
-    let mut values = serde_json::Deserializer::from_slice(value).into_iter::<Reported>();
-    values.next()?.ok().map(|u| u.figures())
+    let found: Vec<usize> = USAGE_KEY.find_iter(window).collect();
+    found.into_iter().rev().find_map(|at| {
+        if !object_after(window, at) {
+            return None;
+        }
+        let value = &window[at + USAGE_KEY.needle().len()..];
+        let mut values = serde_json::Deserializer::from_slice(value).into_iter::<Reported>();
+        values.next()?.ok().map(Reported::figures)
+    })
+}
+
+/// Appends `data` to `buf`, keeping only its last `cap` bytes.
+fn keep_tail(buf: &mut Vec<u8>, data: &[u8], cap: usize) {
+    if data.len() >= cap {
+        buf.clear();
+        buf.extend_from_slice(&data[data.len() - cap..]);
+        return;
+    }
+    let keep = cap - data.len();
+    if buf.len() > keep {
+        buf.drain(..buf.len() - keep);
+    }
+    buf.extend_from_slice(data);
 }
 
 /// The parts of an event that carry usage.
@@ -273,19 +300,28 @@ struct Wrapped {
 /// A usage object in any dialect: OpenAI chat (`prompt_tokens`,
 /// `completion_tokens`), the Responses API (`input_tokens`,
 /// `output_tokens`), Anthropic (`input_tokens`, `output_tokens`,
-/// `cache_read_input_tokens`).
+/// `cache_read_input_tokens`). Both spellings are read, and the chat one
+/// wins where a server sends both.
 #[derive(Deserialize, Default)]
 struct Reported {
-    #[serde(default, alias = "input_tokens")]
+    #[serde(default)]
     prompt_tokens: Option<u64>,
-    #[serde(default, alias = "output_tokens")]
+    #[serde(default)]
+    input_tokens: Option<u64>,
+    #[serde(default)]
     completion_tokens: Option<u64>,
     #[serde(default)]
+    output_tokens: Option<u64>,
+    #[serde(default)]
     cache_read_input_tokens: Option<u64>,
-    #[serde(default, alias = "input_tokens_details")]
+    #[serde(default)]
     prompt_tokens_details: Option<Details>,
-    #[serde(default, alias = "output_tokens_details")]
+    #[serde(default)]
+    input_tokens_details: Option<Details>,
+    #[serde(default)]
     completion_tokens_details: Option<Details>,
+    #[serde(default)]
+    output_tokens_details: Option<Details>,
 }
 
 #[derive(Deserialize, Default)]
@@ -298,15 +334,28 @@ struct Details {
 
 impl Reported {
     fn figures(self) -> Usage {
-        let detail = |d: &Option<Details>, f: fn(&Details) -> Option<u64>| d.as_ref().and_then(f);
+        let details = |a: &Option<Details>, b: &Option<Details>, f: fn(&Details) -> Option<u64>| {
+            a.as_ref().and_then(f).or_else(|| b.as_ref().and_then(f))
+        };
         Usage {
-            input: self.prompt_tokens.unwrap_or(0),
-            output: self.completion_tokens.unwrap_or(0),
+            input: self.prompt_tokens.or(self.input_tokens).unwrap_or(0),
+            output: self.completion_tokens.or(self.output_tokens).unwrap_or(0),
             cached: self
                 .cache_read_input_tokens
-                .or_else(|| detail(&self.prompt_tokens_details, |d| d.cached_tokens))
+                .or_else(|| {
+                    details(
+                        &self.prompt_tokens_details,
+                        &self.input_tokens_details,
+                        |d| d.cached_tokens,
+                    )
+                })
                 .unwrap_or(0),
-            reasoning: detail(&self.completion_tokens_details, |d| d.reasoning_tokens).unwrap_or(0),
+            reasoning: details(
+                &self.completion_tokens_details,
+                &self.output_tokens_details,
+                |d| d.reasoning_tokens,
+            )
+            .unwrap_or(0),
         }
     }
 }
@@ -472,20 +521,70 @@ mod tests {
         assert_eq!(t.end(), None);
     }
 
-    #[test]
-    fn an_event_past_the_cap_is_skipped_and_the_next_still_counts() {
+    /// A tap holding a response.completed longer than MAX_EVENT, up to
+    /// the first half of its blank line.
+    fn long_event() -> Tap {
         let mut t = Tap::new(Framing::Sse);
-        t.frame(b"data: {\"usage\":{\"prompt_tokens\":1},\"x\":\"");
+        t.frame(b"data: {\"type\":\"response.completed\",\"response\":{\"output\":\"");
         for _ in 0..(MAX_EVENT / 1024 + 1) {
             t.frame(&[b'y'; 1024]);
+            assert!(t.carry.len() <= MAX_EVENT);
         }
-        assert!(t.carry.is_empty());
-        t.frame(b"\"}\n\ndata: {\"usage\":{\"prompt_tokens\":2}}\n\n");
+        assert!(t.skipping && t.carry.len() <= WINDOW);
+        t.frame(b"\",\"usage\":{\"input_tokens\":7,\"output_tokens\":3},\"metadata\":{\"usage\":\"x\"}}}\n");
+        t
+    }
+
+    #[test]
+    fn a_long_event_keeps_its_tail_and_its_usage_there_counts() {
+        let mut t = long_event();
+        t.frame(b"\n");
+        let want = Usage {
+            input: 7,
+            output: 3,
+            ..Usage::default()
+        };
+        assert_eq!(t.end(), Some(want));
+        // A later usage event, after a blank line cut across frames.
+        let mut t = long_event();
+        t.frame(b"\ndata: {\"usage\":{\"prompt_tokens\":2}}\n\n");
         assert_eq!(
             t.end(),
             Some(Usage {
                 input: 2,
                 ..Usage::default()
+            })
+        );
+    }
+
+    #[test]
+    fn echoed_metadata_after_usage_does_not_hide_it() {
+        let meta: String = (0..16)
+            .map(|i| format!(r#""k{i}":"{}""#, "v".repeat(500)))
+            .collect::<Vec<_>>()
+            .join(",");
+        let body = format!(
+            r#"{{"id":"r","output":[],"usage":{{"input_tokens":4,"output_tokens":6}},"metadata":{{"usage":"x",{meta}}}}}"#
+        );
+        let want = Some(Usage {
+            input: 4,
+            output: 6,
+            ..Usage::default()
+        });
+        assert_eq!(tap(Framing::Json, &body, &[]), want);
+        assert_eq!(tap(Framing::Json, &body, &[100, 5000]), want);
+    }
+
+    #[test]
+    fn a_server_that_sends_both_spellings_still_counts() {
+        let body = r#"{"usage":{"prompt_tokens":1,"input_tokens":1,"completion_tokens":2,"output_tokens":2,"prompt_tokens_details":{"cached_tokens":1},"input_tokens_details":{"cached_tokens":1}}}"#;
+        assert_eq!(
+            tap(Framing::Json, body, &[]),
+            Some(Usage {
+                input: 1,
+                output: 2,
+                cached: 1,
+                reasoning: 0
             })
         );
     }

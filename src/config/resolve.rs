@@ -888,14 +888,6 @@ fn retry(raw: &RawRetry, at: &str, problems: &mut Vec<Problem>) -> RetryPolicy {
         commit: raw.commit,
         commit_buffer: raw.commit_buffer.0,
     };
-    for (i, on) in raw.fallback_on.iter().enumerate() {
-        if let Err(m) = condition(on, &mut policy.fallback_on) {
-            p(&format!("fallback_on[{i}]"), m);
-        }
-    }
-    if raw.commit_buffer.0 == 0 {
-        p("commit_buffer", "must be greater than 0".into());
-    }
     for (i, on) in raw.retry_on.iter().enumerate() {
         if let Err(m) = condition(on, &mut policy.retry_on) {
             p(&format!("retry_on[{i}]"), m);

@@ -69,10 +69,11 @@ impl Proxy {
                     }
                     (_, l) => l.as_ref().map(Limiter::new),
                 };
-                // A model-routed route's backends also time the first token.
-                let backend = |up: &Arc<Upstream>, model: Option<&str>| {
+                // A deployment also times the first token, labelled with
+                // its model ("-" for the body's own).
+                let backend = |up: &Arc<Upstream>, deployment: Option<Option<&str>>| {
                     let mut m = metrics.backend(&r.name, &up.name);
-                    if r.model_routing.is_some() {
+                    if let Some(model) = deployment {
                         m = m.time_first_token(model.unwrap_or("-"));
                     }
                     Backend::new(
@@ -117,7 +118,7 @@ impl Proxy {
                                         let load =
                                             deployment_load(d, old_loads, &mut loads, metrics);
                                         list.push(Arc::new(
-                                            backend(&d.upstream, d.model.as_deref())
+                                            backend(&d.upstream, Some(d.model.as_deref()))
                                                 .deployment(d, load),
                                         ));
                                         list.len() - 1

@@ -144,7 +144,8 @@ pub async fn route(
     let raw = scan::slice(&held, span.clone());
     // The value as sent, quotes and all: unescaped only when it has escapes.
     let name: Cow<'_, str> = match raw.strip_prefix(b"\"").and_then(|r| r.strip_suffix(b"\"")) {
-        Some(inner) if !inner.contains(&b'\\') => {
+        // Plain text: no escape, no control byte (which JSON forbids raw).
+        Some(inner) if inner.iter().all(|&b| b != b'\\' && b >= 0x20) => {
             Cow::Borrowed(std::str::from_utf8(inner).map_err(|_| ProxyError::ModelRequired)?)
         }
         _ => Cow::Owned(serde_json::from_slice(&raw).map_err(|_| ProxyError::ModelRequired)?),

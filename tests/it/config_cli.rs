@@ -537,6 +537,12 @@ models = ["fast"]
         "routes[1].retry.fallback_on[2]: 302 is not a 4xx or 5xx status code",
     ] {
         assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+        // Said once, not once per pass over the table.
+        assert_eq!(
+            err.matches(expected).count(),
+            1,
+            "{expected:?} twice in:\n{err}"
+        );
     }
     // Every problem has a line and column.
     for line in err.lines().filter(|l| l.contains(": ")) {

@@ -149,6 +149,12 @@ async fn a_body_without_a_usable_model_is_refused_before_anything_is_sent() {
             "ambiguous_request_body",
         ),
         (r#"["model","fast"]"#, 400, "invalid_json_body"),
+        // A raw control byte in the name: not a JSON string.
+        (
+            "{\"model\":\"fa\tst\",\"messages\":[]}",
+            400,
+            "model_required",
+        ),
         (r#"{"model":"nope","messages":[]}"#, 404, "model_not_found"),
         // Defined, but not allowed on this route.
         (r#"{"model":"other","messages":[]}"#, 404, "model_not_found"),
