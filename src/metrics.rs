@@ -161,7 +161,7 @@ families! {
     deployment_ejections: Family<EjectionLabels, Counter> = Family::default(),
         "deployment_ejections", "Deployments taken out of rotation, by reason";
     ttft: Family<TtftLabels, Histogram, fn() -> Histogram> = Family::new_with_constructor(latency),
-        "upstream_ttft_seconds", "Model-routed event streams: attempt sent to the first body bytes";
+        "upstream_ttft_seconds", "A deployment's event streams: attempt sent to the first body bytes";
     held_bytes: Gauge = Gauge::default(),
         "request_body_held_bytes", "Request body bytes held in memory across all requests";
 }

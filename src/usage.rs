@@ -387,6 +387,13 @@ mod tests {
         out
     }
 
+    /// Asserts `want` however `body` is cut.
+    fn at_every_split(framing: Framing, body: &str, want: Option<Usage>) {
+        for got in every_split(framing, body) {
+            assert_eq!(got, want);
+        }
+    }
+
     const OPENAI_SSE: &str = concat!(
         "data: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"say \\\"usage\\\":{\\\"prompt_tokens\\\":999}\"}}],\"usage\":null}\n\n",
         "data: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n",
@@ -397,15 +404,13 @@ mod tests {
 
     #[test]
     fn openai_sse_usage_comes_from_the_last_usage_event_at_every_split() {
-        let want = Some(Usage {
+        let want = Usage {
             input: 12,
             output: 34,
             cached: 8,
             reasoning: 5,
-        });
-        for got in every_split(Framing::Sse, OPENAI_SSE) {
-            assert_eq!(got, want);
-        }
+        };
+        at_every_split(Framing::Sse, OPENAI_SSE, Some(want));
     }
 
     #[test]
@@ -419,13 +424,9 @@ mod tests {
     #[test]
     fn text_that_looks_like_usage_inside_content_never_counts() {
         let body = "data: {\"choices\":[{\"delta\":{\"content\":\"\\\"usage\\\":{\\\"prompt_tokens\\\":7}\"}}]}\n\ndata: [DONE]\n\n";
-        for got in every_split(Framing::Sse, body) {
-            assert_eq!(got, None);
-        }
+        at_every_split(Framing::Sse, body, None);
         let json = r#"{"choices":[{"message":{"content":"\"usage\":{\"prompt_tokens\":7}"}}]}"#;
-        for got in every_split(Framing::Json, json) {
-            assert_eq!(got, None);
-        }
+        at_every_split(Framing::Json, json, None);
     }
 
     #[test]
@@ -437,15 +438,13 @@ mod tests {
             "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":12}}\n\n",
             "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"
         );
-        let want = Some(Usage {
+        let want = Usage {
             input: 20,
             output: 12,
             cached: 4,
             reasoning: 0,
-        });
-        for got in every_split(Framing::Sse, body) {
-            assert_eq!(got, want);
-        }
+        };
+        at_every_split(Framing::Sse, body, Some(want));
     }
 
     #[test]
@@ -456,15 +455,13 @@ mod tests {
             "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"r\",\"output\":[{\"type\":\"message\",\"content\":[{\"type\":\"output_text\",\"text\":\"hi\"}]}],",
             "\"usage\":{\"input_tokens\":9,\"input_tokens_details\":{\"cached_tokens\":2},\"output_tokens\":3,\"output_tokens_details\":{\"reasoning_tokens\":1},\"total_tokens\":12}}}\n\n"
         );
-        let want = Some(Usage {
+        let want = Usage {
             input: 9,
             output: 3,
             cached: 2,
             reasoning: 1,
-        });
-        for got in every_split(Framing::Sse, body) {
-            assert_eq!(got, want);
-        }
+        };
+        at_every_split(Framing::Sse, body, Some(want));
     }
 
     #[test]
@@ -473,14 +470,12 @@ mod tests {
             "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"usage\":{\"prompt_tokens\":\n\n",
             "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}"
         );
-        let want = Some(Usage {
+        let want = Usage {
             input: 3,
             output: 4,
             ..Usage::default()
-        });
-        for got in every_split(Framing::Sse, body) {
-            assert_eq!(got, want);
-        }
+        };
+        at_every_split(Framing::Sse, body, Some(want));
     }
 
     #[test]
@@ -498,17 +493,13 @@ mod tests {
             assert_eq!(tap(Framing::Json, &body, &[cut]), want, "{cut}");
         }
         let anthropic = r#"{"id":"m","content":[{"type":"text","text":"hi"}],"usage":{"input_tokens":5,"cache_read_input_tokens":1,"output_tokens":2}}"#;
-        for got in every_split(Framing::Json, anthropic) {
-            assert_eq!(
-                got,
-                Some(Usage {
-                    input: 5,
-                    output: 2,
-                    cached: 1,
-                    reasoning: 0
-                })
-            );
-        }
+        let want = Usage {
+            input: 5,
+            output: 2,
+            cached: 1,
+            reasoning: 0,
+        };
+        at_every_split(Framing::Json, anthropic, Some(want));
     }
 
     #[test]

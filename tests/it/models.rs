@@ -588,6 +588,24 @@ async fn every_deployment_ejected_with_fail_answers_503_with_retry_after() {
     assert_eq!(a_log.lock().unwrap().len(), 2);
 }
 
+/// An upstream whose every answer is 200 SSE headers at once, then
+/// `events` after `delay`, then the end.
+async fn sse_after(delay: Duration, events: &'static [&'static str]) -> Mock {
+    Mock::start(move |_req: Request<Incoming>| async move {
+        let (tx, body) = channel();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            for e in events {
+                if tx.send(*e).await.is_err() {
+                    return;
+                }
+            }
+        });
+        sse(body)
+    })
+    .await
+}
+
 /// An upstream whose every answer is a 200 SSE stream that sends `events`
 /// and then breaks off (`reset`) or ends.
 async fn sse_upstream(events: &'static [&'static str], reset: bool) -> (Mock, Arc<AtomicUsize>) {
@@ -799,15 +817,10 @@ fn series(metrics: &str, name_and_labels: &str) -> Option<f64> {
 #[tokio::test]
 async fn time_to_first_token_runs_to_the_streams_first_bytes_not_its_headers() {
     // Headers at once, the first event 1 s later.
-    let slow_start = Mock::start(|_req: Request<Incoming>| async {
-        let (tx, body) = channel();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let _ = tx.send("data: {\"choices\":[]}\n\n").await;
-            let _ = tx.send("data: [DONE]\n\n").await;
-        });
-        sse(body)
-    })
+    let slow_start = sse_after(
+        Duration::from_secs(1),
+        &["data: {\"choices\":[]}\n\n", "data: [DONE]\n\n"],
+    )
     .await;
     let models = "[models.m]\ndeployments = [{ upstream = \"a\", model = \"m-1\" }]\n";
     for commit in ["headers", "first-event"] {
@@ -1019,15 +1032,7 @@ async fn a_model_reached_only_as_a_fallback_cannot_be_named_by_clients() {
 // the primary's timeout, which the paused clock could race.
 #[tokio::test]
 async fn first_event_commit_fails_over_a_stream_that_sends_headers_then_nothing() {
-    let silent = Mock::start(|_req: Request<Incoming>| async {
-        let (tx, body) = channel();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-            drop(tx);
-        });
-        sse(body)
-    })
-    .await;
+    let silent = sse_after(Duration::from_secs(3600), &[]).await;
     const GOOD: &[&str] = &["data: {\"choices\":[]}\n\n", "data: [DONE]\n\n"];
     let (b, b_hits) = sse_upstream(GOOD, false).await;
     let models = "[models.m]\ndeployments = [{ upstream = \"a\" }]\nattempts = 1\nfallbacks = [\"f\"]\n[models.f]\ndeployments = [{ upstream = \"b\" }]\n";
