@@ -3,7 +3,9 @@
 # that stays put on a shared machine where CPU time moves by 10% between
 # runs, for comparing builds and routes. Reports, never asserts.
 #
-#   bench/instructions.sh [--model-routing] [--chat-bytes N] [--sluice PATH] [--requests N] [--keep FILE]
+#   bench/instructions.sh [--model-routing] [--usage-off] [--chat-bytes N] [--sluice PATH] [--requests N] [--keep FILE]
+#
+# --usage-off turns usage reading off on the route ([routes.usage] observe = false).
 #
 # --keep FILE keeps callgrind's profile, for `callgrind_annotate FILE`.
 #
@@ -14,10 +16,11 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 sluice=target/release/sluice bench=target/release/sluice-bench
-routing="" chat=600 n=2000 keep=""
+routing="" usage_off="" chat=600 n=2000 keep=""
 while [ $# -gt 0 ]; do
     case $1 in
     --model-routing) routing=--model-routing ;;
+    --usage-off) usage_off=1 ;;
     --chat-bytes) chat=$2; shift ;;
     --sluice) sluice=$2; shift ;;
     --requests) n=$2; shift ;;
@@ -36,6 +39,7 @@ mock=127.0.0.1:$(free_port)
 listen=127.0.0.1:$(free_port)
 "$bench" mock --listen "$mock" >/dev/null &
 "$bench" config --listen "$listen" --upstream "$mock" $routing >"$dir/sluice.toml"
+[ -z "$usage_off" ] || printf '[routes.usage]\nobserve = false\n' >>"$dir/sluice.toml"
 SLUICE_BENCH_KEY=sk-bench-not-a-real-key valgrind --tool=callgrind \
     --callgrind-out-file="$dir/cg.out" "$sluice" --config "$dir/sluice.toml" \
     >"$dir/sluice.log" 2>"$dir/valgrind.log" &
@@ -52,4 +56,4 @@ kill -TERM "$pid"
 wait "$pid" || true
 [ -z "$keep" ] || cp "$dir"/cg.out.* "$keep"
 ir=$(awk '$1 == "summary:" || $1 == "totals:" { print $2; exit }' "$dir"/cg.out.*)
-echo "$("$sluice" --version 2>/dev/null | head -1)${routing:+ (model routing)}, ${chat}-byte body: $((ir / n)) instructions per request ($ir over $n requests)"
+echo "$("$sluice" --version 2>/dev/null | head -1)${routing:+ (model routing)}${usage_off:+ (usage off)}, ${chat}-byte body: $((ir / n)) instructions per request ($ir over $n requests)"

@@ -8,4 +8,5 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bench/install-nginx.sh || echo "running without nginx" >&2
 cargo build --release --locked -p sluice -p sluice-bench
-exec target/release/sluice-bench --out BENCHMARKS.md --json target/bench-results.json "$@"
+# --usage-off: a second sluice with usage reading off, to show what it costs.
+exec target/release/sluice-bench --usage-off --out BENCHMARKS.md --json target/bench-results.json "$@"

@@ -82,6 +82,18 @@ pub struct Record<'a> {
     pub upstream_request_id: Option<&'a str>,
     /// A model-routed request's part.
     pub model: Option<ModelRecord<'a>>,
+    /// Tokens in and out, and where they came from (`reported`,
+    /// `estimated`); `None` when usage was not looked for.
+    pub tokens: Option<TokenRecord>,
+}
+
+/// What the line says of a request's tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenRecord {
+    pub input: Option<u64>,
+    pub output: Option<u64>,
+    /// `reported`, `estimated` or `none`.
+    pub source: &'static str,
 }
 
 /// What a model-routed request's line adds.
@@ -210,6 +222,9 @@ impl Record<'_> {
             deployment = self.model.as_ref().map(|m| m.deployment),
             trail = self.model.as_ref().map(|m| m.trail),
             fallbacks = self.model.as_ref().map(|m| m.fallbacks),
+            tokens_in = self.tokens.and_then(|t| t.input),
+            tokens_out = self.tokens.and_then(|t| t.output),
+            usage = self.tokens.map(|t| t.source),
             "request"
         );
     }
@@ -276,6 +291,15 @@ impl Record<'_> {
             f.string("deployment", m.deployment);
             f.string("trail", m.trail);
             f.num("fallbacks", m.fallbacks.into());
+        }
+        if let Some(t) = &self.tokens {
+            if let Some(n) = t.input {
+                f.num("tokens_in", n);
+            }
+            if let Some(n) = t.output {
+                f.num("tokens_out", n);
+            }
+            f.word("usage", t.source);
         }
     }
 }
@@ -559,6 +583,7 @@ mod tests {
                 budget_exhausted: false,
                 upstream_request_id: None,
                 model: None,
+                tokens: None,
             }
             .write_line();
         };
@@ -607,6 +632,7 @@ mod tests {
             budget_exhausted: true,
             upstream_request_id: Some("req_1"),
             model: None,
+            tokens: None,
         };
         let mut text = String::new();
         r.fields(&mut Text(&mut text));

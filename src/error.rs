@@ -33,6 +33,8 @@ pub enum ProxyError {
     HeadTooLarge,
     /// The route's (or client's) request rate is used up.
     RateLimited { wait: Duration, limit: u32 },
+    /// The route's (or client's) tokens per minute are used up.
+    TokensLimited(crate::provider::TokenRefusal),
     /// `max_concurrent` requests in flight and no slot within `max_wait`.
     ConcurrencyLimited,
     /// Connect failed or refused.
@@ -117,6 +119,13 @@ impl ProxyError {
                 "rate_limit_exceeded",
                 "requests",
                 "sluice: rate limit reached for this route; retry after the time in retry-after",
+                Client,
+            ),
+            Self::TokensLimited(_) => (
+                429,
+                "rate_limit_exceeded",
+                "tokens",
+                "sluice: token limit reached for this route; retry after the time in retry-after",
                 Client,
             ),
             Self::ConcurrencyLimited => (
@@ -284,6 +293,7 @@ impl ProxyError {
         match self {
             // As the provider sends them, so SDKs back off for the right time.
             Self::RateLimited { wait, limit } => provider.rate_limit_headers(h, wait, limit),
+            Self::TokensLimited(r) => provider.token_limit_headers(h, r),
             Self::ConcurrencyLimited | Self::Overloaded => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
@@ -388,6 +398,12 @@ mod tests {
                 wait: Duration::from_secs(1),
                 limit: 1,
             },
+            ProxyError::TokensLimited(crate::provider::TokenRefusal {
+                wait: Duration::from_secs(2),
+                limit: 1000,
+                remaining: 10,
+                reset: Duration::from_secs(6),
+            }),
             ProxyError::ConcurrencyLimited,
             ProxyError::ConnectFailed,
             ProxyError::UntrustedCertificate,

@@ -27,6 +27,8 @@
 //! - [`provider`]: API dialects (OpenAI, Anthropic): auth headers, wait
 //!   hints, the quota check, error shapes.
 //! - [`limit`]: rate limits (governor) and the in-flight cap.
+//! - [`tokens`]: token-per-minute limits: a GCRA cell charged an estimate at
+//!   admission and settled with the actual count.
 //! - [`body`]: request bodies, buffered for replay up to a cap or streamed.
 //! - [`scan`]: the incremental scanner over a JSON body: top-level fields
 //!   and their byte spans without a JSON tree; slicing and splicing chunks.
@@ -65,6 +67,7 @@ pub mod route;
 pub mod scan;
 pub mod server;
 pub mod systemd;
+pub mod tokens;
 pub mod usage;
 
 #[cfg(test)]

@@ -78,6 +78,31 @@ struct TtftLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    route: Arc<String>,
+    upstream: Arc<String>,
+    /// The deployment's model, or "-" for the body's as sent.
+    model: Arc<str>,
+    r#type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MissingLabels {
+    route: Arc<String>,
+    upstream: Arc<String>,
+    reason: &'static str,
+}
+
+/// Reported input tokens over the estimate: a tenth to ten times.
+const RATIO_BUCKETS: [f64; 13] = [
+    0.1, 0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0, 10.0,
+];
+
+fn ratio() -> Histogram {
+    Histogram::new(RATIO_BUCKETS)
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DeploymentLabels {
     upstream: Arc<str>,
     /// The model sent upstream, or "-" for the body's as sent.
@@ -162,6 +187,14 @@ families! {
         "deployment_ejections", "Deployments taken out of rotation, by reason";
     ttft: Family<TtftLabels, Histogram, fn() -> Histogram> = Family::new_with_constructor(latency),
         "upstream_ttft_seconds", "A deployment's event streams: attempt sent to the first body bytes";
+    tokens: Family<TokenLabels, Counter> = Family::default(),
+        "tokens", "Tokens the upstreams reported, by type: input, output, cached_input, reasoning";
+    usage_missing: Family<MissingLabels, Counter> = Family::default(),
+        "usage_missing", "Successful responses that reported no usage, by reason";
+    estimate_ratio: Family<RouteLabel, Histogram, fn() -> Histogram> = Family::new_with_constructor(ratio),
+        "token_estimate_ratio", "Reported input tokens over sluice's estimate, on token-limited routes";
+    usage_injected: Family<UpstreamLabels, Counter> = Family::default(),
+        "usage_injected", "Streamed requests sent with stream_options.include_usage added by sluice";
     held_bytes: Gauge = Gauge::default(),
         "request_body_held_bytes", "Request body bytes held in memory across all requests";
 }
@@ -203,6 +236,7 @@ impl Metrics {
             in_flight: self.in_flight.get_or_create(&label).clone(),
             budget_exhausted: self.budget_exhausted.get_or_create(&label).clone(),
             rate_limited: self.rate_limited.get_or_create(&label).clone(),
+            estimate_ratio: OnceLock::new(),
             route,
             all: self.clone(),
         }
@@ -236,6 +270,8 @@ impl Metrics {
             ok_attempt: OnceLock::new(),
             ttfb: self.ttfb.get_or_create(&labels).clone(),
             ttft: None,
+            model: Arc::from("-"),
+            tokens: OnceLock::new(),
             labels,
             all: self.clone(),
         }
@@ -255,6 +291,7 @@ pub struct RouteMetrics {
     pub in_flight: Gauge,
     pub budget_exhausted: Counter,
     pub rate_limited: Counter,
+    estimate_ratio: OnceLock<Histogram>,
 }
 
 impl RouteMetrics {
@@ -307,6 +344,17 @@ impl RouteMetrics {
         self.all.fallbacks.get_or_create(&labels).inc();
     }
 
+    /// Reported input tokens over the estimate.
+    pub fn estimate_ratio(&self, ratio: f64) {
+        let series = || {
+            let label = RouteLabel {
+                route: self.route.clone(),
+            };
+            self.all.estimate_ratio.get_or_create(&label).clone()
+        };
+        self.estimate_ratio.get_or_init(series).observe(ratio);
+    }
+
     pub fn stream_abort(&self, reason: &'static str) {
         let labels = ReasonLabels {
             route: self.route.clone(),
@@ -326,6 +374,10 @@ pub struct BackendMetrics {
     pub ttfb: Histogram,
     /// Time to the first token, kept for deployments (not a route's own upstream).
     pub ttft: Option<Histogram>,
+    /// The deployment's model as labels name it ("-": the body's).
+    model: Arc<str>,
+    /// `sluice_tokens_total` by type, once something was counted.
+    tokens: OnceLock<[Counter; 4]>,
 }
 
 impl BackendMetrics {
@@ -338,7 +390,47 @@ impl BackendMetrics {
             model: model.into(),
         };
         self.ttft = Some(self.all.ttft.get_or_create(&labels).clone());
+        self.model = labels.model;
         self
+    }
+
+    /// Counts one response's tokens.
+    pub fn tokens(&self, u: &crate::usage::Usage) {
+        let series = || {
+            ["input", "output", "cached_input", "reasoning"].map(|r#type| {
+                let labels = TokenLabels {
+                    route: self.labels.route.clone(),
+                    upstream: self.labels.upstream.clone(),
+                    model: self.model.clone(),
+                    r#type,
+                };
+                self.all.tokens.get_or_create(&labels).clone()
+            })
+        };
+        let [input, output, cached, reasoning] = self.tokens.get_or_init(series);
+        input.inc_by(u.input);
+        output.inc_by(u.output);
+        if u.cached > 0 {
+            cached.inc_by(u.cached);
+        }
+        if u.reasoning > 0 {
+            reasoning.inc_by(u.reasoning);
+        }
+    }
+
+    /// A successful response without usage: `not_reported`, `cut` or `compressed`.
+    pub fn usage_missing(&self, reason: &'static str) {
+        let labels = MissingLabels {
+            route: self.labels.route.clone(),
+            upstream: self.labels.upstream.clone(),
+            reason,
+        };
+        self.all.usage_missing.get_or_create(&labels).inc();
+    }
+
+    /// A request sent with `include_usage` sluice added.
+    pub fn usage_injected(&self) {
+        self.all.usage_injected.get_or_create(&self.labels).inc();
     }
 
     /// `outcome`: "2xx".."5xx" or a failure word.

@@ -28,17 +28,20 @@ pub enum Field {
     StreamOptions,
     MaxTokens,
     MaxCompletionTokens,
+    /// The Responses API's output cap.
+    MaxOutputTokens,
     N,
 }
 
 impl Field {
     /// Every field, in declaration order.
-    pub const ALL: [Field; 6] = [
+    pub const ALL: [Field; 7] = [
         Field::Model,
         Field::Stream,
         Field::StreamOptions,
         Field::MaxTokens,
         Field::MaxCompletionTokens,
+        Field::MaxOutputTokens,
         Field::N,
     ];
 
@@ -50,6 +53,7 @@ impl Field {
             Field::StreamOptions => "stream_options",
             Field::MaxTokens => "max_tokens",
             Field::MaxCompletionTokens => "max_completion_tokens",
+            Field::MaxOutputTokens => "max_output_tokens",
             Field::N => "n",
         }
     }
@@ -62,6 +66,7 @@ impl Field {
             b"stream_options" => Field::StreamOptions,
             b"max_tokens" => Field::MaxTokens,
             b"max_completion_tokens" => Field::MaxCompletionTokens,
+            b"max_output_tokens" => Field::MaxOutputTokens,
             b"n" => Field::N,
             _ => return None,
         })
@@ -261,7 +266,7 @@ pub struct Scanner {
     seen: Fields,
     /// Watched fields whose value is complete, and where.
     found: Fields,
-    spans: [Option<Span>; 6],
+    spans: [Option<Span>; Field::ALL.len()],
     /// The watched field whose value is being read, and its key's start.
     pending: Option<(Field, u64)>,
     /// The current top-level key's opening quote and value's first byte.
@@ -667,13 +672,13 @@ mod tests {
 
     const ALL: Fields = Fields::all();
     const MODEL: Fields = Fields::empty().with(Field::Model);
-    const NO_SPANS: [Option<Span>; 6] = [None, None, None, None, None, None];
+    const NO_SPANS: [Option<Span>; 7] = [None, None, None, None, None, None, None];
 
     /// Everything a scan ends with, to compare one feed against many.
     #[derive(Debug, Clone, PartialEq, Eq)]
     struct Outcome {
         result: Result<(), ScanError>,
-        spans: [Option<Span>; 6],
+        spans: [Option<Span>; Field::ALL.len()],
         has_all: bool,
         done: bool,
         offset: u64,
@@ -951,7 +956,7 @@ mod tests {
     }
 
     /// A body with a split hazard at nearly every byte.
-    const TRICKY: &str = r#" { "a" : "x\\\"y\\\\" , "b":[{"c":"}]\\\"{["},"\u005d",[[]],{}], "mod\u0065l" : "m\"x\\" , "n":-1.5e+3 , "stream":true, "stream_options" : { "include_usage" : true } ,"max_tokens":7,"max_completion_tokens":null}  "#;
+    const TRICKY: &str = r#" { "a" : "x\\\"y\\\\" , "b":[{"c":"}]\\\"{["},"\u005d",[[]],{}], "mod\u0065l" : "m\"x\\" , "n":-1.5e+3 , "stream":true, "stream_options" : { "include_usage" : true } ,"max_tokens":7,"max_completion_tokens":null, "max_output_\u0074okens" :9}  "#;
 
     #[test]
     fn tricky_body_at_every_split() {
@@ -970,6 +975,7 @@ mod tests {
                 r#"{ "include_usage" : true }"#,
                 "7",
                 "null",
+                "9",
                 "-1.5e+3"
             ]
         );

@@ -12,9 +12,10 @@
 //! `usage` field counts. A parse failure is only ever a missing figure:
 //! the tap reads the bytes, it never changes them.
 //!
-//! Not wired into the response path yet (issue 16 does that, with the
-//! metrics and the access line).
+//! [`Strip`] removes the one chunk sluice caused by asking for usage on
+//! the client's behalf (`stream_options.include_usage`), and nothing else.
 
+use bytes::Bytes;
 use memchr::memmem;
 use serde::Deserialize;
 
@@ -51,9 +52,12 @@ const MAX_EVENT: usize = 256 << 10;
 #[derive(Debug)]
 pub struct Tap {
     framing: Framing,
-    /// SSE: the start of an event whose end has not come yet. JSON: the
-    /// body's last bytes.
+    /// SSE: the start of an event whose end has not come yet.
     carry: Vec<u8>,
+    /// JSON: the body's last frames, shared (not copied), `WINDOW` bytes
+    /// and the frame that reaches past it.
+    tail: std::collections::VecDeque<Bytes>,
+    tail_len: usize,
     /// The held event grew past `MAX_EVENT`: `carry` keeps its tail only.
     skipping: bool,
     found: Found,
@@ -71,19 +75,23 @@ struct Found {
 
 static USAGE_KEY: std::sync::LazyLock<memmem::Finder<'static>> =
     std::sync::LazyLock::new(|| memmem::Finder::new(b"\"usage\":"));
+static USAGE_KEY_REV: std::sync::LazyLock<memmem::FinderRev<'static>> =
+    std::sync::LazyLock::new(|| memmem::FinderRev::new(b"\"usage\":"));
 
 impl Tap {
     pub fn new(framing: Framing) -> Self {
         Self {
             framing,
             carry: Vec::new(),
+            tail: std::collections::VecDeque::new(),
+            tail_len: 0,
             skipping: false,
             found: Found::default(),
         }
     }
 
     /// The next frame of the body, as it goes to the client.
-    pub fn frame(&mut self, data: &[u8]) {
+    pub fn frame(&mut self, data: &Bytes) {
         match self.framing {
             Framing::Sse => self.sse_frame(data),
             Framing::Json => self.json_frame(data),
@@ -93,7 +101,21 @@ impl Tap {
     /// The body ended (or broke off): the usage, if the response said it.
     pub fn end(mut self) -> Option<Usage> {
         if self.framing == Framing::Json {
-            return last_usage_object(&self.carry);
+            // Most bodies come in one frame: read in place.
+            return match self.tail.len() {
+                0 => None,
+                1 => {
+                    let only = &self.tail[0];
+                    last_usage_object(&only[only.len().saturating_sub(WINDOW)..])
+                }
+                _ => {
+                    let mut window = Vec::with_capacity(WINDOW.min(self.tail_len));
+                    for frame in &self.tail {
+                        keep_tail(&mut window, frame, WINDOW);
+                    }
+                    last_usage_object(&window)
+                }
+            };
         }
         // A stream that ends without a blank line still ends its event.
         if !self.carry.is_empty() {
@@ -112,8 +134,20 @@ impl Tap {
         }
     }
 
-    fn json_frame(&mut self, data: &[u8]) {
-        keep_tail(&mut self.carry, data, WINDOW);
+    fn json_frame(&mut self, data: &Bytes) {
+        if data.is_empty() {
+            return;
+        }
+        self.tail.push_back(data.clone());
+        self.tail_len += data.len();
+        while self
+            .tail
+            .front()
+            .is_some_and(|f| self.tail_len - f.len() >= WINDOW)
+        {
+            let gone = self.tail.pop_front().expect("a frame");
+            self.tail_len -= gone.len();
+        }
     }
 
     fn sse_frame(&mut self, data: &[u8]) {
@@ -191,16 +225,7 @@ impl Tap {
         if !USAGE_KEY.find_iter(event).any(|at| object_after(event, at)) {
             return;
         }
-        let mut data = Vec::new();
-        for line in event.split(|&b| b == b'\n') {
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            if let Some(v) = line.strip_prefix(b"data:") {
-                if !data.is_empty() {
-                    data.push(b'\n');
-                }
-                data.extend_from_slice(v.strip_prefix(b" ").unwrap_or(v));
-            }
-        }
+        let data = event_data(event);
         let Ok(e) = serde_json::from_slice::<Event>(&data) else {
             return;
         };
@@ -217,28 +242,142 @@ impl Tap {
     }
 }
 
-/// Where the event that `before` ends in begins: after the last blank line.
-fn event_start(before: &[u8]) -> usize {
-    let lf = memmem::rfind(before, b"\n\n").map(|i| i + 2);
-    let crlf = memmem::rfind(before, b"\r\n\r\n").map(|i| i + 4);
-    lf.max(crlf).unwrap_or(0)
+/// Removes from an OpenAI chat stream the usage-only chunk (`"choices":
+/// []` with a `usage` object) that sluice's `include_usage` caused; every
+/// other byte goes on unchanged, `[DONE]` included. Only complete events
+/// go out: the start of an event waits for its end (an SSE client acts on
+/// nothing before the blank line anyway), so the chunk is removed whole
+/// even when it arrives in pieces.
+#[derive(Debug, Default)]
+pub struct Strip {
+    /// The start of an event whose end has not come yet.
+    carry: Vec<u8>,
+    /// The chunk was removed: the rest passes as it comes.
+    done: bool,
 }
 
-/// The end of the first event in `buf`, past its blank line.
-fn event_end(buf: &[u8]) -> Option<usize> {
-    let lf = memmem::find(buf, b"\n\n").map(|i| i + 2);
-    let crlf = memmem::find(buf, b"\r\n\r\n").map(|i| i + 4);
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
+impl Strip {
+    /// What of `data` goes to the client now.
+    pub fn frame(&mut self, data: Bytes) -> Bytes {
+        if self.done && self.carry.is_empty() {
+            return data;
+        }
+        if self.carry.is_empty() {
+            let end = last_event_end(&data).unwrap_or(0);
+            self.carry.extend_from_slice(&data[end..]);
+            return self.events(data.slice(..end));
+        }
+        self.carry.extend_from_slice(&data);
+        match last_event_end(&self.carry) {
+            None if self.carry.len() > MAX_EVENT => {
+                // No chunk of ours is this long: give it up.
+                Bytes::from(std::mem::take(&mut self.carry))
+            }
+            None => Bytes::new(),
+            Some(end) => {
+                let rest = self.carry.split_off(end);
+                let events = std::mem::replace(&mut self.carry, rest);
+                self.events(Bytes::from(events))
+            }
+        }
     }
+
+    /// Whether it holds the start of an event.
+    pub fn holds(&self) -> bool {
+        !self.carry.is_empty()
+    }
+
+    /// The body ended: what is still held (an event without its blank line).
+    pub fn end(&mut self) -> Bytes {
+        let held = Bytes::from(std::mem::take(&mut self.carry));
+        if !self.done && is_usage_only(&held) {
+            self.done = true;
+            return Bytes::new();
+        }
+        held
+    }
+
+    /// Complete events, less the usage-only chunk if it is among them.
+    fn events(&mut self, events: Bytes) -> Bytes {
+        if self.done {
+            return events;
+        }
+        for at in USAGE_KEY.find_iter(&events) {
+            if !object_after(&events, at) {
+                continue;
+            }
+            let start = event_start(&events[..at]);
+            let end = at + event_end(&events[at..]).unwrap_or(events.len() - at);
+            if is_usage_only(&events[start..end]) {
+                self.done = true;
+                if start == 0 {
+                    return events.slice(end..);
+                }
+                if end == events.len() {
+                    return events.slice(..start);
+                }
+                let mut out = Vec::with_capacity(events.len() - (end - start));
+                out.extend_from_slice(&events[..start]);
+                out.extend_from_slice(&events[end..]);
+                return Bytes::from(out);
+            }
+        }
+        events
+    }
+}
+
+/// Whether `event` is a chat chunk with no choices and a usage object.
+fn is_usage_only(event: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Chunk {
+        choices: Option<Vec<serde::de::IgnoredAny>>,
+        usage: Option<serde::de::IgnoredAny>,
+    }
+    let data = event_data(event);
+    serde_json::from_slice::<Chunk>(&data)
+        .is_ok_and(|c| c.choices.is_some_and(|c| c.is_empty()) && c.usage.is_some())
+}
+
+/// An event's data lines, joined as SSE joins them.
+fn event_data(event: &[u8]) -> Vec<u8> {
+    let mut data = Vec::new();
+    for line in event.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if let Some(v) = line.strip_prefix(b"data:") {
+            if !data.is_empty() {
+                data.push(b'\n');
+            }
+            data.extend_from_slice(v.strip_prefix(b" ").unwrap_or(v));
+        }
+    }
+    data
+}
+
+/// Where the event that `before` ends in begins: after the last blank line.
+fn event_start(before: &[u8]) -> usize {
+    last_event_end(before).unwrap_or(0)
+}
+
+/// Whether the `\n` at `i` ends a blank line: `\n\n`, or `\n\r\n` (which
+/// `\r\n\r\n` ends with).
+fn blank_line_at(buf: &[u8], i: usize) -> bool {
+    (i >= 1 && buf[i - 1] == b'\n') || (i >= 2 && buf[i - 1] == b'\r' && buf[i - 2] == b'\n')
+}
+
+/// The end of the first event in `buf`, past its blank line. (One memchr
+/// pass over the line feeds: a memmem searcher built per call costs more
+/// than the search on a chunk-sized frame.)
+fn event_end(buf: &[u8]) -> Option<usize> {
+    memchr::memchr_iter(b'\n', buf)
+        .find(|&i| blank_line_at(buf, i))
+        .map(|i| i + 1)
 }
 
 /// The end of the last complete event in `buf`, past its blank line.
 fn last_event_end(buf: &[u8]) -> Option<usize> {
-    let lf = memmem::rfind(buf, b"\n\n").map(|i| i + 2);
-    let crlf = memmem::rfind(buf, b"\r\n\r\n").map(|i| i + 4);
-    lf.max(crlf)
+    memchr::memrchr_iter(b'\n', buf)
+        .find(|&i| blank_line_at(buf, i))
+        .map(|i| i + 1)
 }
 
 /// Whether the `"usage":` at `at` is followed by an object.
@@ -253,15 +392,192 @@ fn object_after(buf: &[u8], at: usize) -> bool {
 /// of a long event) that reads as usage: a client's `metadata` echoed
 /// after it may name `usage` too, but only with a string value.
 fn last_usage_object(window: &[u8]) -> Option<Usage> {
-    let found: Vec<usize> = USAGE_KEY.find_iter(window).collect();
-    found.into_iter().rev().find_map(|at| {
+    USAGE_KEY_REV.rfind_iter(window).find_map(|at| {
         if !object_after(window, at) {
             return None;
         }
         let value = &window[at + USAGE_KEY.needle().len()..];
+        if let Some(u) = quick::usage(value) {
+            return Some(u.figures());
+        }
         let mut values = serde_json::Deserializer::from_slice(value).into_iter::<Reported>();
         values.next()?.ok().map(Reported::figures)
     })
+}
+
+/// A usage object read in one pass without serde, for the common shape:
+/// keys without escapes, numbers, `*_details` objects of numbers, and
+/// other values skipped. Anything else (an escape in a key, a number that
+/// is not a plain integer, broken JSON) is `None`, and serde reads it.
+/// Parsing a whole response's usage with serde's derive cost about as much
+/// as proxying the rest of the request.
+mod quick {
+    use super::{Details, Reported};
+
+    pub fn usage(v: &[u8]) -> Option<Reported> {
+        let mut r = Reader { b: v, i: 0 };
+        let mut u = Reported::default();
+        r.object(|r, key| {
+            let slot = match key {
+                b"prompt_tokens" => &mut u.prompt_tokens,
+                b"input_tokens" => &mut u.input_tokens,
+                b"completion_tokens" => &mut u.completion_tokens,
+                b"output_tokens" => &mut u.output_tokens,
+                b"cache_read_input_tokens" => &mut u.cache_read_input_tokens,
+                b"prompt_tokens_details" => return r.details(&mut u.prompt_tokens_details),
+                b"input_tokens_details" => return r.details(&mut u.input_tokens_details),
+                b"completion_tokens_details" => return r.details(&mut u.completion_tokens_details),
+                b"output_tokens_details" => return r.details(&mut u.output_tokens_details),
+                _ => return r.skip(),
+            };
+            *slot = r.number()?;
+            Some(())
+        })?;
+        Some(u)
+    }
+
+    struct Reader<'a> {
+        b: &'a [u8],
+        i: usize,
+    }
+
+    impl Reader<'_> {
+        fn peek(&mut self) -> Option<u8> {
+            while let Some(&c) = self.b.get(self.i) {
+                if !matches!(c, b' ' | b'\t' | b'\n' | b'\r') {
+                    return Some(c);
+                }
+                self.i += 1;
+            }
+            None
+        }
+
+        fn eat(&mut self, c: u8) -> Option<()> {
+            (self.peek()? == c).then(|| self.i += 1)
+        }
+
+        /// `{ "key": value, ... }`, each value read by `f`.
+        fn object(&mut self, mut f: impl FnMut(&mut Self, &[u8]) -> Option<()>) -> Option<()> {
+            self.eat(b'{')?;
+            if self.eat(b'}').is_some() {
+                return Some(());
+            }
+            loop {
+                self.eat(b'"')?;
+                let len = memchr::memchr2(b'"', b'\\', &self.b[self.i..])?;
+                let start = self.i;
+                self.i += len;
+                self.eat(b'"')?;
+                let key = &self.b[start..start + len];
+                self.eat(b':')?;
+                f(self, key)?;
+                match self.peek()? {
+                    b',' => self.i += 1,
+                    b'}' => {
+                        self.i += 1;
+                        return Some(());
+                    }
+                    _ => return None,
+                }
+            }
+        }
+
+        fn details(&mut self, slot: &mut Option<Details>) -> Option<()> {
+            if self.null() {
+                return Some(());
+            }
+            let mut d = Details::default();
+            self.object(|r, key| {
+                let slot = match key {
+                    b"cached_tokens" => &mut d.cached_tokens,
+                    b"reasoning_tokens" => &mut d.reasoning_tokens,
+                    _ => return r.skip(),
+                };
+                *slot = r.number()?;
+                Some(())
+            })?;
+            *slot = Some(d);
+            Some(())
+        }
+
+        fn null(&mut self) -> bool {
+            let null = self.peek() == Some(b'n') && self.b[self.i..].starts_with(b"null");
+            if null {
+                self.i += 4;
+            }
+            null
+        }
+
+        /// A plain non-negative integer, or null.
+        fn number(&mut self) -> Option<Option<u64>> {
+            if self.null() {
+                return Some(None);
+            }
+            self.peek()?;
+            let digits = self.b[self.i..]
+                .iter()
+                .take_while(|c| c.is_ascii_digit())
+                .count();
+            let text = &self.b[self.i..self.i + digits];
+            self.i += digits;
+            if digits == 0 || matches!(self.b.get(self.i), Some(b'.' | b'e' | b'E')) {
+                return None;
+            }
+            std::str::from_utf8(text).ok()?.parse().ok().map(Some)
+        }
+
+        /// Any value, passed over.
+        fn skip(&mut self) -> Option<()> {
+            let mut depth = 0usize;
+            loop {
+                match self.peek()? {
+                    b'"' => {
+                        self.i += 1;
+                        loop {
+                            let at = memchr::memchr2(b'"', b'\\', &self.b[self.i..])?;
+                            self.i += at + 1;
+                            if self.b[self.i - 1] == b'"' {
+                                break;
+                            }
+                            // An escape: its next byte is never the end.
+                            self.i += 1;
+                        }
+                    }
+                    b'{' | b'[' => {
+                        depth += 1;
+                        self.i += 1;
+                    }
+                    b'}' | b']' if depth > 0 => {
+                        depth -= 1;
+                        self.i += 1;
+                    }
+                    b':' | b',' if depth > 0 => self.i += 1,
+                    // No value at all.
+                    b',' | b'}' | b']' | b':' => return None,
+                    _ => {
+                        // A scalar: up to the next delimiter.
+                        let rest = &self.b[self.i..];
+                        let n = rest
+                            .iter()
+                            .position(|c| {
+                                matches!(
+                                    c,
+                                    b',' | b'}' | b']' | b':' | b' ' | b'\t' | b'\n' | b'\r'
+                                )
+                            })
+                            .unwrap_or(rest.len());
+                        if n == 0 {
+                            return None;
+                        }
+                        self.i += n;
+                    }
+                }
+                if depth == 0 && matches!(self.peek()?, b',' | b'}' | b']') {
+                    return Some(());
+                }
+            }
+        }
+    }
 }
 
 /// Appends `data` to `buf`, keeping only its last `cap` bytes.
@@ -302,7 +618,7 @@ struct Wrapped {
 /// `output_tokens`), Anthropic (`input_tokens`, `output_tokens`,
 /// `cache_read_input_tokens`). Both spellings are read, and the chat one
 /// wins where a server sends both.
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, Debug, PartialEq)]
 struct Reported {
     #[serde(default)]
     prompt_tokens: Option<u64>,
@@ -324,7 +640,7 @@ struct Reported {
     output_tokens_details: Option<Details>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, Debug, PartialEq)]
 struct Details {
     #[serde(default)]
     cached_tokens: Option<u64>,
@@ -369,7 +685,7 @@ mod tests {
         let mut t = Tap::new(framing);
         let mut from = 0;
         for &c in cuts.iter().chain(std::iter::once(&body.len())) {
-            t.frame(&body.as_bytes()[from..c]);
+            t.frame(&Bytes::copy_from_slice(&body.as_bytes()[from..c]));
             from = c;
         }
         t.end()
@@ -506,7 +822,9 @@ mod tests {
     fn a_stream_without_usage_reports_none_and_holds_nothing_between_events() {
         let mut t = Tap::new(Framing::Sse);
         for _ in 0..1000 {
-            t.frame(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n");
+            t.frame(&Bytes::from_static(
+                b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n",
+            ));
             assert!(t.carry.is_empty());
         }
         assert_eq!(t.end(), None);
@@ -516,20 +834,22 @@ mod tests {
     /// the first half of its blank line.
     fn long_event() -> Tap {
         let mut t = Tap::new(Framing::Sse);
-        t.frame(b"data: {\"type\":\"response.completed\",\"response\":{\"output\":\"");
+        t.frame(&Bytes::from_static(
+            b"data: {\"type\":\"response.completed\",\"response\":{\"output\":\"",
+        ));
         for _ in 0..(MAX_EVENT / 1024 + 1) {
-            t.frame(&[b'y'; 1024]);
+            t.frame(&Bytes::from_static(&[b'y'; 1024]));
             assert!(t.carry.len() <= MAX_EVENT);
         }
         assert!(t.skipping && t.carry.len() <= WINDOW);
-        t.frame(b"\",\"usage\":{\"input_tokens\":7,\"output_tokens\":3},\"metadata\":{\"usage\":\"x\"}}}\n");
+        t.frame(&Bytes::from_static(b"\",\"usage\":{\"input_tokens\":7,\"output_tokens\":3},\"metadata\":{\"usage\":\"x\"}}}\n"));
         t
     }
 
     #[test]
     fn a_long_event_keeps_its_tail_and_its_usage_there_counts() {
         let mut t = long_event();
-        t.frame(b"\n");
+        t.frame(&Bytes::from_static(b"\n"));
         let want = Usage {
             input: 7,
             output: 3,
@@ -538,7 +858,9 @@ mod tests {
         assert_eq!(t.end(), Some(want));
         // A later usage event, after a blank line cut across frames.
         let mut t = long_event();
-        t.frame(b"\ndata: {\"usage\":{\"prompt_tokens\":2}}\n\n");
+        t.frame(&Bytes::from_static(
+            b"\ndata: {\"usage\":{\"prompt_tokens\":2}}\n\n",
+        ));
         assert_eq!(
             t.end(),
             Some(Usage {
@@ -576,6 +898,105 @@ mod tests {
                 output: 2,
                 cached: 1,
                 reasoning: 0
+            })
+        );
+    }
+
+    /// Runs `body` through a strip in frames cut at `cuts`.
+    fn strip(body: &str, cuts: &[usize]) -> String {
+        let mut s = Strip::default();
+        let mut out = Vec::new();
+        let mut from = 0;
+        for &c in cuts.iter().chain(std::iter::once(&body.len())) {
+            out.extend_from_slice(&s.frame(Bytes::copy_from_slice(&body.as_bytes()[from..c])));
+            from = c;
+        }
+        out.extend_from_slice(&s.end());
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn strip_removes_exactly_the_usage_only_chunk_at_every_split() {
+        let usage_chunk = "data: {\"id\":\"c1\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":34,\"total_tokens\":46,\"prompt_tokens_details\":{\"cached_tokens\":8},\"completion_tokens_details\":{\"reasoning_tokens\":5}}}\n\n";
+        assert!(OPENAI_SSE.contains(usage_chunk));
+        let want = OPENAI_SSE.replace(usage_chunk, "");
+        assert!(want.ends_with("data: [DONE]\n\n"));
+        for a in 0..=OPENAI_SSE.len() {
+            assert_eq!(strip(OPENAI_SSE, &[a]), want, "cut at {a}");
+            for b in (a..=OPENAI_SSE.len()).step_by(5) {
+                assert_eq!(strip(OPENAI_SSE, &[a, b]), want, "cut at {a}, {b}");
+            }
+        }
+        // CRLF events, and a stream that ends without its blank line.
+        let crlf = OPENAI_SSE.replace("\n", "\r\n");
+        let crlf_want = want.replace("\n", "\r\n");
+        for a in 0..=crlf.len() {
+            assert_eq!(strip(&crlf, &[a]), crlf_want, "cut at {a}");
+        }
+        let last = "data: {\"choices\":[{\"delta\":{}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}";
+        assert_eq!(
+            strip(last, &[10]),
+            "data: {\"choices\":[{\"delta\":{}}]}\n\n"
+        );
+    }
+
+    #[test]
+    fn strip_leaves_every_other_chunk_alone() {
+        // Usage on a chunk that has choices (continuous usage), a second
+        // usage-only chunk after the first, look-alikes in content, a
+        // malformed event, comments: all pass byte for byte.
+        let body = concat!(
+            ": comment\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":\"\\\"choices\\\":[],\\\"usage\\\":{}\"}}],\"usage\":{\"prompt_tokens\":1}}\n\n",
+            "data: {\"choices\":[], \"usage\": {broken\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":2}}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3}}\n\n",
+            "data: [DONE]\n\n",
+        );
+        let once = body.replace(
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":2}}\n\n",
+            "",
+        );
+        for a in 0..=body.len() {
+            assert_eq!(strip(body, &[a]), once, "cut at {a}");
+        }
+        // Nothing to remove: the stream is unchanged and the frames after
+        // the removal are passed as they come.
+        let plain = "data: {\"choices\":[{\"delta\":{}}]}\n\ndata: [DONE]\n\n";
+        assert_eq!(strip(plain, &[3, 40]), plain);
+    }
+
+    #[test]
+    fn the_quick_reader_agrees_with_serde_or_steps_aside() {
+        let cases = [
+            r#"{"prompt_tokens":24,"completion_tokens":58,"total_tokens":82,"prompt_tokens_details":{"cached_tokens":3,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":5,"accepted_prediction_tokens":0}}"#,
+            r#"{ "input_tokens" : 7 , "output_tokens":3,"cache_read_input_tokens":2,"cache_creation":{"ephemeral_5m_input_tokens":0,"x":[1,{"a":"}]\"\\"}]},"service_tier":"standard","server_tool_use":null}"#,
+            r#"{"prompt_tokens":1,"prompt_tokens_details":null,"input_tokens_details":{"cached_tokens":null}}"#,
+            r#"{}"#,
+            r#"{"input_tokens":5,"output_tokens_details":{"reasoning_tokens":2},"extra":[[],{},"",true,false,-1.5e3]}"#,
+        ];
+        for c in cases {
+            let quick = quick::usage(c.as_bytes()).unwrap_or_else(|| panic!("quick: {c}"));
+            let serde: Reported = serde_json::from_str(c).unwrap();
+            assert_eq!(quick, serde, "{c}");
+        }
+        // What it does not read, serde does: escaped keys, fractions, broken JSON.
+        for c in [
+            r#"{"prompt\u005ftokens":3}"#,
+            r#"{"prompt_tokens":3.0}"#,
+            r#"{"prompt_tokens":3"#,
+            r#"{"prompt_tokens":}"#,
+            r#"{"a":"unterminated}"#,
+        ] {
+            assert_eq!(quick::usage(c.as_bytes()), None, "{c}");
+        }
+        let body = r#"{"usage":{"prompt\u005ftokens":3,"completion_tokens":1}}"#;
+        assert_eq!(
+            tap(Framing::Json, body, &[]),
+            Some(Usage {
+                input: 3,
+                output: 1,
+                ..Usage::default()
             })
         );
     }

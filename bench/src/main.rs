@@ -107,6 +107,11 @@ struct RunArgs {
     /// Pad the chat request's body to this many bytes (default: about 200).
     #[arg(long)]
     chat_bytes: Option<usize>,
+    /// Also run a sluice whose route does not read usage
+    /// (`[routes.usage] observe = false`), as target `sluice-no-usage`, in
+    /// the same rounds: what reading usage costs.
+    #[arg(long)]
+    usage_off: bool,
 }
 
 /// What one run measures.
@@ -233,6 +238,8 @@ pub struct Target {
     pub idle_rss_kib: Option<u64>,
     /// RSS before opening streams, then each step.
     pub held: Option<(u64, Vec<HeldStep>)>,
+    /// The proxy's CPU per stream in the streaming phase, µs.
+    pub stream_cpu_us: Option<f64>,
 }
 
 /// Streams open, the proxy's RSS in KiB, streams failed so far.
@@ -391,6 +398,13 @@ fn run(runtime: &tokio::runtime::Runtime, args: RunArgs) -> Result<(), String> {
         std::fs::write(&routed, toml).map_err(err)?;
         proxies.push(start("sluice-models", &routed, addr, "sluice-models.log")?);
     }
+    if args.usage_off {
+        let addr = procs::free_addr().map_err(err)?;
+        let off = dir.join("sluice-no-usage.toml");
+        let toml = procs::sluice_config(addr, mock.addr) + "[routes.usage]\nobserve = false\n";
+        std::fs::write(&off, toml).map_err(err)?;
+        proxies.push(start("sluice-no-usage", &off, addr, "sluice-no-usage.log")?);
+    }
     if let Some(base) = &args.baseline {
         if !base.is_file() {
             return Err(format!("no sluice binary at {}", base.display()));
@@ -432,6 +446,7 @@ fn run(runtime: &tokio::runtime::Runtime, args: RunArgs) -> Result<(), String> {
         streams: None,
         idle_rss_kib: None,
         held: None,
+        stream_cpu_us: None,
     }];
     for p in &proxies {
         targets.push(Target {
@@ -440,6 +455,7 @@ fn run(runtime: &tokio::runtime::Runtime, args: RunArgs) -> Result<(), String> {
             streams: None,
             idle_rss_kib: Some(p.rss_kib()),
             held: None,
+            stream_cpu_us: None,
         });
     }
     let addr_of = |name: &str| match name {
@@ -498,13 +514,22 @@ fn run(runtime: &tokio::runtime::Runtime, args: RunArgs) -> Result<(), String> {
             "{}: {} streams of {} chunks, {} ms apart",
             t.name, plan.streams, plan.chunks, plan.interval_ms
         ));
-        t.streams = Some(runtime.block_on(load::streams(
+        let p = proc_of(t.name);
+        let before = p.map(Proc::cpu_ticks);
+        let streams = runtime.block_on(load::streams(
             addr_of(t.name),
             plan.streams,
             plan.chunks,
             plan.interval_ms,
             plan.stream_time,
-        )));
+        ));
+        let used = before
+            .zip(p.map(Proc::cpu_ticks))
+            .map(|(a, b)| b.saturating_sub(a));
+        t.stream_cpu_us = used
+            .filter(|_| streams.requests > 0)
+            .map(|c| c as f64 / ticks as f64 * 1e6 / streams.requests as f64);
+        t.streams = Some(streams);
     }
 
     for t in targets.iter_mut().filter(|t| t.name != "direct") {

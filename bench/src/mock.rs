@@ -5,8 +5,9 @@
 //! - any request without `stream=` in its query gets a ~600-byte
 //!   `chat.completion` JSON with a content-length;
 //! - `?stream=N&interval_ms=M` gets an SSE stream of N chat chunks M ms
-//!   apart (the first at once), then `data: [DONE]`; N = 0 streams until the
-//!   client leaves. Each chunk carries `"t":<ns since the Unix epoch>`, taken
+//!   apart (the first at once), then a usage-only chunk (`"choices": []`,
+//!   as OpenAI sends with `include_usage`) and `data: [DONE]`; N = 0
+//!   streams until the client leaves. Each chunk carries `"t":<ns since the Unix epoch>`, taken
 //!   just before it is written, for the client to measure lag.
 
 use std::io;
@@ -195,8 +196,13 @@ async fn sse(stream: &mut TcpStream, count: u64, interval: Duration) -> io::Resu
         stream.write_all(&out).await?;
         sent += 1;
     }
+    let usage = usage_event(sent);
     let done = "data: [DONE]\n\n";
-    let tail = format!("{:x}\r\n{done}\r\n0\r\n\r\n", done.len());
+    let tail = format!(
+        "{:x}\r\n{usage}\r\n{:x}\r\n{done}\r\n0\r\n\r\n",
+        usage.len(),
+        done.len()
+    );
     stream.write_all(tail.as_bytes()).await
 }
 
@@ -205,6 +211,16 @@ fn chunk_event(t: u128) -> String {
         "data: {{\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":1732000000,\
          \"model\":\"gpt-4o-mini-2024-07-18\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\" token\"}},\
          \"finish_reason\":null}}],\"t\":{t}}}\n\n"
+    )
+}
+
+/// The stream's last chunk: its usage, with no choices.
+fn usage_event(chunks: u64) -> String {
+    format!(
+        "data: {{\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":1732000000,\
+         \"model\":\"gpt-4o-mini-2024-07-18\",\"choices\":[],\"usage\":{{\"prompt_tokens\":24,\
+         \"completion_tokens\":{chunks},\"total_tokens\":{}}}}}\n\n",
+        24 + chunks
     )
 }
 
@@ -245,5 +261,10 @@ mod tests {
         let json = event.strip_prefix("data: ").unwrap().trim_end();
         let v: serde_json::Value = serde_json::from_str(json).unwrap();
         assert_eq!(v["t"], 12345);
+        let usage = usage_event(20);
+        let json = usage.strip_prefix("data: ").unwrap().trim_end();
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        assert_eq!(v["usage"]["completion_tokens"], 20);
+        assert_eq!(v["choices"].as_array().unwrap().len(), 0);
     }
 }

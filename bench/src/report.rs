@@ -347,6 +347,15 @@ pub fn markdown(r: &Results) -> String {
         ),
     );
     t.row(
+        "proxy CPU per stream, µs",
+        with(
+            all.iter()
+                .map(|t| t.stream_cpu_us.map_or("–".into(), |c| format!("{c:.0}")))
+                .collect(),
+            String::new(),
+        ),
+    );
+    t.row(
         "per-chunk lag p50 / p99",
         with(
             cells(&|s| pair(us(&s.lag, 0.5), us(&s.lag, 0.99))),
@@ -544,6 +553,7 @@ pub fn json(r: &Results) -> Value {
                     "chunks_received": s.chunks_received,
                     "first_chunk": hist(&s.first_chunk),
                     "lag": hist(&s.lag),
+                    "cpu_us_per_stream": t.stream_cpu_us,
                 })),
                 "idle_rss_kib": t.idle_rss_kib,
                 "held": t.held.as_ref().map(|(before, at)| json!({
@@ -605,6 +615,12 @@ fn extra_targets(all: &[&Target]) -> String {
         out.push_str(
             " `sluice-models` is a second sluice whose route reads the body's `model` and \
              rewrites it through `[models]` (`--model-routing`).",
+        );
+    }
+    if all.iter().any(|t| t.name == "sluice-no-usage") {
+        out.push_str(
+            " `sluice-no-usage` is the plain route with usage reading off \
+             (`[routes.usage] observe = false`, `--usage-off`).",
         );
     }
     if all.iter().any(|t| t.name == "baseline") {

@@ -39,6 +39,7 @@ fn a_smoke_run_measures_every_phase() {
         // The optional targets too: a model-routed sluice, and a baseline
         // build (the same binary here), with a padded request.
         .arg("--model-routing")
+        .arg("--usage-off")
         .arg("--baseline")
         .arg(sluice_binary())
         .args(["--chat-bytes", "600"])
@@ -75,6 +76,7 @@ fn a_smoke_run_measures_every_phase() {
     assert_eq!(&names[..2], ["direct", "sluice"], "{names:?}");
     assert!(names.contains(&"sluice-models"), "{names:?}");
     assert!(names.contains(&"baseline"), "{names:?}");
+    assert!(names.contains(&"sluice-no-usage"), "{names:?}");
     assert_eq!(r["chat_bytes"], 600);
     for t in targets {
         let name = t["name"].as_str().unwrap();
@@ -104,6 +106,11 @@ fn a_smoke_run_measures_every_phase() {
         assert_eq!(s["failed"], 0, "{name}: {s}");
         assert_eq!(s["chunks_expected"], s["chunks_received"], "{name}: {s}");
         assert!(s["lag"]["count"].as_u64().unwrap() > 0, "{name}: {s}");
+        assert_eq!(
+            s["cpu_us_per_stream"].is_number(),
+            name != "direct",
+            "{name}: {s}"
+        );
         if name != "direct" {
             assert!(t["idle_rss_kib"].as_u64().unwrap() > 0, "{name}");
             let held = t["held"]["points"].as_array().unwrap();

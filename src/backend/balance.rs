@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use super::health::{Access, Health, Report, State};
 use crate::metrics::DeploymentMeters;
+use crate::tokens::{Cell, Charge};
 
 use super::Backend;
 use crate::config::Balance;
@@ -27,15 +28,110 @@ pub struct Load {
     pub health: Option<Health>,
     /// `sluice_deployment_state` by state, and the ejection counter.
     pub meters: Option<DeploymentMeters>,
+    /// `rpm`, `tpm`, `max_concurrent`, when the deployment sets any.
+    capacity: Option<Box<Capacity>>,
+}
+
+/// What a deployment may take (SPEC §10): one without room is passed over.
+#[derive(Debug)]
+pub struct Capacity {
+    /// 0: no cap.
+    pub max_concurrent: u32,
+    /// Requests per minute: a bucket charged one per attempt.
+    pub rpm: Option<Arc<Cell>>,
+    /// Tokens per minute: charged the request's estimate, settled later.
+    pub tpm: Option<Arc<Cell>>,
+}
+
+impl Capacity {
+    /// From a deployment's settings; `None` when it sets none. Each bucket
+    /// holds ten seconds' worth, as a token limit does by default.
+    pub fn new(rpm: u32, tpm: u64, max_concurrent: u32) -> Option<Box<Self>> {
+        let base = Instant::now();
+        let cell = |per_minute: u64| {
+            (per_minute > 0).then(|| Arc::new(Cell::new(per_minute, (per_minute / 6).max(1), base)))
+        };
+        let c = Self {
+            max_concurrent,
+            rpm: cell(u64::from(rpm)),
+            tpm: cell(tpm),
+        };
+        (max_concurrent > 0 || c.rpm.is_some() || c.tpm.is_some()).then(|| Box::new(c))
+    }
+}
+
+/// An attempt a deployment took: its in-flight slot, and its `tpm` charge.
+#[derive(Debug)]
+pub struct Taken {
+    pub in_flight: InFlight,
+    pub charge: Option<Charge>,
 }
 
 impl Load {
-    pub fn new(in_flight: Gauge, health: Health, meters: DeploymentMeters) -> Self {
+    pub fn new(
+        in_flight: Gauge,
+        health: Health,
+        meters: DeploymentMeters,
+        capacity: Option<Box<Capacity>>,
+    ) -> Self {
         meters.show(State::Healthy);
         Self {
             in_flight,
             health: Some(health),
             meters: Some(meters),
+            capacity,
+        }
+    }
+
+    /// Whether it charges tokens (`tpm`): requests to it need an estimate.
+    pub fn counts_tokens(&self) -> bool {
+        self.capacity.as_ref().is_some_and(|c| c.tpm.is_some())
+    }
+
+    /// Whether it has room for a request of `cost` tokens now.
+    pub fn has_room(&self, cost: u64, now: Instant) -> bool {
+        let Some(c) = &self.capacity else {
+            return true;
+        };
+        (c.max_concurrent == 0 || self.in_flight() < c.max_concurrent)
+            && c.rpm.as_ref().is_none_or(|r| r.has_room(1, now))
+            && c.tpm.as_ref().is_none_or(|t| t.has_room(cost, now))
+    }
+
+    /// Takes an attempt of `cost` tokens if there is room: the in-flight
+    /// slot first (exact under races), then the request and the tokens.
+    pub fn take(self: &Arc<Self>, cost: u64, now: Instant) -> Option<Taken> {
+        let Some(c) = &self.capacity else {
+            return Some(Taken {
+                in_flight: InFlight::start(self),
+                charge: None,
+            });
+        };
+        let before = self.in_flight.inc();
+        let in_flight = InFlight(self.clone());
+        if c.max_concurrent > 0 && before >= i64::from(c.max_concurrent) {
+            return None;
+        }
+        if let Some(rpm) = &c.rpm {
+            rpm.try_charge(1, now).ok()?;
+        }
+        let charge = match &c.tpm {
+            Some(tpm) => Some(tpm.charge(cost, now).ok()?),
+            None => None,
+        };
+        Some(Taken { in_flight, charge })
+    }
+
+    /// The same settings (a reload keeps the state only then).
+    pub fn same_capacity(&self, rpm: u32, tpm: u64, max_concurrent: u32) -> bool {
+        let per_minute = |c: &Option<Arc<Cell>>| c.as_ref().map_or(0, |c| c.tokens_per_minute());
+        match &self.capacity {
+            None => rpm == 0 && tpm == 0 && max_concurrent == 0,
+            Some(c) => {
+                c.max_concurrent == max_concurrent
+                    && per_minute(&c.rpm) == u64::from(rpm)
+                    && per_minute(&c.tpm) == tpm
+            }
         }
     }
 
@@ -216,6 +312,7 @@ pub(crate) mod tests {
         let mut b = Backend::new(
             up.clone(),
             Backend::pool(&up),
+            &Arc::default(),
             &OPENAI,
             metrics.backend("r", name),
         );

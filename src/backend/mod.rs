@@ -44,9 +44,9 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::EXPECT,
 ];
 
-pub use balance::{InFlight, Load};
+pub use balance::{Capacity, InFlight, Load, Taken};
 pub use health::{Access, Health, Report, State as DeploymentState};
-pub use pick::{Backends, ModelEntry, Plan, Step, Trail};
+pub use pick::{Backends, ModelEntry, Picked, Plan, Step, Trail};
 
 /// A response body from an upstream.
 pub type Upstream = UpstreamBody<RequestBody>;
@@ -75,12 +75,16 @@ pub struct Backend {
     pub priority: u32,
     /// Shared by every route that reaches this deployment.
     pub load: Arc<balance::Load>,
+    /// The upstream answered 400 to `stream_options`: sluice no longer
+    /// asks it for usage (shared by the upstream's backends until reload).
+    pub refuses_usage: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Backend {
     pub fn new(
         upstream: Arc<config::Upstream>,
         pool: Client<RequestBody>,
+        refuses_usage: &Arc<std::sync::atomic::AtomicBool>,
         provider: &'static dyn Provider,
         metrics: BackendMetrics,
     ) -> Self {
@@ -97,6 +101,7 @@ impl Backend {
             weight: 1,
             priority: 0,
             load: Arc::default(),
+            refuses_usage: refuses_usage.clone(),
         }
     }
 

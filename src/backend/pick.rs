@@ -11,6 +11,7 @@ use std::time::Duration;
 use http::StatusCode;
 use tokio::time::Instant;
 
+use super::balance::{InFlight, Taken};
 use super::health::Access;
 use super::{balance, Backend};
 use crate::config::{self, OnAllEjected};
@@ -103,16 +104,27 @@ impl Backends {
         key: Option<&[u8]>,
         rng: &mut fastrand::Rng,
         now: Instant,
-    ) -> Result<usize, ProxyError> {
+        cost: u64,
+    ) -> Result<Picked, ProxyError> {
         let Some(plan) = plan else {
-            return Ok(self.direct.unwrap_or(0));
+            return Ok(Picked {
+                index: self.direct.unwrap_or(0),
+                taken: None,
+            });
+        };
+        let picked = |index: usize, taken: Taken| Picked {
+            index,
+            taken: Some(taken),
         };
         loop {
             let entry = self.current(plan);
-            // The common case: one deployment, open.
+            // The common case: one deployment, open, with room.
             if let [only] = entry.backends[..] {
-                if self.list[only].load.access(now) == Access::Open {
-                    return Ok(only);
+                let load = &self.list[only].load;
+                if load.access(now) == Access::Open {
+                    if let Some(t) = load.take(cost, now) {
+                        return Ok(picked(only, t));
+                    }
                 }
             }
             let open: Vec<usize> = entry
@@ -121,16 +133,44 @@ impl Backends {
                 .copied()
                 .filter(|&i| self.list[i].load.access(now) != Access::Closed)
                 .collect();
-            let untried: Vec<usize> = open.iter().copied().filter(|&i| !trail.tried(i)).collect();
-            let mut candidates = if untried.is_empty() { open } else { untried };
+            // A deployment at its rpm, tpm or max_concurrent is passed over.
+            let roomy: Vec<usize> = open
+                .iter()
+                .copied()
+                .filter(|&i| self.list[i].load.has_room(cost, now))
+                .collect();
+            let untried: Vec<usize> = roomy.iter().copied().filter(|&i| !trail.tried(i)).collect();
+            let mut candidates = if untried.is_empty() { roomy } else { untried };
             while !candidates.is_empty() {
                 let i = balance::choose(entry.model.balance, &self.list, &candidates, key, rng);
                 let load = &self.list[i].load;
                 if load.access(now) == Access::Open || load.take_probe(now) {
-                    return Ok(i);
+                    if let Some(t) = load.take(cost, now) {
+                        return Ok(picked(i, t));
+                    }
                 }
-                // Another request took the probe meanwhile.
+                // Another request took the probe or the room meanwhile.
                 candidates.retain(|&c| c != i);
+            }
+            if !open.is_empty() {
+                // Open but full: a later model of the chain with room, else
+                // the least loaded here anyway (the provider's limit decides;
+                // sluice's own figures are estimates).
+                if self.fall_back_to_room(plan, cost, now) {
+                    continue;
+                }
+                let i = balance::choose(entry.model.balance, &self.list, &open, key, rng);
+                let load = &self.list[i].load;
+                if load.access(now) == Access::Open || load.take_probe(now) {
+                    let in_flight = InFlight::start(load);
+                    return Ok(picked(
+                        i,
+                        Taken {
+                            in_flight,
+                            charge: None,
+                        },
+                    ));
+                }
             }
             let soonest = entry
                 .backends
@@ -138,8 +178,18 @@ impl Backends {
                 .copied()
                 .min_by_key(|&i| self.list[i].load.health.as_ref().and_then(|h| h.ready_at()))
                 .expect("a model has a deployment");
+            let anyway = |i: usize| {
+                let in_flight = InFlight::start(&self.list[i].load);
+                Ok(picked(
+                    i,
+                    Taken {
+                        in_flight,
+                        charge: None,
+                    },
+                ))
+            };
             if entry.backends.len() == 1 && trail.attempts() == 0 {
-                return Ok(soonest);
+                return anyway(soonest);
             }
             match entry.model.on_all_ejected {
                 OnAllEjected::Fallback if self.fall_back(plan) => continue,
@@ -152,9 +202,29 @@ impl Backends {
                     let wait = ready.map_or(Duration::ZERO, |r| r.saturating_duration_since(now));
                     return Err(ProxyError::NoHealthyDeployment { wait });
                 }
-                _ => return Ok(soonest),
+                _ => return anyway(soonest),
             }
         }
+    }
+
+    /// Moves the plan to the first later model of its chain that has an
+    /// open deployment with room for `cost`; false (the plan unmoved) when
+    /// none has.
+    fn fall_back_to_room(&self, plan: &mut Plan, cost: u64, now: Instant) -> bool {
+        let chain = &self.models[plan.requested].chain;
+        let found = (plan.pos + 1..chain.len()).find(|&pos| {
+            self.models[chain[pos]].backends.iter().any(|&i| {
+                let load = &self.list[i].load;
+                load.access(now) == Access::Open && load.has_room(cost, now)
+            })
+        });
+        let Some(pos) = found else {
+            return false;
+        };
+        while plan.pos < pos {
+            self.fall_back(plan);
+        }
+        true
     }
 
     /// The model the plan is on.
@@ -218,6 +288,14 @@ impl Backends {
     pub fn as_slice(&self) -> &[Arc<Backend>] {
         &self.list
     }
+}
+
+/// The backend an attempt goes to; a deployment's in-flight slot and
+/// `tpm` charge with it.
+#[derive(Debug)]
+pub struct Picked {
+    pub index: usize,
+    pub taken: Option<Taken>,
 }
 
 /// One request's way down its model's chain.

@@ -21,8 +21,8 @@ use toml::de::{DeTable, DeValue};
 
 pub use error::{ConfigErrors, Problem};
 pub use raw::{
-    AuthScheme, AzureApi, Balance, Commit, LogFormat, OnAllEjected, Preset, RateLimitPer, RetryOn,
-    UnknownModel,
+    AuthScheme, AzureApi, Balance, Commit, Inject, LogFormat, OnAllEjected, Preset, RateLimitPer,
+    RetryOn, TokenCount, UnknownModel,
 };
 
 /// A checked configuration.
@@ -180,6 +180,54 @@ pub struct Route {
     pub timeouts: Timeouts,
     pub retry: RetryPolicy,
     pub rate_limit: Option<RateLimitConfig>,
+    /// `[routes.usage]`, resolved.
+    pub usage: UsageConfig,
+    pub token_limit: Option<TokenLimitConfig>,
+    /// `[routes.sse] keepalive`; `None` = off.
+    pub sse_keepalive: Option<Duration>,
+}
+
+/// What a route does with token usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageConfig {
+    /// Add `stream_options.include_usage` to streamed chats (and strip
+    /// the chunk it causes).
+    pub inject: bool,
+    /// Read usage from responses.
+    pub observe: bool,
+}
+
+/// `[routes.token_limit]`, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLimitConfig {
+    pub tokens_per_minute: u64,
+    /// Resolved: never 0.
+    pub burst: u64,
+    pub per: RateLimitPer,
+    pub client_key_header: HeaderName,
+    pub max_wait: Duration,
+    pub estimate: Estimate,
+}
+
+/// How a request's tokens are estimated at admission.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Estimate {
+    pub count: TokenCount,
+    pub chars_per_token: f64,
+    pub image_tokens: u64,
+    pub default_output_tokens: u64,
+}
+
+impl Default for Estimate {
+    /// `[routes.token_limit]`'s defaults (a deployment's `tpm` uses them).
+    fn default() -> Self {
+        Self {
+            count: TokenCount::Total,
+            chars_per_token: 4.0,
+            image_tokens: 1000,
+            default_output_tokens: 1024,
+        }
+    }
 }
 
 /// A route's model routing.

@@ -361,6 +361,107 @@ pub struct RawRoute {
     /// Absent: unlimited.
     #[serde(default)]
     pub rate_limit: Option<RawRateLimit>,
+    #[serde(default)]
+    pub usage: RawUsage,
+    /// Absent: no token limit.
+    #[serde(default)]
+    pub token_limit: Option<RawTokenLimit>,
+    #[serde(default)]
+    pub sse: RawSse,
+}
+
+/// `[routes.usage]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawUsage {
+    /// When to add `stream_options.include_usage` to a streamed chat.
+    pub inject: Inject,
+    /// Read token usage from responses (metrics, access line, settling).
+    pub observe: bool,
+}
+
+impl Default for RawUsage {
+    fn default() -> Self {
+        Self {
+            inject: Inject::WhenLimited,
+            observe: true,
+        }
+    }
+}
+
+/// `inject = ...`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Inject {
+    /// On routes with a `[routes.token_limit]`.
+    WhenLimited,
+    Always,
+    Never,
+}
+
+/// `[routes.token_limit]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTokenLimit {
+    /// Required (> 0).
+    pub tokens_per_minute: u64,
+    /// Tokens at once from a full bucket; 0 = ten seconds' worth.
+    pub burst: u64,
+    pub per: RateLimitPer,
+    pub client_key_header: String,
+    /// Which tokens are charged.
+    pub count: TokenCount,
+    /// Input estimate: non-image body bytes / this.
+    pub chars_per_token: f64,
+    /// Per `data:` URI in the body.
+    pub image_tokens: u64,
+    /// Output estimate when the body sets no maximum.
+    pub default_output_tokens: u64,
+    pub max_wait: Dur,
+    /// Keep the bucket in `[rate_limit_store]`.
+    pub shared: bool,
+}
+
+impl Default for RawTokenLimit {
+    fn default() -> Self {
+        Self {
+            tokens_per_minute: 0,
+            burst: 0,
+            per: RateLimitPer::Route,
+            client_key_header: "authorization".into(),
+            count: TokenCount::Total,
+            chars_per_token: 4.0,
+            image_tokens: 1000,
+            default_output_tokens: 1024,
+            max_wait: Dur(Duration::ZERO),
+            shared: false,
+        }
+    }
+}
+
+/// `count = ...`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenCount {
+    Total,
+    Input,
+    Output,
+}
+
+/// `[routes.sse]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSse {
+    /// Silence towards the client after which a comment line goes out; 0 = off.
+    pub keepalive: Dur,
+}
+
+impl Default for RawSse {
+    fn default() -> Self {
+        Self {
+            keepalive: Dur(Duration::ZERO),
+        }
+    }
 }
 
 /// `[routes.rate_limit]`.

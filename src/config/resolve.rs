@@ -11,13 +11,13 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 
 use super::raw::{
-    AuthScheme, AzureApi, Balance, Preset, RawConfig, RawHealth, RawModel, RawRateLimit, RawRetry,
-    RawRoute, RawServer, RawTimeouts, RawUpstream, RetryOn,
+    AuthScheme, AzureApi, Balance, Inject, Preset, RawConfig, RawHealth, RawModel, RawRateLimit,
+    RawRetry, RawRoute, RawServer, RawTimeouts, RawTokenLimit, RawUpstream, RetryOn,
 };
 use super::{
-    tls, BudgetConfig, Conditions, Config, Deployment, Dialect, HealthConfig, Log, Model,
+    tls, BudgetConfig, Conditions, Config, Deployment, Dialect, Estimate, HealthConfig, Log, Model,
     ModelRouting, PathMap, Problem, RateLimitConfig, RetryPolicy, Route, Server, Timeouts,
-    Upstream,
+    TokenLimitConfig, Upstream, UsageConfig,
 };
 
 /// Headers a config may not set: they are the connection's, or sluice's own.
@@ -701,6 +701,25 @@ fn routes(
             .rate_limit
             .as_ref()
             .map(|l| rate_limit(l, &at("rate_limit"), problems));
+        let token_limit = r
+            .token_limit
+            .as_ref()
+            .map(|l| token_limit(l, &at("token_limit"), problems));
+        let usage = UsageConfig {
+            inject: match r.usage.inject {
+                Inject::WhenLimited => token_limit.is_some(),
+                Inject::Always => true,
+                Inject::Never => false,
+            },
+            observe: r.usage.observe,
+        };
+        if token_limit.is_some() && !usage.observe {
+            problems.push(Problem::at(
+                at("usage.observe"),
+                "a route with a token_limit settles its estimates from usage: observe must stay true",
+            ));
+        }
+        let sse_keepalive = Some(r.sse.keepalive.0).filter(|d| !d.is_zero());
         let before = problems.len();
         let upstream = match &r.upstream {
             None if r.model_routing => None,
@@ -770,6 +789,9 @@ fn routes(
             timeouts,
             retry,
             rate_limit,
+            usage,
+            token_limit,
+            sse_keepalive,
         }));
     }
     out
@@ -968,5 +990,43 @@ fn rate_limit(raw: &RawRateLimit, at: &str, problems: &mut Vec<Problem>) -> Rate
         client_key_header: header.unwrap_or(http::header::AUTHORIZATION),
         max_wait: raw.max_wait.0,
         max_concurrent: raw.max_concurrent,
+    }
+}
+
+fn token_limit(raw: &RawTokenLimit, at: &str, problems: &mut Vec<Problem>) -> TokenLimitConfig {
+    let mut p = |key: &str, m: &str| problems.push(Problem::at(format!("{at}.{key}"), m));
+    if raw.tokens_per_minute == 0 {
+        p("tokens_per_minute", "must be set (at least 1)");
+    }
+    if !(raw.chars_per_token.is_finite() && raw.chars_per_token > 0.0) {
+        p("chars_per_token", "must be a number above 0");
+    }
+    if raw.shared {
+        p(
+            "shared",
+            "shared token limits need a [rate_limit_store], which this build does not have yet",
+        );
+    }
+    let header = HeaderName::from_bytes(raw.client_key_header.as_bytes());
+    if header.is_err() {
+        p("client_key_header", "not a valid header name");
+    }
+    // Ten seconds' worth by default, and never less than one token.
+    let burst = match raw.burst {
+        0 => (raw.tokens_per_minute / 6).max(1),
+        b => b,
+    };
+    TokenLimitConfig {
+        tokens_per_minute: raw.tokens_per_minute.max(1),
+        burst,
+        per: raw.per,
+        client_key_header: header.unwrap_or(http::header::AUTHORIZATION),
+        max_wait: raw.max_wait.0,
+        estimate: Estimate {
+            count: raw.count,
+            chars_per_token: raw.chars_per_token,
+            image_tokens: raw.image_tokens,
+            default_output_tokens: raw.default_output_tokens,
+        },
     }
 }

@@ -12,6 +12,10 @@ use super::{ErrorInfo, Provider};
 
 static X_LIMIT: HeaderName = HeaderName::from_static("anthropic-ratelimit-requests-limit");
 static X_REMAINING: HeaderName = HeaderName::from_static("anthropic-ratelimit-requests-remaining");
+static X_LIMIT_TOKENS: HeaderName = HeaderName::from_static("anthropic-ratelimit-tokens-limit");
+static X_REMAINING_TOKENS: HeaderName =
+    HeaderName::from_static("anthropic-ratelimit-tokens-remaining");
+static X_RESET_TOKENS: HeaderName = HeaderName::from_static("anthropic-ratelimit-tokens-reset");
 
 #[derive(Debug)]
 pub struct Anthropic;
@@ -51,6 +55,23 @@ impl Provider for Anthropic {
         h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         h.insert(X_LIMIT.clone(), HeaderValue::from(limit));
         h.insert(X_REMAINING.clone(), HeaderValue::from_static("0"));
+    }
+
+    /// Anthropic's names; the reset is a time (RFC 3339), as Anthropic sends it.
+    fn token_limit_headers(&self, h: &mut HeaderMap, r: super::TokenRefusal) {
+        super::retry_after(h, r.wait);
+        h.insert(X_LIMIT_TOKENS.clone(), HeaderValue::from(r.limit));
+        h.insert(X_REMAINING_TOKENS.clone(), HeaderValue::from(r.remaining));
+        let at = humantime::format_rfc3339_seconds(SystemTime::now() + r.reset).to_string();
+        h.insert(
+            X_RESET_TOKENS.clone(),
+            HeaderValue::from_str(&at).expect("ASCII"),
+        );
+    }
+
+    /// Anthropic's own `ping` event, which its SDKs expect.
+    fn sse_keepalive(&self) -> Bytes {
+        Bytes::from_static(b"event: ping\ndata: {\"type\": \"ping\"}\n\n")
     }
 
     fn forbid_client_retry(&self, h: &mut HeaderMap) {

@@ -90,7 +90,27 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     /// back, in the form the dialect's SDKs read.
     fn rate_limit_headers(&self, h: &mut HeaderMap, wait: Duration, limit: u32);
 
+    /// A token limit's refusal headers: how long to wait, the limit, what
+    /// is left and when the bucket is full again.
+    fn token_limit_headers(&self, h: &mut HeaderMap, r: TokenRefusal);
+
+    /// What an idle event stream gets to keep proxies and clients from
+    /// timing it out (`[routes.sse] keepalive`).
+    fn sse_keepalive(&self) -> Bytes;
+
     /// Tells the client's SDK not to retry on its own: sluice retried, or
     /// its budget refused a retry, and SDK retries would multiply sluice's.
     fn forbid_client_retry(&self, h: &mut HeaderMap);
+}
+
+/// A token limit's refusal, as its headers say it.
+pub use crate::tokens::TokensRefused as TokenRefusal;
+
+/// `retry-after` in whole seconds, at least 1.
+pub(crate) fn retry_after(h: &mut HeaderMap, wait: Duration) {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    h.insert(
+        http::header::RETRY_AFTER,
+        http::HeaderValue::from(secs.max(1)),
+    );
 }

@@ -18,6 +18,9 @@ pub(super) static CLIENT_KEYS: [HeaderName; 3] = [
 static X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
 static X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
 static X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+static X_LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+static X_REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
+static X_RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
 /// The OpenAI (and Anthropic) SDKs obey it.
 pub(super) static X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 
@@ -63,6 +66,19 @@ impl Provider for OpenAi {
         h.insert(X_REMAINING.clone(), HeaderValue::from_static("0"));
         let reset = HeaderValue::from_str(&format_go_duration(wait)).expect("ASCII");
         h.insert(X_RESET.clone(), reset);
+    }
+
+    fn token_limit_headers(&self, h: &mut HeaderMap, r: super::TokenRefusal) {
+        super::retry_after(h, r.wait);
+        h.insert(X_LIMIT_TOKENS.clone(), HeaderValue::from(r.limit));
+        h.insert(X_REMAINING_TOKENS.clone(), HeaderValue::from(r.remaining));
+        let reset = HeaderValue::from_str(&format_go_duration(r.reset)).expect("ASCII");
+        h.insert(X_RESET_TOKENS.clone(), reset);
+    }
+
+    /// A comment line: every SSE client skips it.
+    fn sse_keepalive(&self) -> Bytes {
+        Bytes::from_static(b": keep-alive\n")
     }
 
     fn forbid_client_retry(&self, h: &mut HeaderMap) {

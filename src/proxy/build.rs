@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::Proxy;
-use crate::backend::{Backend, Backends, Health, Load, ModelEntry};
+use crate::backend::{Backend, Backends, Capacity, Health, Load, ModelEntry};
 use crate::body::BodyLimits;
 use crate::config::{Config, Deployment, Dialect, Route, Upstream};
 use crate::drain;
@@ -15,6 +15,8 @@ use crate::metrics::{Metrics, RouteMetrics};
 use crate::provider::{Provider, ANTHROPIC, OPENAI};
 use crate::retry::Budget;
 use crate::route::RouteTable;
+use crate::scan::Fields;
+use crate::tokens::TokenLimiter;
 
 /// Process-wide state that outlives any one config.
 #[derive(Debug)]
@@ -33,6 +35,12 @@ pub struct RouteState {
     pub backends: Backends,
     pub budget: Arc<Budget>,
     pub limiter: Option<Arc<Limiter>>,
+    /// `[routes.token_limit]`'s buckets.
+    pub tokens: Option<Arc<TokenLimiter>>,
+    /// The body fields read for tokens (none: the body is not read for them).
+    pub reads: Fields,
+    /// A deployment has `tpm`: requests need an estimate.
+    pub counts_tokens: bool,
     pub metrics: RouteMetrics,
     /// The dialect of the errors sluice answers on this route.
     pub provider: &'static dyn Provider,
@@ -44,11 +52,12 @@ impl Proxy {
     /// limiter state, so a reload does not hand out fresh bursts.
     pub fn new(config: &Config, shared: &Shared, previous: Option<&Proxy>) -> Self {
         let metrics = &shared.metrics;
-        // One pool per upstream, shared by the routes that use it.
+        // One pool per upstream, shared by the routes that use it, and
+        // whether it refused `stream_options` (until the next reload).
         let pools: BTreeMap<&str, _> = config
             .upstreams
             .iter()
-            .map(|(name, u)| (name.as_str(), Backend::pool(u)))
+            .map(|(name, u)| (name.as_str(), (Backend::pool(u), Arc::default())))
             .collect();
         // A deployment's load is shared by the routes that reach it, and
         // kept across a reload while its upstream and model stay the same.
@@ -69,6 +78,12 @@ impl Proxy {
                     }
                     (_, l) => l.as_ref().map(Limiter::new),
                 };
+                let tokens = match (old, &r.token_limit) {
+                    (Some(s), Some(l)) if s.tokens.as_ref().is_some_and(|o| o.config() == l) => {
+                        s.tokens.clone()
+                    }
+                    (_, l) => l.as_ref().map(TokenLimiter::new),
+                };
                 // A deployment also times the first token, labelled with
                 // its model ("-" for the body's own).
                 let backend = |up: &Arc<Upstream>, deployment: Option<Option<&str>>| {
@@ -76,9 +91,11 @@ impl Proxy {
                     if let Some(model) = deployment {
                         m = m.time_first_token(model.unwrap_or("-"));
                     }
+                    let (pool, refuses_usage) = &pools[up.name.as_str()];
                     Backend::new(
                         up.clone(),
-                        pools[up.name.as_str()].clone(),
+                        pool.clone(),
+                        refuses_usage,
                         provider(up.dialect),
                         m,
                     )
@@ -146,11 +163,20 @@ impl Proxy {
                         Backends::models(list, direct, entries)
                     }
                 };
+                let tpm = backends.as_slice().iter().any(|b| b.load.counts_tokens());
+                let reads = if r.usage.inject || r.token_limit.is_some() || tpm {
+                    super::account::FIELDS
+                } else {
+                    Fields::empty()
+                };
                 let state = RouteState {
                     route: r.clone(),
                     backends,
                     budget,
                     limiter,
+                    tokens,
+                    reads,
+                    counts_tokens: tpm,
                     metrics: metrics.route(&r.name),
                     provider: provider(r.dialect),
                 };
@@ -189,7 +215,8 @@ fn deployment_load(
     let key = load_key(&d.upstream, d.model.as_deref());
     let kept = old
         .and_then(|o| o.get(&key))
-        .filter(|l| l.health.as_ref().map(Health::config) == Some(&d.upstream.health));
+        .filter(|l| l.health.as_ref().map(Health::config) == Some(&d.upstream.health))
+        .filter(|l| l.same_capacity(d.rpm, d.tpm, d.max_concurrent));
     let kept = kept.cloned();
     loads
         .entry(key)
@@ -200,6 +227,7 @@ fn deployment_load(
                     metrics.deployment_in_flight(up, model),
                     Health::new(d.upstream.health.clone()),
                     metrics.deployment(up, model),
+                    Capacity::new(d.rpm, d.tpm, d.max_concurrent),
                 ))
             })
         })

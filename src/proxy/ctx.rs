@@ -12,6 +12,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
+use super::account::{self, Ending, Source, Tokens, Watched};
 use super::build::RouteState;
 use crate::access::{self, RequestSpan};
 use crate::backend::{InFlight, Trail, X_REQUEST_ID};
@@ -19,6 +20,7 @@ use crate::config::Timeouts;
 use crate::error::StreamFailure;
 use crate::metrics::RouteMetrics;
 use crate::provider::{Provider, OPENAI};
+use crate::usage::Usage;
 use prometheus_client::metrics::histogram::Histogram;
 
 static X_SLUICE_ATTEMPTS: HeaderName = HeaderName::from_static("x-sluice-attempts");
@@ -130,6 +132,11 @@ pub struct RequestCtx {
     pub permit: Option<OwnedSemaphorePermit>,
     /// Model routing's part, when the request was routed by its model.
     pub model: Option<Box<ModelCtx>>,
+    /// Token accounting's charges, when the route or a deployment limits tokens.
+    pub tokens: Option<Box<Tokens>>,
+    /// What the response reported of its usage, once its body ended.
+    pub usage: Option<Usage>,
+    pub watched: Watched,
     finished: bool,
 }
 
@@ -163,6 +170,9 @@ impl RequestCtx {
             end: BodyEnd::Unfinished,
             permit: None,
             model: None,
+            tokens: None,
+            usage: None,
+            watched: Watched::No,
             finished: false,
         }
     }
@@ -229,7 +239,8 @@ impl RequestCtx {
             return;
         }
         self.finished = true;
-        let duration = self.start.elapsed();
+        let now = Instant::now();
+        let duration = now.saturating_duration_since(self.start);
         let status = self.status.map_or(499, |s| s.as_u16());
         let m = self.metrics();
         m.request(status);
@@ -251,9 +262,10 @@ impl RequestCtx {
                 BodyEnd::Failed(StreamFailure::IdleTimeout | StreamFailure::UpstreamReset)
             ) {
                 let load = &r.backends.get(last.backend).load;
-                load.report(crate::backend::Report::Failed, Instant::now());
+                load.report(crate::backend::Report::Failed, now);
             }
         }
+        let tokens = self.settle_tokens(now);
         let route = self.route();
         // The backend of the last attempt, or before any the route's own
         // upstream (a model-routed route may have none).
@@ -291,7 +303,56 @@ impl RequestCtx {
             budget_exhausted: self.budget_exhausted,
             upstream_request_id: self.upstream_request_id.as_deref(),
             model,
+            tokens,
         });
+    }
+
+    /// Settles the token charges by what the response reported, counts
+    /// its tokens, and says what the access line shows of them.
+    fn settle_tokens(&mut self, now: Instant) -> Option<access::TokenRecord> {
+        if self.tokens.is_none() && self.watched == Watched::No {
+            return None;
+        }
+        let tokens = self.tokens.take();
+        let route = self.route()?;
+        let ok = self.status.is_some_and(|s| s.is_success());
+        let ending = match self.end {
+            _ if !ok => Ending::Failed,
+            BodyEnd::Complete => Ending::Complete,
+            _ => Ending::Cut,
+        };
+        let missing = match self.watched {
+            Watched::Compressed => Some("compressed"),
+            Watched::Yes if self.usage.is_none() && ending == Ending::Complete => {
+                Some("not_reported")
+            }
+            Watched::Yes if self.usage.is_none() => Some("cut"),
+            _ => None,
+        };
+        let count = route.route.token_limit.as_ref().map(|t| t.estimate.count);
+        let estimate = tokens.as_ref().and_then(|t| t.estimate);
+        let (usage, source) = match tokens {
+            Some(mut t) => t.settle(ending, count, self.usage, now),
+            None if ending != Ending::Failed && self.usage.is_some() => {
+                (self.usage, Source::Reported)
+            }
+            None => (None, Source::None),
+        };
+        if let Some(last) = self.trail.last() {
+            account::record(
+                route,
+                last.backend,
+                estimate,
+                usage.as_ref(),
+                source,
+                missing,
+            );
+        }
+        Some(access::TokenRecord {
+            input: usage.map(|u| u.input),
+            output: usage.map(|u| u.output),
+            source: source.as_str(),
+        })
     }
 }
 

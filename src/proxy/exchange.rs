@@ -4,6 +4,7 @@
 //! (reading the start of a 429's body for `insufficient_quota`).
 
 use std::collections::VecDeque;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -40,6 +41,8 @@ pub struct Forwarded {
     /// An event stream's first bytes still to be timed: when the attempt
     /// was sent, and the histogram.
     pub first_token: Option<(Instant, Histogram)>,
+    /// Sent with `include_usage` sluice added: its chunk is removed.
+    pub injected: bool,
 }
 
 /// The request's attempts at its route's backends.
@@ -52,6 +55,10 @@ pub struct Exchange<'a> {
     pub max: u32,
     /// A model-routed request's plan down its chain.
     routed: Option<Box<Routed>>,
+    /// The edit that asks the upstream for usage, where it may.
+    ask: Option<(Range<u64>, Bytes)>,
+    /// The request's estimated tokens, charged to a deployment's `tpm`.
+    pub cost: u64,
     rng: fastrand::Rng,
 }
 
@@ -72,10 +79,13 @@ impl<'a> Exchange<'a> {
         body: RequestBody,
         ctx: &'a mut RequestCtx,
         routed: Option<Box<Routed>>,
+        ask: Option<(Range<u64>, Bytes)>,
     ) -> Self {
         let attempts = state.route.retry.attempts;
+        // A whole body is kept even when the route does not retry: an
+        // upstream that refuses `stream_options` gets it again without.
         let (body, max) = match body {
-            RequestBody::Full(b) if attempts > 1 => (Replay::Copy(b), attempts),
+            RequestBody::Full(b) => (Replay::Copy(b), attempts),
             body => (Replay::Once(Some(body)), 1),
         };
         let head = Outgoing {
@@ -90,23 +100,44 @@ impl<'a> Exchange<'a> {
             ctx,
             max,
             routed,
+            ask,
+            cost: 0,
             rng: fastrand::Rng::new(),
         }
     }
 
     /// Each attempt's body, built from the client's bytes: the model the
-    /// backend knows spliced in, so edits never stack.
-    fn body(&mut self, backend: &Backend) -> RequestBody {
+    /// backend knows spliced in, and with `ask` the request for usage, so
+    /// edits never stack.
+    fn body(&mut self, backend: &Backend, ask: bool) -> RequestBody {
         let mut body = match &mut self.body {
             Replay::Copy(b) => RequestBody::Full(b.clone()),
             Replay::Once(b) => b
                 .take()
                 .expect("a request that cannot be replayed is sent once"),
         };
-        if let (Some(r), Some(m)) = (&self.routed, &backend.model_json) {
-            body.splice(r.span.clone(), m.clone());
+        let model = match (&self.routed, &backend.model_json) {
+            (Some(r), Some(m)) => Some((r.span.clone(), m.clone())),
+            _ => None,
+        };
+        let ask = self.ask.clone().filter(|_| ask);
+        // The later edit first: the earlier one's offsets stay true.
+        let mut edits = [model, ask];
+        edits.sort_by_key(|e| std::cmp::Reverse(e.as_ref().map(|(r, _)| r.start)));
+        for (range, with) in edits.into_iter().flatten() {
+            body.splice(range, with);
         }
         body
+    }
+
+    /// Whether this attempt asks `backend` for usage.
+    fn asks(&self, backend: &Backend) -> bool {
+        self.ask.is_some()
+            && backend.upstream.inject_usage
+            && !backend
+                .refuses_usage
+                .load(std::sync::atomic::Ordering::Relaxed)
+            && matches!(self.body, Replay::Copy(_))
     }
 
     /// Moves down the chain so far.
@@ -135,24 +166,18 @@ impl<'a> Exchange<'a> {
     /// for a 429 worth retrying whether its body says the quota is gone.
     async fn judge(
         &self,
-        res: Response<Upstream>,
+        mut fwd: Forwarded,
         can_retry: bool,
         backend: &Backend,
         sent: Instant,
     ) -> Result<(Forwarded, Outcome), ProxyError> {
         let policy = &self.state.route.retry;
-        let status = res.status();
+        let status = fwd.res.status();
         let retryable = can_retry && policy.retry_on.statuses.contains(&status.as_u16());
-        let mut fwd = Forwarded {
-            res,
-            head: VecDeque::new(),
-            in_flight: None,
-            first_token: None,
-        };
         let mut quota = false;
         if retryable && status == StatusCode::TOO_MANY_REQUESTS {
             let until = self.ctx.deadlines.first_byte_at(sent);
-            (fwd, quota) = Box::pin(peek_quota(fwd.res, until, backend)).await?;
+            (fwd, quota) = Box::pin(peek_quota(fwd, until, backend)).await?;
         }
         let hint = (retryable && policy.honor_retry_after)
             .then(|| {
@@ -207,14 +232,26 @@ impl Attempt for Exchange<'_> {
                 .map(|v| v.as_bytes().to_vec())
         });
         let plan = self.routed.as_mut().map(|r| &mut r.plan);
-        let index = state.backends.pick(
+        let picked = state.backends.pick(
             &self.ctx.trail,
             plan,
             key.as_deref(),
             &mut self.rng,
             Instant::now(),
+            self.cost,
         )?;
+        let index = picked.index;
         let backend = state.backends.get(index);
+        let in_flight = picked.taken.map(|t| {
+            if let Some(charge) = t.charge {
+                let tokens = self.ctx.tokens.get_or_insert_with(Default::default);
+                // The attempt before went nowhere: its charge is refunded.
+                if let Some(before) = tokens.deployment.replace(charge) {
+                    before.settle(0);
+                }
+            }
+            t.in_flight
+        });
         if let Some(r) = &mut self.routed {
             r.plan.on_model += 1;
         }
@@ -224,19 +261,45 @@ impl Attempt for Exchange<'_> {
             .is_some_and(|r| state.backends.may_switch(&r.plan));
         self.head
             .aim(state.backends.as_slice(), index, &state.route, may_switch);
-        let body = self.body(backend);
-        let in_flight = self
-            .routed
-            .is_some()
-            .then(|| InFlight::start(&backend.load));
+        let mut ask = self.asks(backend);
+        let body = self.body(backend, ask);
         let res = send(backend, &self.head.parts, body, sent, self.ctx).await;
+        let res = match res {
+            // An upstream that does not know `stream_options` gets the
+            // request again without it, once, and never again until reload.
+            Ok(r) if ask && r.status() == StatusCode::BAD_REQUEST => {
+                let until = self.ctx.deadlines.first_byte_at(sent);
+                let (fwd, body) = peek(r, until).await?;
+                if memchr::memmem::find(&body, b"stream_options").is_some() {
+                    backend
+                        .refuses_usage
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(
+                        parent: self.ctx.span.get(),
+                        upstream = backend.upstream.name.as_str(),
+                        "the upstream refused stream_options: usage is no longer asked of it until reload"
+                    );
+                    ask = false;
+                    let body = self.body(backend, false);
+                    send(backend, &self.head.parts, body, Instant::now(), self.ctx)
+                        .await
+                        .map(Forwarded::new)
+                } else {
+                    Ok(fwd)
+                }
+            }
+            res => res.map(Forwarded::new),
+        };
+        if ask {
+            backend.metrics.usage_injected();
+        }
         let m = &backend.metrics;
         let result = match &res {
-            Ok(res) => {
+            Ok(fwd) => {
                 let ttfb = sent.elapsed();
                 self.ctx.ttfb = Some(ttfb);
                 m.ttfb.observe(ttfb.as_secs_f64());
-                Ok(res.status())
+                Ok(fwd.res.status())
             }
             Err(e) => Err(Outcome::Failed(*e).label()),
         };
@@ -267,6 +330,7 @@ impl Attempt for Exchange<'_> {
         }
         let (mut fwd, outcome) = judged?;
         fwd.in_flight = in_flight;
+        fwd.injected = ask;
         Ok((fwd, outcome))
     }
 
@@ -386,15 +450,22 @@ async fn send(
     }
 }
 
-/// Reads the start of a 429's body to see whether it is `insufficient_quota`
-/// (true: never retry it); what was read is kept so the response can still
-/// pass on intact. A body that breaks off is a reset: passed on, it would
-/// look complete.
-async fn peek_quota(
-    res: Response<Upstream>,
-    until: Instant,
-    backend: &Backend,
-) -> Result<(Forwarded, bool), ProxyError> {
+impl Forwarded {
+    fn new(res: Response<Upstream>) -> Self {
+        Self {
+            res,
+            head: VecDeque::new(),
+            in_flight: None,
+            first_token: None,
+            injected: false,
+        }
+    }
+}
+
+/// Reads the start of an error's body (up to `QUOTA_PEEK`), and keeps what
+/// was read so the response can still pass on intact. A body that breaks
+/// off is a reset: passed on, it would look complete.
+async fn peek(res: Response<Upstream>, until: Instant) -> Result<(Forwarded, Vec<u8>), ProxyError> {
     let (parts, mut body) = res.into_parts();
     let mut head = VecDeque::new();
     let mut len = 0;
@@ -412,20 +483,28 @@ async fn peek_quota(
         }
     }
     let whole: Vec<u8> = head.iter().flat_map(|b| b.iter().copied()).collect();
-    let encoding = parts
-        .headers
+    let mut fwd = Forwarded::new(Response::from_parts(parts, body));
+    fwd.head = head;
+    Ok((fwd, whole))
+}
+
+/// Reads the start of a 429's body to see whether it is `insufficient_quota`
+/// (true: never retry it).
+async fn peek_quota(
+    fwd: Forwarded,
+    until: Instant,
+    backend: &Backend,
+) -> Result<(Forwarded, bool), ProxyError> {
+    // A 429 is never one whose body was read already (that is a 400's).
+    debug_assert!(fwd.head.is_empty());
+    let (fwd, whole) = peek(fwd.res, until).await?;
+    let encoding = fwd
+        .res
+        .headers()
         .get(header::CONTENT_ENCODING)
         .map(HeaderValue::as_bytes);
     let quota = backend.provider.is_quota_exhausted(encoding, &whole);
-    Ok((
-        Forwarded {
-            res: Response::from_parts(parts, body),
-            head,
-            in_flight: None,
-            first_token: None,
-        },
-        quota,
-    ))
+    Ok((fwd, quota))
 }
 
 /// What an attempt tells of its deployment's health: only what the

@@ -9,6 +9,7 @@
 //! - `response.rs`: the response body, which owns the context until the
 //!   body ends.
 
+mod account;
 mod attempts;
 mod build;
 mod commit;
@@ -157,8 +158,14 @@ impl Proxy {
             return Err(ProxyError::Overloaded);
         }
         let mut body = read_body(body, &parts, state, limits, total).await?;
+        let mut facts = None;
         let routed = match routing {
-            None => None,
+            None => {
+                if !state.reads.is_empty() {
+                    facts = model::facts(&parts, &body, state.reads);
+                }
+                None
+            }
             Some(routing) => {
                 let (all, max) = (&self.held, self.max_held_body);
                 let mut reserve = |n| all.take(&mut held, n, max);
@@ -169,6 +176,7 @@ impl Proxy {
                     &state.backends,
                     self.limits.read_timeout,
                     &mut reserve,
+                    state.reads,
                 );
                 let target = match total {
                     Some(d) => tokio::time::timeout_at(d, target)
@@ -177,6 +185,10 @@ impl Proxy {
                     None => target.await,
                 };
                 let unnamed = || Arc::<str>::from("-");
+                let target = target.map(|(target, read)| {
+                    facts = read;
+                    target
+                });
                 match target {
                     Err(e) => {
                         state.metrics.model_request(&unnamed(), "rejected");
@@ -202,12 +214,45 @@ impl Proxy {
                 }
             }
         };
+        let deployments_count = routed.is_some() && state.counts_tokens;
+        if state.route.token_limit.is_none() && deployments_count {
+            let e = crate::config::Estimate::default();
+            let estimate = account::Estimated::new(body_len(&parts, &body), facts.as_ref(), &e);
+            ctx.tokens.get_or_insert_with(Default::default).estimate = Some(estimate);
+        }
+        if let Some(limit) = &state.route.token_limit {
+            let len = body_len(&parts, &body);
+            let estimate = account::Estimated::new(len, facts.as_ref(), &limit.estimate);
+            let tokens = ctx.tokens.get_or_insert_with(Default::default);
+            tokens.estimate = Some(estimate);
+            let limiter = state
+                .tokens
+                .as_ref()
+                .expect("a token limit has its limiter");
+            let key = limiter.client_key(&parts.headers);
+            let charged = estimate.counted(limit.estimate.count);
+            let charge = limiter.admit(key, charged, total).await.map_err(|r| {
+                state.metrics.rate_limited.inc();
+                ProxyError::TokensLimited(r)
+            })?;
+            tokens.route = Some(charge);
+        }
+        // Asked for on the client's behalf: usage of a streamed chat.
+        let ask = facts
+            .and_then(|f| f.ask)
+            .filter(|_| state.route.usage.inject && account::is_chat(parts.uri.path()));
         backend::prepare(&mut parts, ctx.span.id_value());
         // One clock read serves the deposit and the first attempt's start.
         let now = Instant::now();
         state.budget.deposit_at(now.into_std());
         let model_routed = routed.is_some();
-        let mut exchange = Exchange::new(state, parts, body, ctx, routed);
+        let cost = ctx
+            .tokens
+            .as_ref()
+            .and_then(|t| t.estimate)
+            .map_or(0, |e| e.input + e.output);
+        let mut exchange = Exchange::new(state, parts, body, ctx, routed, ask);
+        exchange.cost = cost;
         let plan = attempts::Plan {
             policy: &state.route.retry,
             budget: &state.budget,
@@ -245,9 +290,49 @@ impl Proxy {
         }
         ctx.response_headers(&mut parts.headers);
         let sse = is_sse(&parts.headers);
-        let body = ResponseBody::upstream(fwd.head, body, sse, &self.drain, ctx);
+        let watch = watch(&parts, sse, fwd.injected, &mut ctx);
+        let body = ResponseBody::upstream(fwd.head, body, sse, &self.drain, ctx, watch);
         Response::from_parts(parts, body)
     }
+}
+
+/// What reads a 2xx's usage as it passes, on a route that observes it: an
+/// event stream or a JSON body in identity encoding.
+fn watch(
+    parts: &http::response::Parts,
+    sse: bool,
+    injected: bool,
+    ctx: &mut RequestCtx,
+) -> Option<Box<response::Watch>> {
+    if !parts.status.is_success() || !ctx.route().is_some_and(|r| r.route.usage.observe) {
+        return None;
+    }
+    let framing = if sse {
+        crate::usage::Framing::Sse
+    } else if model::is_json(&parts.headers) {
+        crate::usage::Framing::Json
+    } else {
+        return None;
+    };
+    let encoded = parts
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    if encoded {
+        ctx.watched = account::Watched::Compressed;
+        return None;
+    }
+    ctx.watched = account::Watched::Yes;
+    Some(response::Watch::new(framing, injected && sse))
+}
+
+/// The request body's length: declared, or what is held of it.
+fn body_len(parts: &Parts, body: &RequestBody) -> u64 {
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    declared.unwrap_or_else(|| body.held().iter().map(|b| b.len() as u64).sum())
 }
 
 /// What a request gets: an upstream's response, or one sluice wrote.
@@ -285,7 +370,8 @@ async fn read_body(
     mut limits: BodyLimits,
     total: Option<Instant>,
 ) -> Result<RequestBody, ProxyError> {
-    if state.route.retry.attempts == 1 {
+    // A body read for its fields is held whole when it fits.
+    if state.route.retry.attempts == 1 && state.reads.is_empty() {
         limits.retry_buffer = 0;
     }
     let expects_continue = parts

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http::request::Parts;
 use http::{header, HeaderMap, Method, Response, StatusCode};
 
+use super::account::Facts;
 use crate::backend::{Backends, Plan};
 use crate::body::RequestBody;
 use crate::config::{ModelRouting, UnknownModel};
@@ -53,7 +54,7 @@ fn readable(parts: &Parts) -> Result<(), ProxyError> {
     Ok(())
 }
 
-fn is_json(h: &HeaderMap) -> bool {
+pub(super) fn is_json(h: &HeaderMap) -> bool {
     let Some(ct) = h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
         return false;
     };
@@ -74,6 +75,8 @@ fn is_json(h: &HeaderMap) -> bool {
 /// of its body as it takes to find the top-level `model` (within
 /// `peek_limit`). A body that names a model twice is refused before
 /// anything is sent.
+/// With `extra` fields, a body held whole is read for them too: what it
+/// says of tokens comes back with the target.
 pub async fn route(
     parts: &Parts,
     body: &mut RequestBody,
@@ -81,14 +84,15 @@ pub async fn route(
     backends: &Backends,
     read_timeout: std::time::Duration,
     reserve: &mut (dyn FnMut(u64) -> bool + Send),
-) -> Result<Target, ProxyError> {
+    extra: Fields,
+) -> Result<(Target, Option<Facts>), ProxyError> {
     if let Err(e) = readable(parts) {
         return match backends.direct() {
-            Some(_) => Ok(Target::Direct { unknown: false }),
+            Some(_) => Ok((Target::Direct { unknown: false }, None)),
             None => Err(e),
         };
     }
-    let mut scanner = Scanner::new(Fields::empty().with(Field::Model));
+    let mut scanner = Scanner::new(extra.with(Field::Model));
     let held = body.held();
     let mut offset = 0u64;
     for chunk in &held {
@@ -102,12 +106,12 @@ pub async fn route(
         match scanner.finish() {
             Ok(()) => {}
             Err(e @ ScanError::Duplicate(_)) => return Err(scan_error(e)),
-            Err(e) if !scanner.has_all() => return Err(scan_error(e)),
+            Err(e) if scanner.span(Field::Model).is_none() => return Err(scan_error(e)),
             // Broken after the model: the provider answers for its JSON.
             Err(_) => {}
         }
     } else {
-        while !scanner.has_all() && !scanner.is_done() {
+        while scanner.span(Field::Model).is_none() && !scanner.is_done() {
             if offset > routing.peek_limit {
                 return Err(ProxyError::RoutingBodyTooLarge);
             }
@@ -136,6 +140,7 @@ pub async fn route(
     if span.end > routing.peek_limit {
         return Err(ProxyError::RoutingBodyTooLarge);
     }
+    let facts = (whole && !extra.is_empty()).then(|| Facts::read(&scanner, &held));
     if !whole {
         // The rest streams: a second `model` in it still breaks it off.
         body.scan_rest(scanner);
@@ -150,18 +155,32 @@ pub async fn route(
         }
         _ => Cow::Owned(serde_json::from_slice(&raw).map_err(|_| ProxyError::ModelRequired)?),
     };
-    match backends.plan(&name) {
-        Some(plan) => Ok(Target::Model(Box::new(Routed {
+    let target = match backends.plan(&name) {
+        Some(plan) => Target::Model(Box::new(Routed {
             // The config's own name, shared: the lookup is exact.
             requested: backends.current(&plan).name.clone(),
             plan,
             span,
-        }))),
+        })),
         None if routing.unknown_model == UnknownModel::Passthrough => {
-            Ok(Target::Direct { unknown: true })
+            Target::Direct { unknown: true }
         }
-        None => Err(ProxyError::ModelNotFound),
-    }
+        None => return Err(ProxyError::ModelNotFound),
+    };
+    Ok((target, facts))
+}
+
+/// What a whole JSON body says of tokens, on a route not routed by model;
+/// `None` for any other body (a streaming one, not JSON, broken JSON).
+pub fn facts(parts: &Parts, body: &RequestBody, fields: Fields) -> Option<Facts> {
+    let RequestBody::Full(Some(whole)) = body else {
+        return None;
+    };
+    readable(parts).ok()?;
+    let mut scanner = Scanner::new(fields);
+    scanner.feed(whole).ok()?;
+    scanner.finish().ok()?;
+    Some(Facts::read(&scanner, std::slice::from_ref(whole)))
 }
 
 fn scan_error(e: ScanError) -> ProxyError {

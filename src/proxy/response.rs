@@ -27,6 +27,7 @@ use crate::body::prefixed_size_hint;
 use crate::drain;
 use crate::error::StreamFailure;
 use crate::server::{whole_frame, whole_hint, Expiring};
+use crate::usage::{Framing, Strip, Tap};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -38,7 +39,53 @@ pub struct ResponseBody {
     sse: bool,
     /// Whether what went out so far ends on an SSE event boundary.
     at_boundary: bool,
+    /// Reads the body's usage (and removes the chunk sluice asked for).
+    watch: Option<Box<Watch>>,
+    keepalive: Option<Box<KeepAlive>>,
     ctx: RequestCtx,
+}
+
+/// What is read of a passing body for its usage.
+#[derive(Debug)]
+pub struct Watch {
+    tap: Tap,
+    /// Set when sluice added `include_usage`: its chunk is removed.
+    strip: Option<Strip>,
+}
+
+impl Watch {
+    pub fn new(framing: Framing, strip: bool) -> Box<Self> {
+        Box::new(Self {
+            tap: Tap::new(framing),
+            strip: strip.then(Strip::default),
+        })
+    }
+
+    /// What of `data` goes on now.
+    fn frame(&mut self, data: Bytes) -> Bytes {
+        self.tap.frame(&data);
+        match &mut self.strip {
+            Some(s) => s.frame(data),
+            None => data,
+        }
+    }
+
+    /// Whether it holds bytes still owed to the client.
+    fn holds(&self) -> bool {
+        self.strip.as_ref().is_some_and(Strip::holds)
+    }
+}
+
+/// `[routes.sse] keepalive`: a comment after this much silence towards the
+/// client, at event boundaries only. Its own timer: the upstream's idle
+/// clock never sees these.
+#[derive(Debug)]
+struct KeepAlive {
+    every: Duration,
+    ping: Bytes,
+    /// When the client last got bytes (read when the body first waits after them).
+    quiet_since: Option<Instant>,
+    sleep: Option<Pin<Box<Sleep>>>,
 }
 
 #[derive(Debug)]
@@ -94,6 +141,7 @@ impl ResponseBody {
         sse: bool,
         drain: &drain::Watch,
         ctx: RequestCtx,
+        watch: Option<Box<Watch>>,
     ) -> Self {
         let timer = Timer {
             waits: None,
@@ -101,11 +149,22 @@ impl ResponseBody {
             last_frame: None,
             expiry: None,
         };
+        let keepalive = match ctx.route().and_then(|r| r.route.sse_keepalive) {
+            Some(every) if sse => Some(Box::new(KeepAlive {
+                every,
+                ping: ctx.provider().sse_keepalive(),
+                quiet_since: None,
+                sleep: None,
+            })),
+            _ => None,
+        };
         Self {
             inner: Inner::Upstream { head, body },
             timer: Some(timer),
             sse,
             at_boundary: true,
+            watch,
+            keepalive,
             ctx,
         }
     }
@@ -117,6 +176,8 @@ impl ResponseBody {
             timer: None,
             sse: false,
             at_boundary: true,
+            watch: None,
+            keepalive: None,
             ctx,
         }
     }
@@ -147,6 +208,53 @@ impl ResponseBody {
             cx.waker().wake_by_ref();
             Poll::Pending
         }
+    }
+
+    /// Bytes of the upstream's went to the client.
+    fn sent(&mut self, d: &Bytes) {
+        self.ctx.bytes_out += d.len() as u64;
+        if self.sse && !d.is_empty() {
+            self.at_boundary = d.ends_with(b"\n\n") || d.ends_with(b"\r\n\r\n");
+            if let Some(m) = &mut self.ctx.model {
+                m.first_bytes();
+            }
+            if let Some(k) = &mut self.keepalive {
+                k.quiet_since = None;
+                // The stream's last event went out: nothing to keep alive.
+                if is_last_event(d) {
+                    self.keepalive = None;
+                }
+            }
+        }
+    }
+
+    /// The body ended (or was dropped): its usage goes to the context.
+    fn end_watch(&mut self) {
+        if let Some(w) = self.watch.take() {
+            self.ctx.usage = w.tap.end();
+        }
+    }
+
+    /// A keep-alive comment, when the client has heard nothing for
+    /// `keepalive` and the stream is between events.
+    fn poll_keepalive(&mut self, cx: &mut Context<'_>) -> Option<Bytes> {
+        let k = self.keepalive.as_mut()?;
+        if !self.at_boundary {
+            return None;
+        }
+        let at = *k.quiet_since.get_or_insert_with(Instant::now) + k.every;
+        let sleep = k
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        if sleep.deadline() != at {
+            sleep.as_mut().reset(at);
+        }
+        if sleep.as_mut().poll(cx).is_pending() {
+            return None;
+        }
+        // The next one after another `every` of silence.
+        k.quiet_since = Some(Instant::now());
+        Some(k.ping.clone())
     }
 
     fn poll_timer(&mut self, cx: &mut Context<'_>) -> Option<StreamFailure> {
@@ -194,52 +302,82 @@ impl Body for ResponseBody {
                 return this.fail(StreamFailure::Deadline, cx);
             }
         }
-        let frame = match &mut this.inner {
-            Inner::Done => return Poll::Ready(None),
-            Inner::Failed(why) => {
-                let why = *why;
-                this.inner = Inner::Done;
-                return Poll::Ready(Some(Err(Box::new(why))));
-            }
-            Inner::Full(data) => whole_frame(data),
-            Inner::Upstream { head, body } => match head.pop_front() {
-                Some(d) => Some(Ok(Frame::data(d))),
-                None => match Pin::new(body).poll_frame(cx) {
-                    Poll::Ready(f) => f,
-                    Poll::Pending => {
-                        return match this.poll_timer(cx) {
-                            Some(why) => this.fail(why, cx),
-                            None => Poll::Pending,
-                        };
-                    }
-                },
-            },
-        };
-        match frame {
-            Some(Ok(f)) => {
-                if let Some(d) = f.data_ref() {
-                    this.ctx.bytes_out += d.len() as u64;
-                    if this.sse && !d.is_empty() {
-                        this.at_boundary = d.ends_with(b"\n\n") || d.ends_with(b"\r\n\r\n");
-                        if let Some(m) = &mut this.ctx.model {
-                            m.first_bytes();
+        loop {
+            let frame = match &mut this.inner {
+                Inner::Done => return Poll::Ready(None),
+                Inner::Failed(why) => {
+                    let why = *why;
+                    this.inner = Inner::Done;
+                    return Poll::Ready(Some(Err(Box::new(why))));
+                }
+                Inner::Full(data) => whole_frame(data),
+                Inner::Upstream { head, body } => match head.pop_front() {
+                    Some(d) => Some(Ok(Frame::data(d))),
+                    None => match Pin::new(body).poll_frame(cx) {
+                        Poll::Ready(f) => f,
+                        Poll::Pending => {
+                            if let Some(why) = this.poll_timer(cx) {
+                                return this.fail(why, cx);
+                            }
+                            return match this.poll_keepalive(cx) {
+                                Some(ping) => {
+                                    this.ctx.bytes_out += ping.len() as u64;
+                                    Poll::Ready(Some(Ok(Frame::data(ping))))
+                                }
+                                None => Poll::Pending,
+                            };
                         }
+                    },
+                },
+            };
+            return match frame {
+                Some(Ok(f)) => {
+                    let f = match f.into_data() {
+                        Ok(mut d) => {
+                            if let Some(w) = &mut this.watch {
+                                let sent = d.is_empty();
+                                d = w.frame(d);
+                                // All of it held back (the start of an event): read on.
+                                if d.is_empty() && !sent {
+                                    if let Some(t) = &mut this.timer {
+                                        t.last_frame = None;
+                                    }
+                                    continue;
+                                }
+                            }
+                            this.sent(&d);
+                            Frame::data(d)
+                        }
+                        Err(f) => f,
+                    };
+                    if let Some(t) = &mut this.timer {
+                        t.last_frame = None;
+                    }
+                    Poll::Ready(Some(Ok(f)))
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(parent: this.ctx.span.get(), "upstream body broke off: {e}");
+                    this.fail(StreamFailure::UpstreamReset, cx)
+                }
+                None => {
+                    this.ctx.end = BodyEnd::Complete;
+                    this.inner = Inner::Done;
+                    // An event the upstream left without its blank line.
+                    let held = this
+                        .watch
+                        .as_mut()
+                        .and_then(|w| w.strip.as_mut())
+                        .map(Strip::end);
+                    this.end_watch();
+                    match held {
+                        Some(d) if !d.is_empty() => {
+                            this.sent(&d);
+                            Poll::Ready(Some(Ok(Frame::data(d))))
+                        }
+                        _ => Poll::Ready(None),
                     }
                 }
-                if let Some(t) = &mut this.timer {
-                    t.last_frame = None;
-                }
-                Poll::Ready(Some(Ok(f)))
-            }
-            Some(Err(e)) => {
-                tracing::warn!(parent: this.ctx.span.get(), "upstream body broke off: {e}");
-                this.fail(StreamFailure::UpstreamReset, cx)
-            }
-            None => {
-                this.ctx.end = BodyEnd::Complete;
-                this.inner = Inner::Done;
-                Poll::Ready(None)
-            }
+            };
         }
     }
 
@@ -249,7 +387,11 @@ impl Body for ResponseBody {
             Inner::Failed(_) => false,
             Inner::Full(d) => d.is_none(),
             // Not final while a failure event could still be owed.
-            Inner::Upstream { head, body } => head.is_empty() && body.is_end_stream(),
+            Inner::Upstream { head, body } => {
+                head.is_empty()
+                    && body.is_end_stream()
+                    && !self.watch.as_ref().is_some_and(|w| w.holds())
+            }
         }
     }
 
@@ -258,6 +400,10 @@ impl Body for ResponseBody {
             Inner::Done => SizeHint::with_exact(0),
             Inner::Failed(_) => SizeHint::default(),
             Inner::Full(d) => whole_hint(d),
+            // A body with a chunk removed is shorter than the upstream said.
+            Inner::Upstream { .. } if self.watch.as_ref().is_some_and(|w| w.strip.is_some()) => {
+                SizeHint::default()
+            }
             Inner::Upstream { head, body } => prefixed_size_hint(head, body.size_hint()),
         }
     }
@@ -306,6 +452,13 @@ impl ResponseBody {
     }
 }
 
+/// Whether `d` ends with a stream's last event: OpenAI's `[DONE]` or
+/// Anthropic's `message_stop`.
+fn is_last_event(d: &[u8]) -> bool {
+    let d = d.trim_ascii_end();
+    d.ends_with(b"data: [DONE]") || d.ends_with(b"data:[DONE]") || d.ends_with(b"\"message_stop\"}")
+}
+
 /// A wake far enough off never to come (about thirty years).
 const FAR: Duration = Duration::from_secs(1 << 30);
 
@@ -315,6 +468,7 @@ impl Drop for ResponseBody {
         if self.ctx.end == BodyEnd::Unfinished && self.is_end_stream() {
             self.ctx.end = BodyEnd::Complete;
         }
+        self.end_watch();
         self.ctx.finish();
     }
 }

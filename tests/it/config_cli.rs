@@ -87,6 +87,14 @@ fn the_example_config_documents_every_key() {
         "fallback_on",
         "commit",
         "commit_buffer",
+        "inject",
+        "observe",
+        "tokens_per_minute",
+        "count",
+        "chars_per_token",
+        "image_tokens",
+        "default_output_tokens",
+        "keepalive",
     ] {
         documented(&text, "config.models.example.toml", key);
     }
@@ -458,6 +466,52 @@ fn rate_limit_keys_are_checked() {
     let (code, _, err, _) = check(&toml, &[]);
     assert_eq!(code, 1);
     assert!(err.contains("this table limits nothing"), "{err}");
+}
+
+#[test]
+fn token_limit_usage_and_sse_keys_are_checked() {
+    let toml = format!(
+        "{}\n[routes.token_limit]\nper = \"tenant\"\nchars_per_token = 0\n",
+        one_route("http://h", "")
+    );
+    let (code, _, err, file) = check(&toml, &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!(
+            "{file}:10:7: routes[0].token_limit.per: unknown variant `tenant`"
+        )),
+        "{err}"
+    );
+    let toml = format!(
+        "{}\n[routes.token_limit]\nchars_per_token = 0\nshared = true\n[routes.usage]\nobserve = false\n",
+        one_route("http://h", "")
+    );
+    let (code, _, err, _) = check(&toml, &[]);
+    assert_eq!(code, 1);
+    for e in [
+        "routes[0].token_limit.tokens_per_minute: must be set",
+        "routes[0].token_limit.chars_per_token: must be a number above 0",
+        "routes[0].token_limit.shared: shared token limits need a [rate_limit_store]",
+        "routes[0].usage.observe: a route with a token_limit settles",
+    ] {
+        assert!(err.contains(e), "{e}: {err}");
+    }
+    let toml = format!(
+        "{}\n[routes.usage]\ninject = \"sometimes\"\n[routes.sse]\nkeepalive = \"soon\"\n",
+        one_route("http://h", "")
+    );
+    let (code, _, err, _) = check(&toml, &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("routes[0].usage.inject: unknown variant `sometimes`"),
+        "{err}"
+    );
+    let toml = format!(
+        "{}\n[routes.token_limit]\ntokens_per_minute = 6000\nchars_per_token = 3.5\n[routes.sse]\nkeepalive = \"15s\"\n",
+        one_route("http://h", "")
+    );
+    let (code, out, err, _) = check(&toml, &[]);
+    assert_eq!((code, out.trim()), (0, "ok"), "{err}");
 }
 
 #[test]

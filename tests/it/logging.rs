@@ -255,7 +255,8 @@ async fn access_lines_are_batched_per_turn_but_never_held_while_idle() {
         assert_eq!(lines.len(), 1, "{id}: {lines:?}");
         assert!(
             lines[0].contains("sluice::access: request method=POST")
-                && lines[0].ends_with("budget_exhausted=false"),
+                // The last field: a JSON 200 without usage says so.
+                && lines[0].ends_with("budget_exhausted=false usage=\"none\""),
             "a torn line: {}",
             lines[0]
         );

@@ -21,3 +21,4 @@ mod timeouts;
 mod tls;
 mod upstream_h1;
 mod upstream_upload;
+mod usage;

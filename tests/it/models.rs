@@ -1050,3 +1050,98 @@ async fn first_event_commit_fails_over_a_stream_that_sends_headers_then_nothing(
     // The primary had first_byte to send its first event.
     assert!(took >= Duration::from_secs(1), "{took:?}");
 }
+
+/// A mock that answers after `delay`, counting the requests it took.
+async fn slow_upstream(delay: Duration) -> (Mock, Arc<AtomicUsize>) {
+    let n = Arc::new(AtomicUsize::new(0));
+    let seen = n.clone();
+    let mock = Mock::start(move |req: Request<Incoming>| {
+        let seen = seen.clone();
+        async move {
+            seen.fetch_add(1, SeqCst);
+            let _ = read_body(req.into_body()).await;
+            tokio::time::sleep(delay).await;
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(full(r#"{"id":"ok"}"#))
+                .unwrap()
+        }
+    })
+    .await;
+    (mock, n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_at_its_max_concurrent_is_passed_over_not_refused() {
+    let (a, a_seen) = slow_upstream(Duration::from_millis(600)).await;
+    let (b, b_seen) = slow_upstream(Duration::ZERO).await;
+    // a is preferred; it takes one request at a time.
+    let models = "[models.m]\ndeployments = [{ upstream = \"a\", max_concurrent = 1 }, { upstream = \"b\", priority = 1 }]\nbalance = \"priority\"\n";
+    let sidecar = Sidecar::start(&config(&[&a.url(), &b.url()], models, ""), KEYS).await;
+    let url = sidecar.url("/v1/chat/completions");
+    let first = tokio::spawn({
+        let url = url.clone();
+        async move { post(&url, chat("m")).await.0 }
+    });
+    while a_seen.load(SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (head, _) = post(&url, chat("m")).await;
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["x-sluice-upstream"], "b");
+    let first = first.await.unwrap();
+    assert_eq!(first.headers()["x-sluice-upstream"], "a");
+    assert_eq!((a_seen.load(SeqCst), b_seen.load(SeqCst)), (1, 1));
+    // Free again: a takes the next one.
+    let (head, _) = post(&url, chat("m")).await;
+    assert_eq!(head.headers()["x-sluice-upstream"], "a");
+}
+
+#[tokio::test]
+async fn rpm_and_tpm_steer_to_deployments_and_models_with_room() {
+    let (a, a_seen) = slow_upstream(Duration::ZERO).await;
+    let (b, b_seen) = slow_upstream(Duration::ZERO).await;
+    // rpm = 6: a bucket of one request (ten seconds' worth), refilled in 10 s.
+    let models = "[models.m]\ndeployments = [{ upstream = \"a\", rpm = 6 }, { upstream = \"b\", priority = 1 }]\nbalance = \"priority\"\n";
+    let sidecar = Sidecar::start(&config(&[&a.url(), &b.url()], models, ""), KEYS).await;
+    let url = sidecar.url("/v1/chat/completions");
+    let mut to = Vec::new();
+    for _ in 0..3 {
+        let (head, _) = post(&url, chat("m")).await;
+        assert_eq!(head.status(), 200);
+        to.push(
+            head.headers()["x-sluice-upstream"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert_eq!(to, ["a", "b", "b"]);
+    assert_eq!((a_seen.load(SeqCst), b_seen.load(SeqCst)), (1, 2));
+
+    // tpm on a model's only deployment: the chain's next model takes what
+    // does not fit; when nothing has room, the request still goes.
+    let (c, c_seen) = slow_upstream(Duration::ZERO).await;
+    let (d, d_seen) = slow_upstream(Duration::ZERO).await;
+    // tpm = 600: a bucket of 100 tokens; each request estimates ~1,040.
+    let models = "[models.m]\ndeployments = [{ upstream = \"a\", model = \"big\", tpm = 600 }]\nfallbacks = [\"n\"]\n\
+                  [models.n]\ndeployments = [{ upstream = \"b\", model = \"small\", rpm = 6 }]\n";
+    let sidecar = Sidecar::start(&config(&[&c.url(), &d.url()], models, ""), KEYS).await;
+    let url = sidecar.url("/v1/chat/completions");
+    let mut to = Vec::new();
+    for _ in 0..3 {
+        let (head, _) = post(&url, chat("m")).await;
+        assert_eq!(head.status(), 200);
+        to.push(
+            head.headers()["x-sluice-model"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    // An estimate over the burst passes on a full bucket (then it is in
+    // debt); the second goes to the fallback; the third finds no room
+    // anywhere and goes to the requested model anyway.
+    assert_eq!(to, ["big", "small", "big"]);
+    assert_eq!((c_seen.load(SeqCst), d_seen.load(SeqCst)), (2, 1));
+}

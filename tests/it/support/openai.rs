@@ -1,6 +1,7 @@
 //! A mock of the OpenAI endpoints the SDK tests call. It answers 401 unless
 //! it sees the upstream key, so every success proves sluice injected it.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,11 +14,23 @@ use super::mock::{channel, json as json_response, read_body, Mock, MockBody};
 pub const UPSTREAM_KEY: &str = "sk-upstream-secret";
 pub const TEXT_DELTAS: [&str; 5] = ["Hello", " from", " the", " mock", " upstream."];
 
+/// The JSON bodies of the requests the mock answered, in order (`null`
+/// for an empty or non-JSON one).
+pub type Bodies = Arc<Mutex<Vec<Value>>>;
+
 pub async fn start() -> Mock {
-    Mock::start(handle).await
+    Mock::start(|req| handle(req, None)).await
 }
 
-async fn handle(req: Request<Incoming>) -> Response<MockBody> {
+/// [`start`], keeping every authorized request's body.
+pub async fn start_recording() -> (Mock, Bodies) {
+    let bodies = Bodies::default();
+    let kept = bodies.clone();
+    let mock = Mock::start(move |req| handle(req, Some(kept.clone()))).await;
+    (mock, bodies)
+}
+
+async fn handle(req: Request<Incoming>, bodies: Option<Bodies>) -> Response<MockBody> {
     let authorized = req
         .headers()
         .get("authorization")
@@ -33,9 +46,14 @@ async fn handle(req: Request<Incoming>) -> Response<MockBody> {
         Ok(b) if !b.is_empty() => serde_json::from_slice(&b).unwrap_or(Value::Null),
         _ => Value::Null,
     };
+    if let Some(bodies) = &bodies {
+        bodies.lock().unwrap().push(body.clone());
+    }
     let model = body["model"].as_str().unwrap_or("mock-model").to_owned();
     match (method, path.as_str()) {
-        (Method::POST, "/v1/chat/completions") if body["stream"] == true => stream(model),
+        (Method::POST, "/v1/chat/completions") if body["stream"] == true => {
+            stream(model, body["stream_options"]["include_usage"] == true)
+        }
         (Method::POST, "/v1/chat/completions") => json_response(
             200,
             &json!({
@@ -70,16 +88,22 @@ async fn handle(req: Request<Incoming>) -> Response<MockBody> {
     }
 }
 
-/// Chat deltas as SSE, one event per write with a pause between.
-fn stream(model: String) -> Response<MockBody> {
+/// Chat deltas as SSE, one event per write with a pause between. With
+/// `usage` (the client sent `stream_options.include_usage: true`), as
+/// OpenAI does: `"usage": null` on every chunk, then a usage-only chunk
+/// (`"choices": []`, 11 tokens in, 5 out) before `[DONE]`.
+fn stream(model: String, usage: bool) -> Response<MockBody> {
     let (tx, body) = channel();
     tokio::spawn(async move {
         let chunk = |delta: Value, finish: Value| {
-            let c = json!({
+            let mut c = json!({
                 "id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1700000000,
                 "model": model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]
             });
+            if usage {
+                c["usage"] = Value::Null;
+            }
             Bytes::from(format!("data: {c}\n\n"))
         };
         let mut events = vec![chunk(
@@ -92,6 +116,14 @@ fn stream(model: String) -> Response<MockBody> {
                 .map(|t| chunk(json!({"content": t}), Value::Null)),
         );
         events.push(chunk(json!({}), json!("stop")));
+        if usage {
+            let c = json!({
+                "id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1700000000,
+                "model": model, "choices": [],
+                "usage": {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}
+            });
+            events.push(Bytes::from(format!("data: {c}\n\n")));
+        }
         events.push(Bytes::from_static(b"data: [DONE]\n\n"));
         for e in events {
             if tx.send(e).await.is_err() {
