@@ -75,8 +75,6 @@ struct Found {
 
 static USAGE_KEY: std::sync::LazyLock<memmem::Finder<'static>> =
     std::sync::LazyLock::new(|| memmem::Finder::new(b"\"usage\":"));
-static USAGE_KEY_REV: std::sync::LazyLock<memmem::FinderRev<'static>> =
-    std::sync::LazyLock::new(|| memmem::FinderRev::new(b"\"usage\":"));
 
 impl Tap {
     pub fn new(framing: Framing) -> Self {
@@ -267,8 +265,11 @@ impl Strip {
             self.carry.extend_from_slice(&data[end..]);
             return self.events(data.slice(..end));
         }
+        // Only the new bytes can end the held event (with the three before
+        // them, for a blank line cut in two): no rescan of what is held.
+        let from = self.carry.len().saturating_sub(3);
         self.carry.extend_from_slice(&data);
-        match last_event_end(&self.carry) {
+        match last_event_end(&self.carry[from..]).map(|end| from + end) {
             None if self.carry.len() > MAX_EVENT => {
                 // No chunk of ours is this long: give it up.
                 Bytes::from(std::mem::take(&mut self.carry))
@@ -392,7 +393,19 @@ fn object_after(buf: &[u8], at: usize) -> bool {
 /// of a long event) that reads as usage: a client's `metadata` echoed
 /// after it may name `usage` too, but only with a string value.
 fn last_usage_object(window: &[u8]) -> Option<Usage> {
-    USAGE_KEY_REV.rfind_iter(window).find_map(|at| {
+    // The forward searcher is the vectorised one; a window names usage a
+    // few times at most (the last few are kept, newest last).
+    let mut found = [0usize; 8];
+    let mut n = 0;
+    for at in USAGE_KEY.find_iter(window) {
+        if n == found.len() {
+            found.copy_within(1.., 0);
+            n -= 1;
+        }
+        found[n] = at;
+        n += 1;
+    }
+    found[..n].iter().rev().find_map(|&at| {
         if !object_after(window, at) {
             return None;
         }
@@ -464,7 +477,7 @@ mod quick {
             }
             loop {
                 self.eat(b'"')?;
-                let len = memchr::memchr2(b'"', b'\\', &self.b[self.i..])?;
+                let len = memchr::memchr2(b'"', b'\\', self.b.get(self.i..)?)?;
                 let start = self.i;
                 self.i += len;
                 self.eat(b'"')?;
@@ -514,16 +527,19 @@ mod quick {
                 return Some(None);
             }
             self.peek()?;
-            let digits = self.b[self.i..]
-                .iter()
-                .take_while(|c| c.is_ascii_digit())
-                .count();
-            let text = &self.b[self.i..self.i + digits];
-            self.i += digits;
-            if digits == 0 || matches!(self.b.get(self.i), Some(b'.' | b'e' | b'E')) {
+            let start = self.i;
+            let mut n: u64 = 0;
+            while let Some(&c) = self.b.get(self.i) {
+                if !c.is_ascii_digit() {
+                    break;
+                }
+                n = n.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+                self.i += 1;
+            }
+            if self.i == start || matches!(self.b.get(self.i), Some(b'.' | b'e' | b'E')) {
                 return None;
             }
-            std::str::from_utf8(text).ok()?.parse().ok().map(Some)
+            Some(Some(n))
         }
 
         /// Any value, passed over.
@@ -534,7 +550,8 @@ mod quick {
                     b'"' => {
                         self.i += 1;
                         loop {
-                            let at = memchr::memchr2(b'"', b'\\', &self.b[self.i..])?;
+                            // Past the end after an escape at the end: None.
+                            let at = memchr::memchr2(b'"', b'\\', self.b.get(self.i..)?)?;
                             self.i += at + 1;
                             if self.b[self.i - 1] == b'"' {
                                 break;
@@ -999,5 +1016,25 @@ mod tests {
                 ..Usage::default()
             })
         );
+    }
+
+    #[test]
+    fn no_cut_of_a_usage_object_panics_or_counts_wrong() {
+        let whole = r#"{"usage":{"prompt_tokens":5,"note":"a\"b\\","x":[{"y":"\u0022"}],"completion_tokens":2}}"#;
+        assert_eq!(
+            tap(Framing::Json, whole, &[]),
+            Some(Usage {
+                input: 5,
+                output: 2,
+                ..Usage::default()
+            })
+        );
+        for end in 0..whole.len() {
+            let cut = &whole[..end];
+            let _ = quick::usage(cut.as_bytes());
+            let _ = tap(Framing::Json, cut, &[]);
+            let _ = tap(Framing::Sse, &format!("data: {cut}"), &[]);
+        }
+        assert_eq!(quick::usage(br#"{"a":"\"#), None);
     }
 }

@@ -159,10 +159,14 @@ impl Backends {
                 if self.fall_back_to_room(plan, cost, now) {
                     continue;
                 }
-                let i = balance::choose(entry.model.balance, &self.list, &open, key, rng);
-                let load = &self.list[i].load;
-                if load.access(now) == Access::Open || load.take_probe(now) {
-                    let in_flight = InFlight::start(load);
+                let healthy: Vec<usize> = open
+                    .iter()
+                    .copied()
+                    .filter(|&i| self.list[i].load.access(now) == Access::Open)
+                    .collect();
+                if !healthy.is_empty() {
+                    let i = balance::choose(entry.model.balance, &self.list, &healthy, key, rng);
+                    let in_flight = InFlight::start(&self.list[i].load);
                     return Ok(picked(
                         i,
                         Taken {

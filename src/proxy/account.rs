@@ -120,16 +120,21 @@ impl Estimated {
             (f.images, f.image_bytes, f.max_output, f.n)
         });
         let text = body_len.saturating_sub(image_bytes) as f64;
+        // Saturating: a client's max_tokens of 2^64-1 is a large charge,
+        // never a wrapped small one. (A float cast saturates too.)
+        let images = images.saturating_mul(e.image_tokens);
         Self {
-            input: (text / e.chars_per_token).ceil() as u64 + images * e.image_tokens,
-            output: cap.unwrap_or(e.default_output_tokens) * n.unwrap_or(1).max(1),
+            input: ((text / e.chars_per_token).ceil() as u64).saturating_add(images),
+            output: cap
+                .unwrap_or(e.default_output_tokens)
+                .saturating_mul(n.unwrap_or(1).max(1)),
         }
     }
 
     /// What a limit counting `count` charges.
     pub fn counted(&self, count: TokenCount) -> u64 {
         match count {
-            TokenCount::Total => self.input + self.output,
+            TokenCount::Total => self.input.saturating_add(self.output),
             TokenCount::Input => self.input,
             TokenCount::Output => self.output,
         }
@@ -138,7 +143,7 @@ impl Estimated {
 
 fn counted(u: &Usage, count: TokenCount) -> u64 {
     match count {
-        TokenCount::Total => u.input + u.output,
+        TokenCount::Total => u.input.saturating_add(u.output),
         TokenCount::Input => u.input,
         TokenCount::Output => u.output,
     }
@@ -367,6 +372,10 @@ mod tests {
         assert_eq!(est.counted(TokenCount::Input), 4);
         assert_eq!(est.counted(TokenCount::Output), 1024);
         assert_eq!(est.counted(TokenCount::Total), 1028);
+        let huge = facts(r#"{"max_tokens":18446744073709551615,"n":2}"#);
+        let est = Estimated::new(10, Some(&huge), &e);
+        assert_eq!(est.output, u64::MAX);
+        assert_eq!(est.counted(TokenCount::Total), u64::MAX);
     }
 
     #[test]

@@ -242,13 +242,15 @@ impl Attempt for Exchange<'_> {
         )?;
         let index = picked.index;
         let backend = state.backends.get(index);
+        // The attempt before went nowhere: its deployment's charge is
+        // refunded, whoever takes this one.
+        if let Some(before) = self.ctx.tokens.as_mut().and_then(|t| t.deployment.take()) {
+            before.settle(0);
+        }
         let in_flight = picked.taken.map(|t| {
             if let Some(charge) = t.charge {
                 let tokens = self.ctx.tokens.get_or_insert_with(Default::default);
-                // The attempt before went nowhere: its charge is refunded.
-                if let Some(before) = tokens.deployment.replace(charge) {
-                    before.settle(0);
-                }
+                tokens.deployment = Some(charge);
             }
             t.in_flight
         });
@@ -262,30 +264,42 @@ impl Attempt for Exchange<'_> {
         self.head
             .aim(state.backends.as_slice(), index, &state.route, may_switch);
         let mut ask = self.asks(backend);
+        if ask {
+            // A compressed stream could not have its usage chunk removed.
+            self.head.parts.headers.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+        }
         let body = self.body(backend, ask);
         let res = send(backend, &self.head.parts, body, sent, self.ctx).await;
         let res = match res {
             // An upstream that does not know `stream_options` gets the
-            // request again without it, once, and never again until reload.
+            // request again without it, once; when the field was ours
+            // alone, it is never asked again until reload.
             Ok(r) if ask && r.status() == StatusCode::BAD_REQUEST => {
                 let until = self.ctx.deadlines.first_byte_at(sent);
-                let (fwd, body) = peek(r, until).await?;
-                if memchr::memmem::find(&body, b"stream_options").is_some() {
-                    backend
-                        .refuses_usage
-                        .store(true, std::sync::atomic::Ordering::Relaxed);
-                    tracing::warn!(
-                        parent: self.ctx.span.get(),
-                        upstream = backend.upstream.name.as_str(),
-                        "the upstream refused stream_options: usage is no longer asked of it until reload"
-                    );
-                    ask = false;
-                    let body = self.body(backend, false);
-                    send(backend, &self.head.parts, body, Instant::now(), self.ctx)
-                        .await
-                        .map(Forwarded::new)
-                } else {
-                    Ok(fwd)
+                match peek(r, until).await {
+                    Ok((fwd, body)) if memchr::memmem::find(&body, b"stream_options").is_some() => {
+                        // The client's own options may be what the upstream refused.
+                        if self.ask.as_ref().is_some_and(|(at, _)| at.is_empty()) {
+                            backend
+                                .refuses_usage
+                                .store(true, std::sync::atomic::Ordering::Relaxed);
+                            tracing::warn!(
+                                parent: self.ctx.span.get(),
+                                upstream = backend.upstream.name.as_str(),
+                                "the upstream refused stream_options: usage is no longer asked of it until reload"
+                            );
+                        }
+                        drop(fwd);
+                        ask = false;
+                        let body = self.body(backend, false);
+                        send(backend, &self.head.parts, body, Instant::now(), self.ctx)
+                            .await
+                            .map(Forwarded::new)
+                    }
+                    other => other.map(|(fwd, _)| fwd),
                 }
             }
             res => res.map(Forwarded::new),

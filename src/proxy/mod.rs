@@ -162,7 +162,7 @@ impl Proxy {
         let routed = match routing {
             None => {
                 if !state.reads.is_empty() {
-                    facts = model::facts(&parts, &body, state.reads);
+                    facts = model::facts(&parts, &body, state.reads)?;
                 }
                 None
             }
@@ -250,7 +250,7 @@ impl Proxy {
             .tokens
             .as_ref()
             .and_then(|t| t.estimate)
-            .map_or(0, |e| e.input + e.output);
+            .map_or(0, |e| e.input.saturating_add(e.output));
         let mut exchange = Exchange::new(state, parts, body, ctx, routed, ask);
         exchange.cost = cost;
         let plan = attempts::Plan {
@@ -291,6 +291,11 @@ impl Proxy {
         ctx.response_headers(&mut parts.headers);
         let sse = is_sse(&parts.headers);
         let watch = watch(&parts, sse, fwd.injected, &mut ctx);
+        let keepalive = sse && ctx.route().is_some_and(|r| r.route.sse_keepalive.is_some());
+        if keepalive || watch.as_ref().is_some_and(|w| w.strips()) {
+            // Bytes are added or removed: the upstream's length no longer holds.
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
         let body = ResponseBody::upstream(fwd.head, body, sse, &self.drain, ctx, watch);
         Response::from_parts(parts, body)
     }
@@ -304,7 +309,10 @@ fn watch(
     injected: bool,
     ctx: &mut RequestCtx,
 ) -> Option<Box<response::Watch>> {
-    if !parts.status.is_success() || !ctx.route().is_some_and(|r| r.route.usage.observe) {
+    // The chunk sluice asked for is removed whether or not usage is read.
+    let strip = injected && sse;
+    let observe = ctx.route().is_some_and(|r| r.route.usage.observe);
+    if !parts.status.is_success() || !(observe || strip) {
         return None;
     }
     let framing = if sse {
@@ -319,11 +327,15 @@ fn watch(
         .get(header::CONTENT_ENCODING)
         .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
     if encoded {
-        ctx.watched = account::Watched::Compressed;
+        if observe {
+            ctx.watched = account::Watched::Compressed;
+        }
         return None;
     }
-    ctx.watched = account::Watched::Yes;
-    Some(response::Watch::new(framing, injected && sse))
+    if observe {
+        ctx.watched = account::Watched::Yes;
+    }
+    Some(response::Watch::new(framing, strip))
 }
 
 /// The request body's length: declared, or what is held of it.

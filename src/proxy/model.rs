@@ -172,15 +172,27 @@ pub async fn route(
 
 /// What a whole JSON body says of tokens, on a route not routed by model;
 /// `None` for any other body (a streaming one, not JSON, broken JSON).
-pub fn facts(parts: &Parts, body: &RequestBody, fields: Fields) -> Option<Facts> {
+/// A field it reads given twice is refused, as on a model-routed route:
+/// sluice and the provider must not read different values.
+pub fn facts(
+    parts: &Parts,
+    body: &RequestBody,
+    fields: Fields,
+) -> Result<Option<Facts>, ProxyError> {
     let RequestBody::Full(Some(whole)) = body else {
-        return None;
+        return Ok(None);
     };
-    readable(parts).ok()?;
+    if readable(parts).is_err() {
+        return Ok(None);
+    }
     let mut scanner = Scanner::new(fields);
-    scanner.feed(whole).ok()?;
-    scanner.finish().ok()?;
-    Some(Facts::read(&scanner, std::slice::from_ref(whole)))
+    let read = scanner.feed(whole).and_then(|()| scanner.finish());
+    match read {
+        Ok(()) => Ok(Some(Facts::read(&scanner, std::slice::from_ref(whole)))),
+        Err(e @ ScanError::Duplicate(_)) => Err(scan_error(e)),
+        // Not JSON: the upstream answers for it; the estimate goes by length.
+        Err(_) => Ok(None),
+    }
 }
 
 fn scan_error(e: ScanError) -> ProxyError {

@@ -70,6 +70,11 @@ impl Watch {
         }
     }
 
+    /// Whether it removes sluice's usage chunk (so changes the length).
+    pub fn strips(&self) -> bool {
+        self.strip.is_some()
+    }
+
     /// Whether it holds bytes still owed to the client.
     fn holds(&self) -> bool {
         self.strip.as_ref().is_some_and(Strip::holds)
@@ -400,8 +405,10 @@ impl Body for ResponseBody {
             Inner::Done => SizeHint::with_exact(0),
             Inner::Failed(_) => SizeHint::default(),
             Inner::Full(d) => whole_hint(d),
-            // A body with a chunk removed is shorter than the upstream said.
-            Inner::Upstream { .. } if self.watch.as_ref().is_some_and(|w| w.strip.is_some()) => {
+            // A chunk removed, keep-alives added: not the upstream's length.
+            Inner::Upstream { .. }
+                if self.keepalive.is_some() || self.watch.as_ref().is_some_and(|w| w.strips()) =>
+            {
                 SizeHint::default()
             }
             Inner::Upstream { head, body } => prefixed_size_hint(head, body.size_hint()),

@@ -1145,3 +1145,29 @@ async fn rpm_and_tpm_steer_to_deployments_and_models_with_room() {
     assert_eq!(to, ["big", "small", "big"]);
     assert_eq!((c_seen.load(SeqCst), d_seen.load(SeqCst)), (2, 1));
 }
+
+/// An attempt that failed at a deployment with `tpm` gives its charge
+/// back, even when the retry goes to a deployment without one: that
+/// deployment's usage is not settled on the first one's bucket.
+#[tokio::test]
+async fn a_failed_attempts_tpm_charge_is_refunded_whatever_answers_next() {
+    const USED: &str = r#"{"id":"ok","usage":{"prompt_tokens":50,"completion_tokens":50}}"#;
+    let (a, a_log) = upstream(vec![(503, "", r#"{"error":"busy"}"#), (200, "", USED)]).await;
+    let (b, b_log) = upstream(vec![(200, "", USED)]).await;
+    // a: tpm 600, a bucket of 100 tokens; each request estimates ~1,040.
+    let models = "[models.m]\ndeployments = [{ upstream = \"a\", tpm = 600 }, { upstream = \"b\", priority = 1 }]\nbalance = \"priority\"\n";
+    let route = "[routes.retry]\nattempts = 2\n";
+    let sidecar = Sidecar::start(&config(&[&a.url(), &b.url()], models, route), KEYS).await;
+    let url = sidecar.url("/v1/chat/completions");
+    let (head, _) = post(&url, chat("m")).await;
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["x-sluice-upstream"], "b");
+    // a got its estimate back: full again, it takes the next request. Had
+    // b's 100 tokens been settled on a's bucket, a would be 10 s from full.
+    let (head, _) = post(&url, chat("m")).await;
+    assert_eq!(head.headers()["x-sluice-upstream"], "a");
+    assert_eq!(
+        (a_log.lock().unwrap().len(), b_log.lock().unwrap().len()),
+        (2, 1)
+    );
+}

@@ -744,3 +744,118 @@ async fn anthropic_keepalives_are_ping_events() {
     assert!((2..=30).contains(&pings), "{pings} pings: {body:?}");
     assert_eq!(rest, ANTHROPIC_STOP, "{body:?}");
 }
+
+// What the review of the first version found.
+
+/// With usage reading off, the chunk sluice asked for is still removed; the
+/// upstream is asked for an uncompressed stream it can be removed from.
+#[tokio::test]
+async fn the_injected_chunk_is_stripped_even_when_usage_is_not_read() {
+    let seen_encoding: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = seen_encoding.clone();
+    let mock = Mock::start(move |req: Request<Incoming>| {
+        let seen = seen.clone();
+        async move {
+            let enc = req
+                .headers()
+                .get("accept-encoding")
+                .map(|v| v.to_str().unwrap().to_owned());
+            seen.lock().unwrap().push(enc.unwrap_or_default());
+            let _ = read_body(req.into_body()).await;
+            sse_pieces(pieces(&with_usage()))
+        }
+    })
+    .await;
+    let tables = format!("{INJECT}observe = false\n");
+    let proxy = Sidecar::start(&config(&mock.url(), INJECTING, &tables), &[]).await;
+    let url = proxy.url("/v1/chat/completions");
+    let (head, body) = post(&url, &[("accept-encoding", "gzip, br")], &chat(STREAM)).await;
+    assert_eq!(head.status(), 200);
+    assert_eq!(text(&body), without_usage());
+    assert_eq!(*seen_encoding.lock().unwrap(), ["identity"]);
+}
+
+/// A 400 about the client's own `stream_options` is retried once without
+/// sluice's edit, and does not stop sluice asking that upstream later.
+#[tokio::test]
+async fn a_client_whose_own_stream_options_are_refused_does_not_turn_injection_off() {
+    let (mock, received) = recording(|body| {
+        if text(body).contains("bogus") {
+            return json(400, REFUSAL);
+        }
+        sse_pieces(pieces(&with_usage()))
+    })
+    .await;
+    let proxy = Sidecar::start(&config(&mock.url(), INJECTING, INJECT), &[]).await;
+    let url = proxy.url("/v1/chat/completions");
+    let own = chat(r#","stream":true,"stream_options":{"include_usage":false,"bogus":1}"#);
+    let (head, body) = post(&url, &[], &own).await;
+    assert_eq!(head.status(), 400, "{}", text(&body));
+    {
+        let got = received.lock().unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(
+            got[1],
+            own.as_bytes(),
+            "the second try is the client's own body"
+        );
+    }
+    let (head, body) = post(&url, &[], &chat(STREAM)).await;
+    assert_eq!(head.status(), 200);
+    assert_eq!(text(&body), without_usage());
+    let got = received.lock().unwrap();
+    assert_eq!(parse(&got[2])["stream_options"]["include_usage"], true);
+}
+
+/// A field a token-limited route reads, given twice, is refused before
+/// anything is sent (the estimate and the provider must read the same body).
+#[tokio::test]
+async fn a_token_field_given_twice_is_refused() {
+    let (mock, received) = chat_upstream().await;
+    let proxy = Sidecar::start(&config(&mock.url(), "", &limit(SMALL)), &[]).await;
+    let url = proxy.url("/v1/chat/completions");
+    let (head, body) = post(&url, &[], &chat(r#","max_tokens":5,"max_tokens":5000"#)).await;
+    assert_eq!(head.status(), 400);
+    assert_eq!(parse(&body)["error"]["code"], "ambiguous_request_body");
+    assert!(received.lock().unwrap().is_empty());
+}
+
+/// An event stream with a content-length gets keep-alives: the length is
+/// dropped and the body framed by chunks, so the client reads it whole.
+#[tokio::test]
+async fn keepalives_on_a_stream_with_a_length_drop_the_length() {
+    let body = format!("{}{DONE}", CHUNKS[0]);
+    let len = body.len();
+    let tx_body = body.clone();
+    let mock = Mock::start(move |_req: Request<Incoming>| {
+        let body = tx_body.clone();
+        async move {
+            let (tx, stream) = channel();
+            tokio::spawn(async move {
+                let (first, rest) = body.split_at(CHUNKS[0].len());
+                let _ = tx.send(Bytes::copy_from_slice(first.as_bytes())).await;
+                tokio::time::sleep(Duration::from_millis(600)).await;
+                let _ = tx.send(Bytes::copy_from_slice(rest.as_bytes())).await;
+            });
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .header("content-length", len.to_string())
+                .body(stream)
+                .unwrap()
+        }
+    })
+    .await;
+    let tables = "[routes.sse]\nkeepalive = \"100ms\"\n";
+    let proxy = Sidecar::start(&config(&mock.url(), "", tables), &[]).await;
+    let (head, got) = post(&proxy.url("/v1/chat/completions"), &[], &chat(STREAM)).await;
+    assert_eq!(head.status(), 200);
+    assert!(
+        head.headers().get("content-length").is_none(),
+        "{:?}",
+        head.headers()
+    );
+    let got = text(&got);
+    let (pings, rest) = leading(got.strip_prefix(CHUNKS[0]).unwrap(), ": keep-alive\n");
+    assert!(pings >= 2, "{got:?}");
+    assert_eq!(rest, DONE);
+}
