@@ -8,20 +8,13 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use governor::clock::DefaultClock;
 use http::{HeaderMap, HeaderName, HeaderValue};
-use sluice::config::{Estimate, RateLimitConfig, RateLimitPer, TokenLimitConfig};
-use sluice::limit::Limiter;
+use sluice::config::{Estimate, RateLimitPer, TokenLimitConfig};
 use sluice::tokens::{Cell, TokenLimiter};
 
-/// The full run under `cargo bench`, a smoke run under `cargo test`.
-fn scale() -> u64 {
-    if std::env::args().any(|a| a == "--bench") {
-        1_000_000
-    } else {
-        1_000
-    }
-}
+#[path = "common.rs"]
+mod common;
+use common::{request_limiter, rss_kib, scale};
 
 /// One token a nanosecond, ten seconds' burst: every charge is admitted, and
 /// each one (1,000 tokens, a microsecond) is still ahead of the clock when it
@@ -39,19 +32,6 @@ fn tokens(per: RateLimitPer) -> TokenLimiter {
         max_wait: Duration::ZERO,
         estimate: Estimate::default(),
     })
-}
-
-fn requests(per: RateLimitPer) -> Limiter {
-    let config = RateLimitConfig {
-        // High enough that every check is admitted: the cost of the common case.
-        requests_per_minute: u32::MAX,
-        burst: u32::MAX,
-        per,
-        client_key_header: HeaderName::from_static("authorization"),
-        max_wait: Duration::ZERO,
-        max_concurrent: 0,
-    };
-    Limiter::with_clock(&config, DefaultClock::default())
 }
 
 /// ns per call of `op`, over `n` calls on each of `threads` threads.
@@ -74,15 +54,6 @@ fn charge_settle(l: &TokenLimiter, key: u64) {
     charge.settle_at(black_box(ACTUAL), now);
 }
 
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 fn main() {
     let n = scale() * 5;
     let mut headers = HeaderMap::new();
@@ -91,12 +62,12 @@ fn main() {
         HeaderValue::from_static("Bearer sk-client-0123456789"),
     );
 
-    let route = requests(RateLimitPer::Route);
+    let route = request_limiter(RateLimitPer::Route);
     let ns = per_op(n, 1, || {
         black_box(route.check(0)).ok();
     });
     println!("request limit check, per route: {ns:.1} ns/request");
-    let client = requests(RateLimitPer::Client);
+    let client = request_limiter(RateLimitPer::Client);
     let ns = per_op(n, 1, || {
         let key = client.client_key(black_box(&headers));
         black_box(client.check(key)).ok();

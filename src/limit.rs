@@ -23,7 +23,7 @@ use crate::config::{RateLimitConfig, RateLimitPer};
 use crate::error::ProxyError;
 
 /// How often stale client keys are dropped.
-const EVICT_EVERY: Duration = Duration::from_secs(30);
+pub(crate) const EVICT_EVERY: Duration = Duration::from_secs(30);
 /// The bucket shared by requests without the client key header.
 const ANONYMOUS: u64 = 0;
 
@@ -162,8 +162,20 @@ impl<C: Clock + Clone> Limiter<C> {
     }
 }
 
-/// Evicts on a timer for as long as the limiter lives (a reload drops it).
-fn spawn_eviction(limiter: Weak<Limiter>) {
+/// A limiter that keeps client keys and drops those whose bucket is full again.
+pub(crate) trait Evict: Send + Sync + 'static {
+    fn evict_stale(&self);
+}
+
+impl Evict for Limiter {
+    fn evict_stale(&self) {
+        Limiter::evict_stale(self);
+    }
+}
+
+/// Evicts every `EVICT_EVERY` for as long as the limiter lives (a reload
+/// drops it).
+pub(crate) fn spawn_eviction<L: Evict>(limiter: Weak<L>) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(EVICT_EVERY);
         tick.tick().await;

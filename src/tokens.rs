@@ -18,16 +18,15 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName};
 use tokio::time::Instant;
 
 use crate::config::{RateLimitPer, TokenLimitConfig};
+use crate::limit::{spawn_eviction, Evict};
 
-/// How often client keys whose bucket is full again are dropped.
-const EVICT_EVERY: Duration = Duration::from_secs(30);
 /// The bucket shared by requests without the client key header.
 const ANONYMOUS: u64 = 0;
 /// Nanoseconds per minute: n tokens take n * this / tokens_per_minute ns.
@@ -381,22 +380,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Evicts on a timer for as long as the limiter lives (a reload drops it).
-fn spawn_eviction(limiter: Weak<TokenLimiter>) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(EVICT_EVERY);
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            let Some(l) = limiter.upgrade() else { return };
-            l.evict_stale();
-        }
-    });
+impl Evict for TokenLimiter {
+    fn evict_stale(&self) {
+        TokenLimiter::evict_stale(self);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limit::EVICT_EVERY;
     use std::sync::atomic::AtomicBool;
 
     const MS: Duration = Duration::from_millis(1);

@@ -1071,6 +1071,17 @@ async fn slow_upstream(delay: Duration) -> (Mock, Arc<AtomicUsize>) {
     (mock, n)
 }
 
+/// `n` chats for model `m` one after another, all 200: what `header` said of each.
+async fn answered(url: &str, n: usize, header: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let (head, _) = post(url, chat("m")).await;
+        assert_eq!(head.status(), 200);
+        out.push(head.headers()[header].to_str().unwrap().to_owned());
+    }
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deployment_at_its_max_concurrent_is_passed_over_not_refused() {
     let (a, a_seen) = slow_upstream(Duration::from_millis(600)).await;
@@ -1105,17 +1116,7 @@ async fn rpm_and_tpm_steer_to_deployments_and_models_with_room() {
     let models = "[models.m]\ndeployments = [{ upstream = \"a\", rpm = 6 }, { upstream = \"b\", priority = 1 }]\nbalance = \"priority\"\n";
     let sidecar = Sidecar::start(&config(&[&a.url(), &b.url()], models, ""), KEYS).await;
     let url = sidecar.url("/v1/chat/completions");
-    let mut to = Vec::new();
-    for _ in 0..3 {
-        let (head, _) = post(&url, chat("m")).await;
-        assert_eq!(head.status(), 200);
-        to.push(
-            head.headers()["x-sluice-upstream"]
-                .to_str()
-                .unwrap()
-                .to_owned(),
-        );
-    }
+    let to = answered(&url, 3, "x-sluice-upstream").await;
     assert_eq!(to, ["a", "b", "b"]);
     assert_eq!((a_seen.load(SeqCst), b_seen.load(SeqCst)), (1, 2));
 
@@ -1128,17 +1129,7 @@ async fn rpm_and_tpm_steer_to_deployments_and_models_with_room() {
                   [models.n]\ndeployments = [{ upstream = \"b\", model = \"small\", rpm = 6 }]\n";
     let sidecar = Sidecar::start(&config(&[&c.url(), &d.url()], models, ""), KEYS).await;
     let url = sidecar.url("/v1/chat/completions");
-    let mut to = Vec::new();
-    for _ in 0..3 {
-        let (head, _) = post(&url, chat("m")).await;
-        assert_eq!(head.status(), 200);
-        to.push(
-            head.headers()["x-sluice-model"]
-                .to_str()
-                .unwrap()
-                .to_owned(),
-        );
-    }
+    let to = answered(&url, 3, "x-sluice-model").await;
     // An estimate over the burst passes on a full bucket (then it is in
     // debt); the second goes to the fallback; the third finds no room
     // anywhere and goes to the requested model anyway.

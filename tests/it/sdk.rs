@@ -159,42 +159,6 @@ async fn run_usage_script(program: PathBuf, script: &str) {
     );
 }
 
-/// A series `name{a="x",b="y"}` as its name and its labels sorted, so that
-/// the order labels are written in does not matter.
-fn series_key(series: &str) -> (&str, Vec<&str>) {
-    let (name, labels) = series.split_once('{').unwrap_or((series, "}"));
-    let mut labels: Vec<&str> = labels
-        .trim_end_matches('}')
-        .split(',')
-        .filter(|l| !l.is_empty())
-        .collect();
-    labels.sort_unstable();
-    (name, labels)
-}
-
-/// The value of `series` (its full name with labels, in any order) in a
-/// Prometheus text scrape.
-fn metric(scrape: &str, series: &str) -> Option<f64> {
-    let want = series_key(series);
-    scrape
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.rsplit_once(' '))
-        .find(|(s, _)| series_key(s) == want)
-        .and_then(|(_, v)| v.parse().ok())
-}
-
-/// The sum of every series named `name`, whatever its labels.
-fn family_sum(scrape: &str, name: &str) -> f64 {
-    scrape
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.rsplit_once(' '))
-        .filter(|(s, _)| series_key(s).0 == name)
-        .filter_map(|(_, v)| v.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_openai_sdk_end_to_end() {
     run_script(repo().join(".venv/bin/python"), "tests/sdk/python/e2e.py").await;

@@ -266,37 +266,6 @@ fn header<'a>(head: &'a Response<()>, name: &str) -> &'a str {
 const INPUT: &str = r#"sluice_tokens_total{route="r",upstream="up",model="-",type="input"}"#;
 const OUTPUT: &str = r#"sluice_tokens_total{route="r",upstream="up",model="-",type="output"}"#;
 
-/// A series' name (`_total` dropped) and its labels sorted: the same key
-/// whatever order the labels are written in.
-fn series_key(series: &str) -> (&str, Vec<&str>) {
-    let (name, labels) = series.split_once('{').unwrap_or((series, ""));
-    let mut labels: Vec<&str> = labels
-        .trim_end_matches('}')
-        .split(',')
-        .filter(|l| !l.is_empty())
-        .collect();
-    labels.sort_unstable();
-    (name.strip_suffix("_total").unwrap_or(name), labels)
-}
-
-/// The value of `series` (name and labels) in a Prometheus or OpenMetrics
-/// text scrape.
-fn sample(scrape: &str, series: &str) -> Option<f64> {
-    let want = series_key(series);
-    scrape
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (s, rest) = match l.find('}') {
-                Some(i) => l.split_at(i + 1),
-                None => l.split_once(' ')?,
-            };
-            Some((s.trim(), rest.split_whitespace().next()?))
-        })
-        .find(|(s, _)| series_key(s) == want)
-        .and_then(|(_, v)| v.parse().ok())
-}
-
 /// Scrapes until `ok` holds (a request's figures are recorded when sluice
 /// lets go of its body, just after the client has read it); panics with
 /// the last scrape after 5 s.
@@ -470,7 +439,7 @@ async fn reported_usage_settles_the_estimate_down() {
         assert_eq!(head.status(), 200, "request {i}: {}", text(&res));
         // Settled (and counted) once sluice has let go of the response.
         scrape_until(&proxy, &format!("{i} input tokens"), |m| {
-            sample(m, INPUT) == Some(f64::from(i))
+            metric(m, INPUT) == Some(f64::from(i))
         })
         .await;
     }
@@ -530,11 +499,11 @@ async fn injected_usage_is_counted_in_the_metrics() {
     assert_eq!(head.status(), 200);
     assert_eq!(text(&body), without_usage());
     let m = scrape_until(&proxy, "7 tokens in, 3 out", |m| {
-        sample(m, INPUT) == Some(7.0) && sample(m, OUTPUT) == Some(3.0)
+        metric(m, INPUT) == Some(7.0) && metric(m, OUTPUT) == Some(3.0)
     })
     .await;
     let injected = r#"sluice_usage_injected_total{route="r",upstream="up"}"#;
-    assert!(sample(&m, injected).is_some_and(|n| n >= 1.0), "{m}");
+    assert!(metric(&m, injected).is_some_and(|n| n >= 1.0), "{m}");
 }
 
 /// A JSON 200 without usage counts as `not_reported`, and no tokens.
@@ -545,8 +514,8 @@ async fn a_response_without_usage_is_counted_as_not_reported() {
     let (head, _) = post(&proxy.url("/v1/chat/completions"), &[], &chat("")).await;
     assert_eq!(head.status(), 200);
     let missing = r#"sluice_usage_missing_total{route="r",upstream="up",reason="not_reported"}"#;
-    let m = scrape_until(&proxy, missing, |m| sample(m, missing) == Some(1.0)).await;
-    assert!(sample(&m, INPUT).unwrap_or(0.0) == 0.0, "{m}");
+    let m = scrape_until(&proxy, missing, |m| metric(m, missing) == Some(1.0)).await;
+    assert!(metric(&m, INPUT).unwrap_or(0.0) == 0.0, "{m}");
 }
 
 /// A token-limited route with usage reported observes the estimate's ratio.
@@ -562,7 +531,7 @@ async fn a_token_limited_route_observes_its_estimate_ratio() {
     assert_eq!(head.status(), 200);
     let count = r#"sluice_token_estimate_ratio_count{route="r"}"#;
     scrape_until(&proxy, count, |m| {
-        sample(m, count).is_some_and(|n| n >= 1.0)
+        metric(m, count).is_some_and(|n| n >= 1.0)
     })
     .await;
 }
@@ -626,7 +595,7 @@ async fn anthropic_usage_is_read_from_start_and_last_delta() {
     assert_eq!(head.status(), 200, "{}", text(&body));
     assert_eq!(text(&body), ANTHROPIC_STREAM);
     scrape_until(&proxy, "20 tokens in, 12 out", |m| {
-        sample(m, INPUT) == Some(20.0) && sample(m, OUTPUT) == Some(12.0)
+        metric(m, INPUT) == Some(20.0) && metric(m, OUTPUT) == Some(12.0)
     })
     .await;
 }
@@ -651,7 +620,7 @@ async fn malformed_events_and_no_done_pass_and_the_usage_counts() {
     assert_eq!(head.status(), 200);
     assert_eq!(text(&body), stream);
     scrape_until(&proxy, "7 tokens in, 3 out", |m| {
-        sample(m, INPUT) == Some(7.0) && sample(m, OUTPUT) == Some(3.0)
+        metric(m, INPUT) == Some(7.0) && metric(m, OUTPUT) == Some(3.0)
     })
     .await;
 }

@@ -486,3 +486,47 @@ pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// A series `name{a="x",b="y"}` as its name (`_total` dropped) and its
+/// labels sorted: the same key whatever order the labels are written in.
+pub fn series_key(series: &str) -> (&str, Vec<&str>) {
+    let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+    let mut labels: Vec<&str> = labels
+        .trim_end_matches('}')
+        .split(',')
+        .filter(|l| !l.is_empty())
+        .collect();
+    labels.sort_unstable();
+    (name.strip_suffix("_total").unwrap_or(name), labels)
+}
+
+/// The samples of a Prometheus or OpenMetrics text scrape: series, value.
+fn samples(scrape: &str) -> impl Iterator<Item = (&str, &str)> {
+    scrape
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (s, rest) = match l.find('}') {
+                Some(i) => l.split_at(i + 1),
+                None => l.split_once(' ')?,
+            };
+            Some((s.trim(), rest.split_whitespace().next()?))
+        })
+}
+
+/// The value of `series` (its name and labels, in any order) in a scrape.
+pub fn metric(scrape: &str, series: &str) -> Option<f64> {
+    let want = series_key(series);
+    samples(scrape)
+        .find(|(s, _)| series_key(s) == want)
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+/// The sum of every series named `name`, whatever its labels.
+pub fn family_sum(scrape: &str, name: &str) -> f64 {
+    let name = series_key(name).0;
+    samples(scrape)
+        .filter(|(s, _)| series_key(s).0 == name)
+        .filter_map(|(_, v)| v.parse::<f64>().ok())
+        .sum()
+}

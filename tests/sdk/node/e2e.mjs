@@ -16,23 +16,12 @@
 // first failure.
 
 import OpenAI from 'openai';
-import { VERSION } from 'openai/version';
+import { CLIENT_KEY, EXPECTED_TEXT, TIMEOUT_MS, check, env, run, show } from './common.mjs';
 
-const CLIENT_KEY = 'sk-client-placeholder';
-const TIMEOUT_MS = 20_000;
-const EXPECTED_TEXT = 'Hello from the mock upstream.';
 const MESSAGES = [{ role: 'user', content: 'hi' }];
 const CHAT_MODEL = process.env.SLUICE_CHAT_MODEL ?? 'mock-model';
 const EMBED_MODEL = process.env.SLUICE_EMBED_MODEL ?? 'mock-embed';
 const MODEL_IDS = (process.env.SLUICE_MODEL_IDS ?? 'mock-model,mock-embed').split(',');
-
-function env(name) {
-  const value = process.env[name];
-  if (!value) {
-    throw new Error(`environment variable ${name} is not set`);
-  }
-  return value;
-}
 
 function makeClient(baseURL) {
   return new OpenAI({
@@ -43,13 +32,6 @@ function makeClient(baseURL) {
   });
 }
 
-function check(cond, what) {
-  if (!cond) {
-    throw new Error(`assertion failed: ${what}`);
-  }
-}
-
-const show = (v) => JSON.stringify(v);
 
 async function chatNonStreaming(client) {
   const resp = await client.chat.completions.create({ model: CHAT_MODEL, messages: MESSAGES });
@@ -126,29 +108,4 @@ const SCENARIOS = [
   ['unrouted_404', unrouted404],
 ];
 
-async function main() {
-  console.log(`openai node SDK ${VERSION} on node ${process.version}`);
-  const client = makeClient(env('SLUICE_BASE_URL'));
-  for (const [name, fn] of SCENARIOS) {
-    try {
-      await fn(client);
-    } catch (e) {
-      console.log(`FAIL ${name}: ${e?.constructor?.name ?? 'Error'}: ${e?.message ?? e}`);
-      if (e?.stack) console.error(e.stack);
-      return 1;
-    }
-    console.log(`ok ${name}`);
-  }
-  console.log('all ok');
-  return 0;
-}
-
-main().then(
-  (code) => {
-    process.exitCode = code;
-  },
-  (e) => {
-    console.log(`FAIL: ${e?.stack ?? e}`);
-    process.exitCode = 1;
-  },
-);
+run(SCENARIOS, makeClient);

@@ -18,11 +18,8 @@
 // first failure.
 
 import OpenAI from 'openai';
-import { VERSION } from 'openai/version';
+import { CLIENT_KEY, EXPECTED_TEXT, TIMEOUT_MS, check, env, run, show } from './common.mjs';
 
-const CLIENT_KEY = 'sk-client-placeholder';
-const TIMEOUT_MS = 20_000;
-const EXPECTED_TEXT = 'Hello from the mock upstream.';
 const MODEL = 'mock-model';
 const DONE = 'data: [DONE]\n\n';
 
@@ -38,14 +35,6 @@ async function teeFetch(input, init) {
   return new Response(sdk, { status: res.status, statusText: res.statusText, headers: res.headers });
 }
 
-function env(name) {
-  const value = process.env[name];
-  if (!value) {
-    throw new Error(`environment variable ${name} is not set`);
-  }
-  return value;
-}
-
 function makeClient(baseURL) {
   return new OpenAI({
     apiKey: CLIENT_KEY,
@@ -56,13 +45,6 @@ function makeClient(baseURL) {
   });
 }
 
-function check(cond, what) {
-  if (!cond) {
-    throw new Error(`assertion failed: ${what}`);
-  }
-}
-
-const show = (v) => JSON.stringify(v);
 const messages = (name) => [{ role: 'user', content: name }];
 
 /** The bytes the client got: events ending in `[DONE]`, and a
@@ -176,29 +158,4 @@ const SCENARIOS = [
   ['not_streamed', notStreamed],
 ];
 
-async function main() {
-  console.log(`openai node SDK ${VERSION} on node ${process.version}`);
-  const client = makeClient(env('SLUICE_BASE_URL'));
-  for (const [name, fn] of SCENARIOS) {
-    try {
-      await fn(client);
-    } catch (e) {
-      console.log(`FAIL ${name}: ${e?.constructor?.name ?? 'Error'}: ${e?.message ?? e}`);
-      if (e?.stack) console.error(e.stack);
-      return 1;
-    }
-    console.log(`ok ${name}`);
-  }
-  console.log('all ok');
-  return 0;
-}
-
-main().then(
-  (code) => {
-    process.exitCode = code;
-  },
-  (e) => {
-    console.log(`FAIL: ${e?.stack ?? e}`);
-    process.exitCode = 1;
-  },
-);
+run(SCENARIOS, makeClient);

@@ -18,24 +18,15 @@ the first failure.
 
 import os
 import sys
-import traceback
 
 import openai
 
-CLIENT_KEY = "sk-client-placeholder"
-TIMEOUT_S = 20.0
-EXPECTED_TEXT = "Hello from the mock upstream."
+from common import CLIENT_KEY, EXPECTED_TEXT, TIMEOUT_S, check, env, run
+
 MESSAGES = [{"role": "user", "content": "hi"}]
 CHAT_MODEL = os.environ.get("SLUICE_CHAT_MODEL", "mock-model")
 EMBED_MODEL = os.environ.get("SLUICE_EMBED_MODEL", "mock-embed")
 MODEL_IDS = os.environ.get("SLUICE_MODEL_IDS", "mock-model,mock-embed").split(",")
-
-
-def env(name: str) -> str:
-    value = os.environ.get(name)
-    if not value:
-        raise SystemExit(f"FAIL: environment variable {name} is not set")
-    return value
 
 
 def make_client(base_url: str) -> openai.OpenAI:
@@ -45,11 +36,6 @@ def make_client(base_url: str) -> openai.OpenAI:
         max_retries=0,
         timeout=TIMEOUT_S,
     )
-
-
-def check(cond: bool, what: str) -> None:
-    if not cond:
-        raise AssertionError(what)
 
 
 def chat_non_streaming(client: openai.OpenAI) -> None:
@@ -119,18 +105,7 @@ SCENARIOS = [
 
 
 def main() -> int:
-    print(f"openai python SDK {openai.__version__}", flush=True)
-    client = make_client(env("SLUICE_BASE_URL"))
-    for name, fn in SCENARIOS:
-        try:
-            fn(client)
-        except Exception as exc:  # noqa: BLE001 - report any failure and exit 1
-            print(f"FAIL {name}: {type(exc).__name__}: {exc}", flush=True)
-            traceback.print_exc()
-            return 1
-        print(f"ok {name}", flush=True)
-    print("all ok", flush=True)
-    return 0
+    return run(SCENARIOS, make_client(env("SLUICE_BASE_URL")))
 
 
 if __name__ == "__main__":

@@ -21,14 +21,12 @@ the first failure.
 import json
 import os
 import sys
-import traceback
 
 import httpx2
 import openai
 
-CLIENT_KEY = "sk-client-placeholder"
-TIMEOUT_S = 20.0
-EXPECTED_TEXT = "Hello from the mock upstream."
+from common import CLIENT_KEY, EXPECTED_TEXT, TIMEOUT_S, check, env, run
+
 MODEL = "mock-model"
 DONE = b"data: [DONE]\n\n"
 
@@ -61,13 +59,6 @@ def keep_raw(response: httpx2.Response) -> None:
     response.stream = Tee(response.stream, RAW[-1])
 
 
-def env(name: str) -> str:
-    value = os.environ.get(name)
-    if not value:
-        raise SystemExit(f"FAIL: environment variable {name} is not set")
-    return value
-
-
 def make_client(base_url: str) -> openai.OpenAI:
     return openai.OpenAI(
         api_key=CLIENT_KEY,
@@ -76,11 +67,6 @@ def make_client(base_url: str) -> openai.OpenAI:
         timeout=TIMEOUT_S,
         http_client=openai.DefaultHttpxClient(event_hooks={"response": [keep_raw]}),
     )
-
-
-def check(cond: bool, what: str) -> None:
-    if not cond:
-        raise AssertionError(what)
 
 
 def messages(name: str) -> list:
@@ -187,18 +173,7 @@ SCENARIOS = [
 
 
 def main() -> int:
-    print(f"openai python SDK {openai.__version__}", flush=True)
-    client = make_client(env("SLUICE_BASE_URL"))
-    for name, fn in SCENARIOS:
-        try:
-            fn(client)
-        except Exception as exc:  # noqa: BLE001 - report any failure and exit 1
-            print(f"FAIL {name}: {type(exc).__name__}: {exc}", flush=True)
-            traceback.print_exc()
-            return 1
-        print(f"ok {name}", flush=True)
-    print("all ok", flush=True)
-    return 0
+    return run(SCENARIOS, make_client(env("SLUICE_BASE_URL")))
 
 
 if __name__ == "__main__":
