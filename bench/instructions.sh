@@ -3,9 +3,11 @@
 # that stays put on a shared machine where CPU time moves by 10% between
 # runs, for comparing builds and routes. Reports, never asserts.
 #
-#   bench/instructions.sh [--model-routing] [--usage-off] [--chat-bytes N] [--sluice PATH] [--requests N] [--keep FILE]
+#   bench/instructions.sh [--model-routing] [--usage-off] [--stream N] [--chat-bytes N] [--sluice PATH] [--requests N] [--keep FILE]
 #
 # --usage-off turns usage reading off on the route ([routes.usage] observe = false).
+# --stream N makes each request an event stream of N chunks (then the usage
+# chunk and [DONE]): instructions per stream.
 #
 # --keep FILE keeps callgrind's profile, for `callgrind_annotate FILE`.
 #
@@ -16,11 +18,12 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 sluice=target/release/sluice bench=target/release/sluice-bench
-routing="" usage_off="" chat=600 n=2000 keep=""
+routing="" usage_off="" stream="" chat=600 n=2000 keep=""
 while [ $# -gt 0 ]; do
     case $1 in
     --model-routing) routing=--model-routing ;;
     --usage-off) usage_off=1 ;;
+    --stream) stream=$2; shift ;;
     --chat-bytes) chat=$2; shift ;;
     --sluice) sluice=$2; shift ;;
     --requests) n=$2; shift ;;
@@ -48,12 +51,14 @@ for _ in $(seq 150); do
     (exec 3<>"/dev/tcp/${listen%:*}/${listen#*:}") 2>/dev/null && break
     sleep 0.2
 done
-"$bench" send --addr "$listen" --count 200 --chat-bytes "$chat"
+streamed=${stream:+--stream-chunks $stream}
+"$bench" send --addr "$listen" --count 200 --chat-bytes "$chat" $streamed
 callgrind_control --zero "$pid" >/dev/null
-"$bench" send --addr "$listen" --count "$n" --chat-bytes "$chat"
+"$bench" send --addr "$listen" --count "$n" --chat-bytes "$chat" $streamed
 callgrind_control --dump "$pid" >/dev/null
 kill -TERM "$pid"
 wait "$pid" || true
 [ -z "$keep" ] || cp "$dir"/cg.out.* "$keep"
 ir=$(awk '$1 == "summary:" || $1 == "totals:" { print $2; exit }' "$dir"/cg.out.*)
-echo "$("$sluice" --version 2>/dev/null | head -1)${routing:+ (model routing)}${usage_off:+ (usage off)}, ${chat}-byte body: $((ir / n)) instructions per request ($ir over $n requests)"
+what=${stream:+"streams of $stream chunks"}
+echo "$("$sluice" --version 2>/dev/null | head -1)${routing:+ (model routing)}${usage_off:+ (usage off)}, ${chat}-byte body: $((ir / n)) instructions per ${stream:+stream}${stream:+ }${stream:-request} ($ir over $n ${what:-requests})"

@@ -224,17 +224,25 @@ impl Tap {
             return;
         }
         let data = event_data(event);
-        let Ok(e) = serde_json::from_slice::<Event>(&data) else {
-            return;
+        let [own, message, response] = match quick::event(&data) {
+            Some(found) => found,
+            None => match serde_json::from_slice::<Event>(&data) {
+                Ok(e) => [
+                    e.usage,
+                    e.message.and_then(|m| m.usage),
+                    e.response.and_then(|r| r.usage),
+                ],
+                Err(_) => return,
+            },
         };
-        if let Some(u) = e.message.and_then(|m| m.usage) {
+        if let Some(u) = message {
             // Anthropic's message_start.
             self.found.start = Some(u.figures());
         }
-        if let Some(u) = e.response.and_then(|r| r.usage) {
+        if let Some(u) = response {
             self.found.last = Some(u.figures());
         }
-        if let Some(u) = e.usage {
+        if let Some(u) = own {
             self.found.last = Some(u.figures());
         }
     }
@@ -340,18 +348,29 @@ fn is_usage_only(event: &[u8]) -> bool {
 }
 
 /// An event's data lines, joined as SSE joins them.
-fn event_data(event: &[u8]) -> Vec<u8> {
-    let mut data = Vec::new();
-    for line in event.split(|&b| b == b'\n') {
+fn event_data(event: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    use std::borrow::Cow;
+    let mut data: Option<Cow<'_, [u8]>> = None;
+    let mut from = 0;
+    let ends = memchr::memchr_iter(b'\n', event).chain(std::iter::once(event.len()));
+    for end in ends {
+        let line = &event[from..end];
+        from = (end + 1).min(event.len());
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if let Some(v) = line.strip_prefix(b"data:") {
-            if !data.is_empty() {
-                data.push(b'\n');
+            let v = v.strip_prefix(b" ").unwrap_or(v);
+            // One data line (nearly every event) is borrowed, not copied.
+            match &mut data {
+                None => data = Some(Cow::Borrowed(v)),
+                Some(d) => {
+                    let d = d.to_mut();
+                    d.push(b'\n');
+                    d.extend_from_slice(v);
+                }
             }
-            data.extend_from_slice(v.strip_prefix(b" ").unwrap_or(v));
         }
     }
-    data
+    data.unwrap_or_default()
 }
 
 /// Where the event that `before` ends in begins: after the last blank line.
@@ -428,25 +447,21 @@ mod quick {
     use super::{Details, Reported};
 
     pub fn usage(v: &[u8]) -> Option<Reported> {
+        Reader { b: v, i: 0 }.usage()
+    }
+
+    /// The usage objects of one SSE event's data, as [`super::Event`]
+    /// reads them: its own, its `message`'s and its `response`'s.
+    pub fn event(v: &[u8]) -> Option<[Option<Reported>; 3]> {
         let mut r = Reader { b: v, i: 0 };
-        let mut u = Reported::default();
-        r.object(|r, key| {
-            let slot = match key {
-                b"prompt_tokens" => &mut u.prompt_tokens,
-                b"input_tokens" => &mut u.input_tokens,
-                b"completion_tokens" => &mut u.completion_tokens,
-                b"output_tokens" => &mut u.output_tokens,
-                b"cache_read_input_tokens" => &mut u.cache_read_input_tokens,
-                b"prompt_tokens_details" => return r.details(&mut u.prompt_tokens_details),
-                b"input_tokens_details" => return r.details(&mut u.input_tokens_details),
-                b"completion_tokens_details" => return r.details(&mut u.completion_tokens_details),
-                b"output_tokens_details" => return r.details(&mut u.output_tokens_details),
-                _ => return r.skip(),
-            };
-            *slot = r.number()?;
-            Some(())
+        let [mut own, mut message, mut response] = [None, None, None];
+        r.object(|r, key| match key {
+            b"usage" => r.maybe_usage(&mut own),
+            b"message" => r.wrapped(&mut message),
+            b"response" => r.wrapped(&mut response),
+            _ => r.skip(),
         })?;
-        Some(u)
+        Some([own, message, response])
     }
 
     struct Reader<'a> {
@@ -455,6 +470,49 @@ mod quick {
     }
 
     impl Reader<'_> {
+        fn usage(&mut self) -> Option<Reported> {
+            let mut u = Reported::default();
+            self.object(|r, key| {
+                let slot = match key {
+                    b"prompt_tokens" => &mut u.prompt_tokens,
+                    b"input_tokens" => &mut u.input_tokens,
+                    b"completion_tokens" => &mut u.completion_tokens,
+                    b"output_tokens" => &mut u.output_tokens,
+                    b"cache_read_input_tokens" => &mut u.cache_read_input_tokens,
+                    b"prompt_tokens_details" => return r.details(&mut u.prompt_tokens_details),
+                    b"input_tokens_details" => return r.details(&mut u.input_tokens_details),
+                    b"completion_tokens_details" => {
+                        return r.details(&mut u.completion_tokens_details)
+                    }
+                    b"output_tokens_details" => return r.details(&mut u.output_tokens_details),
+                    _ => return r.skip(),
+                };
+                *slot = r.number()?;
+                Some(())
+            })?;
+            Some(u)
+        }
+
+        /// A usage object or null (anything else: not ours to read).
+        fn maybe_usage(&mut self, slot: &mut Option<Reported>) -> Option<()> {
+            if !self.null() {
+                *slot = Some(self.usage()?);
+            }
+            Some(())
+        }
+
+        /// An object whose `usage` is read (`message`, `response`), or any
+        /// other value passed over.
+        fn wrapped(&mut self, slot: &mut Option<Reported>) -> Option<()> {
+            if self.peek()? != b'{' {
+                return self.skip();
+            }
+            self.object(|r, key| match key {
+                b"usage" => r.maybe_usage(slot),
+                _ => r.skip(),
+            })
+        }
+
         fn peek(&mut self) -> Option<u8> {
             while let Some(&c) = self.b.get(self.i) {
                 if !matches!(c, b' ' | b'\t' | b'\n' | b'\r') {
@@ -1036,5 +1094,30 @@ mod tests {
             let _ = tap(Framing::Sse, &format!("data: {cut}"), &[]);
         }
         assert_eq!(quick::usage(br#"{"a":"\"#), None);
+    }
+
+    #[test]
+    fn the_quick_event_reader_agrees_with_serde() {
+        let events = [
+            r#"{"id":"c","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":34}}"#,
+            r#"{"id":"c","choices":[{"delta":{"content":"x"}}],"usage":null}"#,
+            r#"{"type":"message_start","message":{"id":"m","content":[],"usage":{"input_tokens":20,"output_tokens":1,"cache_read_input_tokens":4}}}"#,
+            r#"{"type":"message_delta","delta":{"stop_reason":null},"usage":{"output_tokens":12}}"#,
+            r#"{"type":"response.completed","response":{"id":"r","output":[{"content":[{"text":"\"usage\":{}"}]}],"usage":{"input_tokens":4,"output_tokens":6,"output_tokens_details":{"reasoning_tokens":2}}}}"#,
+        ];
+        for e in events {
+            let quick = quick::event(e.as_bytes()).unwrap_or_else(|| panic!("quick: {e}"));
+            let serde: Event = serde_json::from_str(e).unwrap();
+            let serde = [
+                serde.usage,
+                serde.message.and_then(|m| m.usage),
+                serde.response.and_then(|r| r.usage),
+            ];
+            assert_eq!(quick, serde, "{e}");
+        }
+        // Where serde refuses the event (a string where it wants an
+        // object), the quick reader finds no usage either.
+        let odd = br#"{"type":"x","message":"a string","response":null}"#;
+        assert_eq!(quick::event(odd), Some([None, None, None]));
     }
 }

@@ -59,8 +59,9 @@ impl Window {
 
 /// `count` chat requests one after another on one connection; the first
 /// that fails or is not a 200 is the error.
-pub async fn one_by_one(addr: SocketAddr, count: u64) -> Result<(), String> {
-    let request = chat_request(addr, None);
+pub async fn one_by_one(addr: SocketAddr, count: u64, stream: Option<u64>) -> Result<(), String> {
+    // A stream's chunks 1 ms apart (the mock's shortest interval).
+    let request = chat_request(addr, stream.map(|n| (n, 1)));
     let mut conn = Conn::new(addr);
     for i in 0..count {
         match conn.exchange(&request, |_| {}).await {

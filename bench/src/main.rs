@@ -54,6 +54,10 @@ enum Cmd {
         /// Pad the chat request's body to this many bytes.
         #[arg(long)]
         chat_bytes: Option<usize>,
+        /// Ask for an event stream of this many chunks (then a usage chunk
+        /// and `[DONE]`) instead of a JSON answer.
+        #[arg(long)]
+        stream_chunks: Option<u64>,
     },
 }
 
@@ -289,11 +293,12 @@ fn main() -> std::process::ExitCode {
             addr,
             count,
             chat_bytes,
+            stream_chunks,
         }) => {
             if let Some(n) = chat_bytes {
                 client::pad_chat_to(n);
             }
-            return match runtime.block_on(load::one_by_one(addr, count)) {
+            return match runtime.block_on(load::one_by_one(addr, count, stream_chunks)) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("sluice-bench send: {e}");
