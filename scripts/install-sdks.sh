@@ -2,6 +2,8 @@
 # Install the official openai SDKs used by the end-to-end SDK tests:
 #   - Python: a venv at <repo>/.venv with tests/sdk/requirements.txt
 #   - Node:   tests/sdk/node/node_modules from package-lock.json (npm ci)
+# and the real components tests start themselves: redis-server (the shared
+# limit store's tests), from Debian's package.
 # Idempotent; safe to run from any directory. Prints one line per step.
 set -euo pipefail
 
@@ -13,6 +15,7 @@ cd "$repo_root"
 missing=()
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3 python3-venv)
 command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "install-sdks: apt-get install ${missing[*]}"

@@ -27,6 +27,7 @@
 //! - [`provider`]: API dialects (OpenAI, Anthropic): auth headers, wait
 //!   hints, the quota check, error shapes.
 //! - [`limit`]: rate limits (governor) and the in-flight cap.
+//! - [`store`]: the shared bucket store (Redis) for limits across replicas.
 //! - [`tokens`]: token-per-minute limits: a GCRA cell charged an estimate at
 //!   admission and settled with the actual count.
 //! - [`body`]: request bodies, buffered for replay up to a cap or streamed.
@@ -66,6 +67,7 @@ pub mod retry;
 pub mod route;
 pub mod scan;
 pub mod server;
+pub mod store;
 pub mod systemd;
 pub mod tokens;
 pub mod usage;

@@ -14,6 +14,7 @@ mod routing;
 mod sdk;
 mod server_h1;
 mod shutdown;
+mod store;
 mod streaming;
 mod support;
 mod systemd;

@@ -4,6 +4,7 @@ pub mod certs;
 pub mod mock;
 pub mod openai;
 pub mod raw;
+pub mod redis;
 pub mod upstream;
 
 use std::net::SocketAddr;
