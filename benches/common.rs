@@ -26,6 +26,7 @@ pub fn request_limiter(per: RateLimitPer) -> Limiter {
         client_key_header: HeaderName::from_static("authorization"),
         max_wait: Duration::ZERO,
         max_concurrent: 0,
+        shared: false,
     };
     Limiter::with_clock(&config, DefaultClock::default())
 }

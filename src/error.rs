@@ -35,6 +35,8 @@ pub enum ProxyError {
     RateLimited { wait: Duration, limit: u32 },
     /// The route's (or client's) tokens per minute are used up.
     TokensLimited(crate::provider::TokenRefusal),
+    /// A shared limit's store is away and `on_error = "deny"`.
+    RateLimitStoreUnavailable,
     /// `max_concurrent` requests in flight and no slot within `max_wait`.
     ConcurrencyLimited,
     /// Connect failed or refused.
@@ -127,6 +129,13 @@ impl ProxyError {
                 "tokens",
                 "sluice: token limit reached for this route; retry after the time in retry-after",
                 Client,
+            ),
+            Self::RateLimitStoreUnavailable => (
+                503,
+                "rate_limit_store_unavailable",
+                "proxy_error",
+                "sluice: the shared rate limit store is unavailable",
+                Upstream,
             ),
             Self::ConcurrencyLimited => (
                 429,
@@ -294,7 +303,7 @@ impl ProxyError {
             // As the provider sends them, so SDKs back off for the right time.
             Self::RateLimited { wait, limit } => provider.rate_limit_headers(h, wait, limit),
             Self::TokensLimited(r) => provider.token_limit_headers(h, r),
-            Self::ConcurrencyLimited | Self::Overloaded => {
+            Self::ConcurrencyLimited | Self::Overloaded | Self::RateLimitStoreUnavailable => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             Self::NoHealthyDeployment { wait } => {
@@ -404,6 +413,7 @@ mod tests {
                 remaining: 10,
                 reset: Duration::from_secs(6),
             }),
+            ProxyError::RateLimitStoreUnavailable,
             ProxyError::ConcurrencyLimited,
             ProxyError::ConnectFailed,
             ProxyError::UntrustedCertificate,

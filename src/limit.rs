@@ -30,14 +30,28 @@ const ANONYMOUS: u64 = 0;
 /// One route's limits.
 pub struct Limiter<C: Clock = DefaultClock> {
     rate: Option<Rate<C>>,
+    /// `shared = true`: the bucket in the store, and what to do without it.
+    shared: Option<Shared<C>>,
     in_flight: Option<Arc<Semaphore>>,
     max_wait: Duration,
     key_header: HeaderName,
-    /// Seeded per process: client keys are stored only as this hash.
-    hasher: RandomState,
+    /// Seeded per process: client keys are stored only as this hash. A
+    /// shared bucket's keys are hashed alike on every replica (`None`).
+    hasher: Option<RandomState>,
     requests_per_minute: u32,
     config: RateLimitConfig,
     clock: C,
+}
+
+/// A bucket kept in `[rate_limit_store]` (SPEC §11).
+struct Shared<C: Clock> {
+    store: Arc<crate::store::Store>,
+    /// The route's name: the bucket's name in the store.
+    name: String,
+    on_error: crate::config::OnStoreError,
+    /// `local-share`: a local bucket of limit / replicas, while the store is away.
+    local: Option<Rate<C>>,
+    meters: crate::metrics::StoreMeters,
 }
 
 enum Rate<C: Clock> {
@@ -57,7 +71,38 @@ impl<C: Clock> std::fmt::Debug for Limiter<C> {
 
 impl Limiter<DefaultClock> {
     pub fn new(config: &RateLimitConfig) -> Arc<Self> {
-        let limiter = Arc::new(Self::with_clock(config, DefaultClock::default()));
+        Self::sharing(config, None)
+    }
+
+    /// A limiter whose bucket lives in `store` when the config says
+    /// `shared`: `(store, route name, settings, meters)`.
+    pub fn sharing(config: &RateLimitConfig, store: Option<StoreLink>) -> Arc<Self> {
+        let mut limiter = Self::with_clock(config, DefaultClock::default());
+        if let (true, Some(link)) = (config.shared, store) {
+            let replicas = link.settings.replicas.max(1);
+            let local = (link.settings.on_error == crate::config::OnStoreError::LocalShare)
+                .then(|| {
+                    let share = |n: u32| (n / replicas).max(1);
+                    let rpm = NonZeroU32::new(share(config.requests_per_minute))?;
+                    let burst = NonZeroU32::new(share(config.burst)).unwrap_or(NonZeroU32::MIN);
+                    let q = Quota::per_minute(rpm).allow_burst(burst);
+                    Some(match config.per {
+                        RateLimitPer::Route => Rate::Route(RateLimiter::direct(q)),
+                        RateLimitPer::Client => Rate::Client(RateLimiter::dashmap(q)),
+                    })
+                })
+                .flatten();
+            limiter.shared = Some(Shared {
+                store: link.store,
+                name: link.name,
+                on_error: link.settings.on_error,
+                local,
+                meters: link.meters,
+            });
+            // Client keys must hash alike on every replica.
+            limiter.hasher = None;
+        }
+        let limiter = Arc::new(limiter);
         if matches!(limiter.rate, Some(Rate::Client(_))) {
             spawn_eviction(Arc::downgrade(&limiter));
         }
@@ -77,11 +122,12 @@ impl<C: Clock + Clone> Limiter<C> {
         });
         Self {
             rate,
+            shared: None,
             in_flight: (config.max_concurrent > 0)
                 .then(|| Arc::new(Semaphore::new(config.max_concurrent as usize))),
             max_wait: config.max_wait,
             key_header: config.client_key_header.clone(),
-            hasher: RandomState::new(),
+            hasher: Some(RandomState::new()),
             requests_per_minute: config.requests_per_minute,
             config: config.clone(),
             clock,
@@ -112,6 +158,10 @@ impl<C: Clock + Clone> Limiter<C> {
             },
         };
         let key = self.client_key(headers);
+        if let Some(shared) = &self.shared {
+            self.admit_shared(shared, key, give_up).await?;
+            return Ok(slot);
+        }
         while let Err(wait) = self.check(key) {
             if Instant::now() + wait > give_up {
                 let limit = self.requests_per_minute;
@@ -120,6 +170,57 @@ impl<C: Clock + Clone> Limiter<C> {
             tokio::time::sleep(wait).await;
         }
         Ok(slot)
+    }
+
+    /// A shared bucket: the store's verdict; without one (slow, away),
+    /// `on_error`'s.
+    async fn admit_shared(
+        &self,
+        shared: &Shared<C>,
+        key: u64,
+        give_up: Instant,
+    ) -> Result<(), ProxyError> {
+        let limit = self.requests_per_minute;
+        let burst = u64::from(self.config.burst.max(1));
+        loop {
+            let verdict = shared
+                .store
+                .charge(&shared.name, key, u64::from(limit), burst, 1)
+                .await;
+            shared.meters.call(&verdict);
+            let wait = match verdict {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(wait)) => wait,
+                Err(_) => {
+                    return match (shared.on_error, &shared.local) {
+                        (crate::config::OnStoreError::Deny, _) => {
+                            Err(ProxyError::RateLimitStoreUnavailable)
+                        }
+                        (crate::config::OnStoreError::LocalShare, Some(local)) => {
+                            self.admit_local(local, key, give_up)
+                        }
+                        _ => Ok(()),
+                    };
+                }
+            };
+            if Instant::now() + wait > give_up {
+                return Err(ProxyError::RateLimited { wait, limit });
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// The local share while the store is away: one try, no wait (the
+    /// store may be back for the next request).
+    fn admit_local(&self, local: &Rate<C>, key: u64, _give_up: Instant) -> Result<(), ProxyError> {
+        let outcome = match local {
+            Rate::Route(r) => r.check(),
+            Rate::Client(r) => r.check_key(&key),
+        };
+        outcome.map_err(|not_until| ProxyError::RateLimited {
+            wait: not_until.wait_time_from(self.clock.now()),
+            limit: self.requests_per_minute,
+        })
     }
 
     /// Takes one cell for `key`, or says how long until one is free.
@@ -135,7 +236,13 @@ impl<C: Clock + Clone> Limiter<C> {
     /// The hash of the client key header's value; never the value itself.
     pub fn client_key(&self, headers: &HeaderMap) -> u64 {
         match (&self.rate, headers.get(&self.key_header)) {
-            (Some(Rate::Client(_)), Some(v)) => self.hasher.hash_one(v.as_bytes()).max(1),
+            (Some(Rate::Client(_)), Some(v)) => match &self.hasher {
+                Some(h) => h.hash_one(v.as_bytes()).max(1),
+                // SipHash with fixed keys: the same on every replica.
+                None => std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default()
+                    .hash_one(v.as_bytes())
+                    .max(1),
+            },
             _ => ANONYMOUS,
         }
     }
@@ -187,6 +294,15 @@ pub(crate) fn spawn_eviction<L: Evict>(limiter: Weak<L>) {
     });
 }
 
+/// What a shared limiter needs of the store: the connection, the bucket's
+/// name (the route's), the settings and the metric handles.
+pub struct StoreLink {
+    pub store: Arc<crate::store::Store>,
+    pub name: String,
+    pub settings: crate::config::StoreSettings,
+    pub meters: crate::metrics::StoreMeters,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,6 +316,7 @@ mod tests {
             client_key_header: HeaderName::from_static("authorization"),
             max_wait: Duration::ZERO,
             max_concurrent: 0,
+            shared: false,
         }
     }
 

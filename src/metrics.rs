@@ -124,6 +124,12 @@ struct EjectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StoreLabels {
+    op: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
 }
@@ -195,6 +201,10 @@ families! {
         "token_estimate_ratio", "Reported input tokens over sluice's estimate, on token-limited routes";
     usage_injected: Family<UpstreamLabels, Counter> = Family::default(),
         "usage_injected", "Streamed requests sent with stream_options.include_usage added by sluice";
+    store_requests: Family<StoreLabels, Counter> = Family::default(),
+        "rate_limit_store_requests", "Calls to the shared limit store, by op and result (ok, refused, timeout, unavailable, error)";
+    store_degraded: Gauge = Gauge::default(),
+        "rate_limit_degraded", "1 while a shared limit's last store call failed and on_error decided";
     held_bytes: Gauge = Gauge::default(),
         "request_body_held_bytes", "Request body bytes held in memory across all requests";
 }
@@ -240,6 +250,11 @@ impl Metrics {
             route,
             all: self.clone(),
         }
+    }
+
+    /// The shared store's handles.
+    pub fn store(self: &Arc<Self>) -> StoreMeters {
+        StoreMeters { all: self.clone() }
     }
 
     /// A deployment's in-flight gauge.
@@ -480,5 +495,34 @@ impl DeploymentMeters {
             reason,
         };
         self.all.deployment_ejections.get_or_create(&labels).inc();
+    }
+}
+
+/// The shared limit store's metrics.
+#[derive(Debug, Clone)]
+pub struct StoreMeters {
+    all: Arc<Metrics>,
+}
+
+impl StoreMeters {
+    /// Counts one call by its verdict, and shows whether limits are degraded.
+    pub fn call(
+        &self,
+        verdict: &Result<Result<(), std::time::Duration>, crate::store::StoreError>,
+    ) {
+        use crate::store::StoreError;
+        let result = match verdict {
+            Ok(Ok(())) => "ok",
+            Ok(Err(_)) => "refused",
+            Err(StoreError::Timeout) => "timeout",
+            Err(StoreError::Unavailable) => "unavailable",
+            Err(StoreError::Failed) => "error",
+        };
+        let labels = StoreLabels {
+            op: "charge",
+            result,
+        };
+        self.all.store_requests.get_or_create(&labels).inc();
+        self.all.store_degraded.set(i64::from(verdict.is_err()));
     }
 }

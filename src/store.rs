@@ -11,8 +11,8 @@
 //! the store's `timeout`; what the caller does past it (`on_error`) is the
 //! caller's.
 //!
-//! Not wired to the routes yet (issue 17 continues): the limiters and the
-//! config's `[rate_limit_store]` come next.
+//! Used by `shared = true` request limits (`limit.rs`); token buckets,
+//! `rediss://` and Redis Cluster come next (issue 17 continues).
 
 use std::sync::Arc;
 use std::time::Duration;

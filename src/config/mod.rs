@@ -21,8 +21,8 @@ use toml::de::{DeTable, DeValue};
 
 pub use error::{ConfigErrors, Problem};
 pub use raw::{
-    AuthScheme, AzureApi, Balance, Commit, Inject, LogFormat, OnAllEjected, Preset, RateLimitPer,
-    RetryOn, TokenCount, UnknownModel,
+    AuthScheme, AzureApi, Balance, Commit, Inject, LogFormat, OnAllEjected, OnStoreError, Preset,
+    RateLimitPer, RetryOn, TokenCount, UnknownModel,
 };
 
 /// A checked configuration.
@@ -35,6 +35,31 @@ pub struct Config {
     pub routes: Vec<Arc<Route>>,
     /// `[models]`: the names clients send, by name.
     pub models: BTreeMap<String, Arc<Model>>,
+    /// `[rate_limit_store]`, when limits are shared across replicas.
+    pub rate_limit_store: Option<StoreSettings>,
+}
+
+/// `[rate_limit_store]`, resolved.
+#[derive(Clone, PartialEq)]
+pub struct StoreSettings {
+    pub url: String,
+    /// Read from `password_env` or `password_file`; never printed.
+    pub password: Option<String>,
+    pub key_prefix: String,
+    pub timeout: Duration,
+    pub on_error: OnStoreError,
+    pub replicas: u32,
+}
+
+impl std::fmt::Debug for StoreSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreSettings")
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout", &self.timeout)
+            .field("on_error", &self.on_error)
+            .field("replicas", &self.replicas)
+            .finish_non_exhaustive()
+    }
 }
 
 /// `[server]`, resolved.
@@ -251,6 +276,8 @@ pub struct RateLimitConfig {
     pub max_wait: Duration,
     /// 0: no cap.
     pub max_concurrent: u32,
+    /// The bucket lives in `[rate_limit_store]`.
+    pub shared: bool,
 }
 
 /// `[routes.timeouts]`, resolved.

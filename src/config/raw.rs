@@ -27,6 +27,50 @@ pub struct RawConfig {
     /// and a fallback chain (routes with `model_routing`).
     #[serde(default)]
     pub models: BTreeMap<String, RawModel>,
+    /// Absent: every limit is per process.
+    #[serde(default)]
+    pub rate_limit_store: Option<RawStore>,
+}
+
+/// `[rate_limit_store]`: where `shared = true` limits keep their buckets.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawStore {
+    /// `redis://host:port/db`.
+    pub url: String,
+    pub password_env: String,
+    pub password_file: String,
+    pub key_prefix: String,
+    /// Per call; past it, `on_error` applies.
+    pub timeout: Dur,
+    pub on_error: OnStoreError,
+    /// With `local-share`, each process admits limit / replicas.
+    pub replicas: u32,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            password_env: String::new(),
+            password_file: String::new(),
+            key_prefix: "sluice".into(),
+            timeout: Dur(Duration::from_millis(25)),
+            on_error: OnStoreError::LocalShare,
+            replicas: 1,
+        }
+    }
+}
+
+/// `on_error = ...`: what a shared limit does without its store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnStoreError {
+    /// Admit against a local bucket of limit / replicas.
+    LocalShare,
+    Allow,
+    /// 503 `rate_limit_store_unavailable`.
+    Deny,
 }
 
 /// `[server]`: the data-plane listener and its limits.
@@ -480,6 +524,8 @@ pub struct RawRateLimit {
     pub max_wait: Dur,
     /// Requests of this route in flight at once; 0 = no cap.
     pub max_concurrent: u32,
+    /// Keep the bucket in `[rate_limit_store]` (the in-flight cap stays local).
+    pub shared: bool,
 }
 
 impl Default for RawRateLimit {
@@ -491,6 +537,7 @@ impl Default for RawRateLimit {
             client_key_header: "authorization".into(),
             max_wait: Dur(Duration::ZERO),
             max_concurrent: 0,
+            shared: false,
         }
     }
 }

@@ -12,12 +12,12 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 
 use super::raw::{
     AuthScheme, AzureApi, Balance, Inject, Preset, RawConfig, RawHealth, RawModel, RawRateLimit,
-    RawRetry, RawRoute, RawServer, RawTimeouts, RawTokenLimit, RawUpstream, RetryOn,
+    RawRetry, RawRoute, RawServer, RawStore, RawTimeouts, RawTokenLimit, RawUpstream, RetryOn,
 };
 use super::{
     tls, BudgetConfig, Conditions, Config, Deployment, Dialect, Estimate, HealthConfig, Log, Model,
-    ModelRouting, PathMap, Problem, RateLimitConfig, RetryPolicy, Route, Server, Timeouts,
-    TokenLimitConfig, Upstream, UsageConfig,
+    ModelRouting, PathMap, Problem, RateLimitConfig, RetryPolicy, Route, Server, StoreSettings,
+    Timeouts, TokenLimitConfig, Upstream, UsageConfig,
 };
 
 /// Headers a config may not set: they are the connection's, or sluice's own.
@@ -80,12 +80,17 @@ pub fn resolve(
         ));
     }
     let models = models(&raw.models, &raw.upstreams, &upstreams, &mut problems);
+    let rate_limit_store = raw
+        .rate_limit_store
+        .as_ref()
+        .and_then(|s| store(s, base, env, &mut problems));
     let routes = routes(
         &raw.routes,
         &raw.upstreams,
         &upstreams,
         &models,
         server.as_ref().map_or(u64::MAX, |s| s.max_request_body),
+        raw.rate_limit_store.is_some(),
         &mut problems,
     );
     match (server, problems.is_empty()) {
@@ -98,6 +103,7 @@ pub fn resolve(
             upstreams,
             routes,
             models,
+            rate_limit_store,
         }),
         _ => Err(problems),
     }
@@ -658,6 +664,7 @@ fn routes(
     upstreams: &BTreeMap<String, Arc<Upstream>>,
     models: &BTreeMap<String, Arc<Model>>,
     max_request_body: u64,
+    has_store: bool,
     problems: &mut Vec<Problem>,
 ) -> Vec<Arc<Route>> {
     if raw.is_empty() {
@@ -701,6 +708,12 @@ fn routes(
             .rate_limit
             .as_ref()
             .map(|l| rate_limit(l, &at("rate_limit"), problems));
+        if r.rate_limit.as_ref().is_some_and(|l| l.shared) && !has_store {
+            problems.push(Problem::at(
+                at("rate_limit.shared"),
+                "shared = true needs a [rate_limit_store] table",
+            ));
+        }
         let token_limit = r
             .token_limit
             .as_ref()
@@ -990,7 +1003,85 @@ fn rate_limit(raw: &RawRateLimit, at: &str, problems: &mut Vec<Problem>) -> Rate
         client_key_header: header.unwrap_or(http::header::AUTHORIZATION),
         max_wait: raw.max_wait.0,
         max_concurrent: raw.max_concurrent,
+        shared: raw.shared,
     }
+}
+
+/// `[rate_limit_store]`: a redis URL, a password from the environment or a
+/// file (never in a message), a timeout and what to do without the store.
+fn store(
+    raw: &RawStore,
+    base: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Vec<Problem>,
+) -> Option<StoreSettings> {
+    let before = problems.len();
+    let mut p =
+        |key: &str, m: String| problems.push(Problem::at(format!("rate_limit_store.{key}"), m));
+    match redis::parse_redis_url(&raw.url) {
+        _ if raw.url.is_empty() => p("url", "must be set (redis://host:port/db)".into()),
+        None => p("url", "not a redis:// URL".into()),
+        Some(u) if u.scheme() != "redis" => {
+            p(
+                "url",
+                format!("{}:// is not supported yet; use redis://", u.scheme()),
+            );
+        }
+        Some(u) if !u.password().unwrap_or("").is_empty() => {
+            p(
+                "url",
+                "a password in the url is not supported; use password_env or password_file".into(),
+            );
+        }
+        Some(_) => {}
+    }
+    let password = match (raw.password_env.as_str(), raw.password_file.as_str()) {
+        ("", "") => None,
+        (var, "") => match env(var) {
+            Some(v) => Some(v.trim().to_owned()),
+            None => {
+                p(
+                    "password_env",
+                    format!("environment variable {var} is not set"),
+                );
+                None
+            }
+        },
+        ("", f) => match std::fs::read_to_string(file(base, f)) {
+            Ok(v) => Some(v.trim().to_owned()),
+            Err(e) => {
+                p(
+                    "password_file",
+                    format!("cannot read password file {f}: {e}"),
+                );
+                None
+            }
+        },
+        _ => {
+            p(
+                "password_file",
+                "set password_env or password_file, not both".into(),
+            );
+            None
+        }
+    };
+    if raw.replicas == 0 {
+        p("replicas", "must be at least 1".into());
+    }
+    if raw.timeout.0.is_zero() {
+        p("timeout", "must be above 0".into());
+    }
+    if problems.len() > before {
+        return None;
+    }
+    Some(StoreSettings {
+        url: raw.url.clone(),
+        password,
+        key_prefix: raw.key_prefix.clone(),
+        timeout: raw.timeout.0,
+        on_error: raw.on_error,
+        replicas: raw.replicas,
+    })
 }
 
 fn token_limit(raw: &RawTokenLimit, at: &str, problems: &mut Vec<Problem>) -> TokenLimitConfig {
@@ -1004,7 +1095,7 @@ fn token_limit(raw: &RawTokenLimit, at: &str, problems: &mut Vec<Problem>) -> To
     if raw.shared {
         p(
             "shared",
-            "shared token limits need a [rate_limit_store], which this build does not have yet",
+            "shared token limits are not built yet (shared request limits are: [routes.rate_limit] shared)",
         );
     }
     let header = HeaderName::from_bytes(raw.client_key_header.as_bytes());

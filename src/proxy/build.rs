@@ -52,6 +52,29 @@ impl Proxy {
     /// limiter state, so a reload does not hand out fresh bursts.
     pub fn new(config: &Config, shared: &Shared, previous: Option<&Proxy>) -> Self {
         let metrics = &shared.metrics;
+        // The shared store: kept across a reload while its settings stay.
+        let store = config.rate_limit_store.as_ref().and_then(|settings| {
+            let kept = previous
+                .and_then(|p| p.store.as_ref())
+                .filter(|(s, _)| s == settings)
+                .map(|(_, store)| store.clone());
+            let store = kept.or_else(|| {
+                let cfg = crate::store::StoreConfig {
+                    url: settings.url.clone(),
+                    password: settings.password.clone(),
+                    key_prefix: settings.key_prefix.clone(),
+                    timeout: settings.timeout,
+                };
+                match crate::store::Store::start(&cfg) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        tracing::warn!(kind = ?e.kind(), "rate_limit_store: cannot be used");
+                        None
+                    }
+                }
+            })?;
+            Some((settings.clone(), store))
+        });
         // One pool per upstream, shared by the routes that use it, and
         // whether it refused `stream_options` (until the next reload).
         let pools: BTreeMap<&str, _> = config
@@ -72,11 +95,23 @@ impl Proxy {
                     Some(s) if s.budget.config() == r.retry.budget => s.budget.clone(),
                     _ => Arc::new(Budget::new(r.retry.budget)),
                 };
+                let link = |l: &crate::config::RateLimitConfig| {
+                    let (settings, store) = store.as_ref().filter(|_| l.shared)?;
+                    Some(crate::limit::StoreLink {
+                        store: store.clone(),
+                        name: r.name.clone(),
+                        settings: settings.clone(),
+                        meters: metrics.store(),
+                    })
+                };
                 let limiter = match (old, &r.rate_limit) {
-                    (Some(s), Some(l)) if s.limiter.as_ref().is_some_and(|o| o.config() == l) => {
+                    // A shared bucket's state is in the store: made anew.
+                    (Some(s), Some(l))
+                        if !l.shared && s.limiter.as_ref().is_some_and(|o| o.config() == l) =>
+                    {
                         s.limiter.clone()
                     }
-                    (_, l) => l.as_ref().map(Limiter::new),
+                    (_, l) => l.as_ref().map(|l| Limiter::sharing(l, link(l))),
                 };
                 let tokens = match (old, &r.token_limit) {
                     (Some(s), Some(l)) if s.tokens.as_ref().is_some_and(|o| o.config() == l) => {
@@ -193,6 +228,7 @@ impl Proxy {
                 read_timeout: config.server.header_read_timeout,
             },
             loads,
+            store,
             held: shared.held.clone(),
             max_held_body: config.server.max_held_body,
         }

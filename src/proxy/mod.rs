@@ -56,6 +56,8 @@ pub struct Proxy {
     max_held_body: u64,
     /// Each deployment's load, by upstream, address and model.
     loads: std::collections::HashMap<build::LoadKey, Arc<crate::backend::Load>>,
+    /// `[rate_limit_store]`, connected in the background.
+    store: Option<(crate::config::StoreSettings, Arc<crate::store::Store>)>,
 }
 
 /// The server's handler: each request takes the config current when it

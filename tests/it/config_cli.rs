@@ -491,7 +491,7 @@ fn token_limit_usage_and_sse_keys_are_checked() {
     for e in [
         "routes[0].token_limit.tokens_per_minute: must be set",
         "routes[0].token_limit.chars_per_token: must be a number above 0",
-        "routes[0].token_limit.shared: shared token limits need a [rate_limit_store]",
+        "routes[0].token_limit.shared: shared token limits are not built yet",
         "routes[0].usage.observe: a route with a token_limit settles",
     ] {
         assert!(err.contains(e), "{e}: {err}");
@@ -662,4 +662,67 @@ fn the_models_example_config_passes_check() {
     ];
     let (code, out, err) = run_cli(&["check", "--config", example], &keys);
     assert_eq!(code, 0, "{out}\n{err}");
+}
+
+#[test]
+fn the_rate_limit_store_is_checked_and_its_password_never_shown() {
+    let shared = "\n[routes.rate_limit]\nrequests_per_minute = 60\nburst = 1\nshared = true\n";
+    let toml = format!("{}{shared}", one_route("http://h", ""));
+    let (code, _, err, file) = check(&toml, &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!("{file}:"))
+            && err.contains(
+                "routes[0].rate_limit.shared: shared = true needs a [rate_limit_store] table"
+            ),
+        "{err}"
+    );
+    let store = |lines: &str| {
+        format!(
+            "[rate_limit_store]\n{lines}\n\n{}{shared}",
+            one_route("http://h", "")
+        )
+    };
+    for (lines, want) in [
+        ("url = \"\"", "rate_limit_store.url: must be set"),
+        (
+            "url = \"http://x\"",
+            "rate_limit_store.url: not a redis:// URL",
+        ),
+        (
+            "url = \"rediss://x:6380\"",
+            "rediss:// is not supported yet",
+        ),
+        (
+            "url = \"redis://:hunter2@x\"",
+            "a password in the url is not supported",
+        ),
+        (
+            "url = \"redis://x\"\npassword_env = \"NOPE\"",
+            "environment variable NOPE is not set",
+        ),
+        (
+            "url = \"redis://x\"\npassword_env = \"P\"\npassword_file = \"p\"",
+            "set password_env or password_file, not both",
+        ),
+        (
+            "url = \"redis://x\"\nreplicas = 0",
+            "rate_limit_store.replicas: must be at least 1",
+        ),
+        (
+            "url = \"redis://x\"\non_error = \"maybe\"",
+            "unknown variant `maybe`",
+        ),
+    ] {
+        let (code, _, err, _) = check(&store(lines), &[("P", "hunter2")]);
+        assert_eq!(code, 1, "{lines}");
+        assert!(err.contains(want), "{lines}: {err}");
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+    let (code, out, err, _) = check(
+        &store("url = \"redis://127.0.0.1:6379/0\"\npassword_env = \"P\""),
+        &[("P", "hunter2")],
+    );
+    assert_eq!((code, out.trim()), (0, "ok"), "{err}");
+    assert!(!out.contains("hunter2") && !err.contains("hunter2"));
 }

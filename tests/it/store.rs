@@ -168,3 +168,114 @@ async fn keys_are_independent_hashed_and_expire() {
         .unwrap();
     assert!(ttl > 0 && ttl <= 2_000 + 1_000, "{ttl}");
 }
+
+// Through sluice: `shared = true` on `[routes.rate_limit]`.
+
+/// A route limited to `rpm` with `burst`, shared through `redis` (or a
+/// store nobody listens on) with these store lines.
+fn shared_config(
+    upstream: &str,
+    store_url: &str,
+    store_lines: &str,
+    rpm: u32,
+    burst: u32,
+) -> String {
+    format!(
+        "[rate_limit_store]\nurl = \"{store_url}\"\n{store_lines}\n\n{}\n[routes.rate_limit]\nrequests_per_minute = {rpm}\nburst = {burst}\nshared = true\n",
+        crate::support::one_route(upstream, "")
+    )
+}
+
+/// How many of `n` requests sent one after another got a 200.
+async fn admitted(url: &str, n: usize) -> (usize, Vec<u16>) {
+    let mut ok = 0;
+    let mut statuses = Vec::new();
+    for _ in 0..n {
+        let status = crate::support::get(url).await.0.status().as_u16();
+        ok += usize::from(status == 200);
+        statuses.push(status);
+    }
+    (ok, statuses)
+}
+
+/// Two sluice processes share 60 a minute with a burst of 3 through one
+/// Redis: between them, the burst and no more (at one a second, a few
+/// seconds' worth at most).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sluice_processes_share_one_limit() {
+    let redis = Redis::start();
+    let mock = crate::support::Mock::start(|_| async { crate::support::json(200, "{}") }).await;
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n{}",
+        shared_config(&mock.url(), &redis.url(), "timeout = \"200ms\"", 60, 3)
+    );
+    let a = crate::support::Process::start(&toml, &[]).await;
+    let b = crate::support::Process::start(&toml, &[]).await;
+    // Each connects in the background: wait until both have admitted once.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let start = Instant::now();
+    let (mut ok_a, mut ok_b) = (0, 0);
+    while ok_a == 0 || ok_b == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no admission from both within 5 s"
+        );
+        ok_a += admitted(&a.url("/x"), 1).await.0;
+        ok_b += admitted(&b.url("/x"), 1).await.0;
+    }
+    let (more_a, _) = admitted(&a.url("/x"), 10).await;
+    let (more_b, statuses) = admitted(&b.url("/x"), 10).await;
+    let total = ok_a + ok_b + more_a + more_b;
+    let allowed = 3 + start.elapsed().as_secs() as usize + 1;
+    assert!(
+        total <= allowed,
+        "{total} admitted, at most {allowed}: {statuses:?}"
+    );
+    assert!(statuses.contains(&429), "{statuses:?}");
+    let keys = redis.cli(&["KEYS", "*"]);
+    assert!(keys.contains("sluice:{all:0}"), "{keys}");
+}
+
+/// The store is away: `deny` answers 503 `rate_limit_store_unavailable`,
+/// `allow` admits everything, `local-share` admits the local share
+/// (limit / replicas); the degraded gauge reads 1; /readyz stays 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_its_store_a_shared_limit_does_what_on_error_says() {
+    let mock = crate::support::Mock::start(|_| async { crate::support::json(200, "{}") }).await;
+    let nobody = format!("redis://127.0.0.1:{}/0", crate::support::refused_port());
+    let deny = shared_config(&mock.url(), &nobody, "on_error = \"deny\"", 600, 10);
+    let proxy = crate::support::Sidecar::start(&deny, &[]).await;
+    let (res, body) = crate::support::get(&proxy.url("/x")).await;
+    assert_eq!(res.status(), 503);
+    assert!(String::from_utf8_lossy(&body).contains("rate_limit_store_unavailable"));
+    let allow = shared_config(&mock.url(), &nobody, "on_error = \"allow\"", 60, 1);
+    let proxy = crate::support::Sidecar::start(&allow, &[]).await;
+    assert_eq!(admitted(&proxy.url("/x"), 5).await.0, 5);
+    // 60 a minute, burst 4, shared by 2 replicas: this one admits 2 at once.
+    let share = shared_config(&mock.url(), &nobody, "replicas = 2", 60, 4);
+    let proxy = crate::support::Sidecar::start(&share, &[]).await;
+    assert_eq!(admitted(&proxy.url("/x"), 5).await.0, 2);
+    let metrics =
+        String::from_utf8_lossy(&crate::support::get(&proxy.admin_url("/metrics")).await.1)
+            .into_owned();
+    assert_eq!(
+        crate::support::metric(&metrics, "sluice_rate_limit_degraded"),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert!(
+        crate::support::metric(
+            &metrics,
+            r#"sluice_rate_limit_store_requests_total{op="charge",result="unavailable"}"#
+        )
+        .is_some_and(|n| n >= 5.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        crate::support::get(&proxy.admin_url("/readyz"))
+            .await
+            .0
+            .status(),
+        200
+    );
+}
