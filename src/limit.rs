@@ -249,9 +249,13 @@ impl<C: Clock + Clone> Limiter<C> {
 
     /// Drops client keys whose bucket is full again (indistinguishable from new).
     pub fn evict_stale(&self) {
-        if let Some(Rate::Client(r)) = &self.rate {
-            r.retain_recent();
-            r.shrink_to_fit();
+        // The local share a shared limit falls back on keeps keys too.
+        let local = self.shared.as_ref().and_then(|s| s.local.as_ref());
+        for rate in [self.rate.as_ref(), local].into_iter().flatten() {
+            if let Rate::Client(r) = rate {
+                r.retain_recent();
+                r.shrink_to_fit();
+            }
         }
     }
 
@@ -262,10 +266,15 @@ impl<C: Clock + Clone> Limiter<C> {
 
     /// Client keys tracked now.
     pub fn tracked_keys(&self) -> usize {
-        match &self.rate {
-            Some(Rate::Client(r)) => r.len(),
-            _ => 0,
-        }
+        let local = self.shared.as_ref().and_then(|s| s.local.as_ref());
+        [self.rate.as_ref(), local]
+            .into_iter()
+            .flatten()
+            .map(|rate| match rate {
+                Rate::Client(r) => r.len(),
+                Rate::Route(_) => 0,
+            })
+            .sum()
     }
 }
 
@@ -366,5 +375,53 @@ mod tests {
         l.check(7).unwrap();
         l.evict_stale();
         assert_eq!(l.tracked_keys(), 1, "only the key used since stays");
+    }
+
+    /// While the store is away, a shared per-client limit keeps keys in its
+    /// local share: they are evicted like the others.
+    #[tokio::test]
+    async fn the_local_share_of_a_shared_limit_is_evicted_too() {
+        use crate::config::{OnStoreError, StoreSettings};
+        use crate::store::{Store, StoreConfig};
+        let mut c = config(RateLimitPer::Client, 600_000, 10);
+        c.shared = true;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let settings = StoreSettings {
+            url: format!("redis://127.0.0.1:{port}/0"),
+            password: None,
+            key_prefix: "t".into(),
+            timeout: Duration::from_millis(20),
+            on_error: OnStoreError::LocalShare,
+            replicas: 1,
+        };
+        let store = Store::start(&StoreConfig {
+            url: settings.url.clone(),
+            password: None,
+            key_prefix: "t".into(),
+            timeout: settings.timeout,
+        })
+        .unwrap();
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let link = StoreLink {
+            store,
+            name: "r".into(),
+            settings,
+            meters: metrics.store(),
+        };
+        let l = Limiter::sharing(&c, Some(link));
+        for i in 0..100 {
+            let mut h = HeaderMap::new();
+            h.insert("authorization", format!("Bearer {i}").parse().unwrap());
+            l.admit(&h, None).await.unwrap();
+        }
+        assert_eq!(l.tracked_keys(), 100);
+        // 10,000 a second: each bucket is full again within a millisecond.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        l.evict_stale();
+        assert_eq!(l.tracked_keys(), 0);
     }
 }
