@@ -31,6 +31,7 @@ fn tokens(per: RateLimitPer) -> TokenLimiter {
         client_key_header: HeaderName::from_static("authorization"),
         max_wait: Duration::ZERO,
         estimate: Estimate::default(),
+        shared: false,
     })
 }
 

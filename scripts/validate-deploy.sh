@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Checks the deployment files without a cluster, a Docker engine or systemd
 # as PID 1:
-#   - deploy/kubernetes/*.yaml against the Kubernetes schema (strict: unknown
-#     fields fail), at the oldest version with native sidecars (1.29);
+#   - deploy/kubernetes/*.yaml and deploy/kubernetes/replicas/*.yaml against
+#     the Kubernetes schema (strict: unknown fields fail), at the oldest version
+#     with native sidecars (1.29);
+#   - the sluice.toml embedded in each ConfigMap parses as TOML, and where it has
+#     a [rate_limit_store], its `replicas` equals spec.replicas of the
+#     Deployment(s) in the same directory that mount that ConfigMap;
 #   - the Dockerfile with hadolint (warnings fail);
 #   - systemd/sluice.service with `systemd-analyze verify` (any message fails)
 #     and `systemd-analyze security --offline=yes` (exposure above 2.0 fails).
@@ -58,13 +62,19 @@ fail() {
 }
 
 # --- (a) Kubernetes manifests ---------------------------------------------------
+# The single-pod sidecar example, and many replicas sharing one limit.
+manifest_dirs=(deploy/kubernetes deploy/kubernetes/replicas)
+manifests=()
 shopt -s nullglob
-manifests=(deploy/kubernetes/*.yaml deploy/kubernetes/*.yml)
+for dir in "${manifest_dirs[@]}"; do
+    found=("$dir"/*.yaml "$dir"/*.yml)
+    if [[ ${#found[@]} -eq 0 ]]; then
+        : >"$tmp/out"
+        fail "kubernetes-validate: no YAML files in $dir"
+    fi
+    manifests+=("${found[@]}")
+done
 shopt -u nullglob
-if [[ ${#manifests[@]} -eq 0 ]]; then
-    : >"$tmp/out"
-    fail "kubernetes-validate: no YAML files in deploy/kubernetes"
-fi
 for f in "${manifests[@]}"; do
     name="kubernetes-validate --strict -k $KUBERNETES_SCHEMA_VERSION $f"
     if "$VENV/bin/kubernetes-validate" --strict --quiet \
@@ -73,6 +83,79 @@ for f in "${manifests[@]}"; do
     else
         fail "$name"
     fi
+done
+
+# --- (a2) the config inside the ConfigMaps --------------------------------------
+# Prints "ok<TAB>check" or "FAIL<TAB>check<TAB>why" lines for one directory.
+check_embedded_config() {
+    "$VENV/bin/python" - "$1" <<'PY'
+import glob, os, sys
+import yaml
+
+try:
+    import tomllib
+except ImportError:  # Python < 3.11
+    print(f"FAIL\t{sys.argv[1]}: embedded TOML\tneeds Python 3.11 or later (tomllib)")
+    sys.exit(0)
+
+d = sys.argv[1]
+docs = []
+for f in sorted(glob.glob(os.path.join(d, "*.yaml")) + glob.glob(os.path.join(d, "*.yml"))):
+    with open(f, encoding="utf-8") as fh:
+        docs += [(f, doc) for doc in yaml.safe_load_all(fh) if isinstance(doc, dict)]
+
+for f, cm in docs:
+    if cm.get("kind") != "ConfigMap":
+        continue
+    cm_name = cm.get("metadata", {}).get("name", "?")
+    for key, text in sorted((cm.get("data") or {}).items()):
+        if not key.endswith(".toml"):
+            continue
+        check = f"{f}: ConfigMap {cm_name} data.{key} parses as TOML"
+        try:
+            config = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            print(f"FAIL\t{check}\t{e}")
+            continue
+        print(f"ok\t{check}")
+        store = config.get("rate_limit_store")
+        if not isinstance(store, dict):
+            continue
+        want = store.get("replicas", 1)
+        users = []
+        for _, dep in docs:
+            if dep.get("kind") != "Deployment":
+                continue
+            vols = dep.get("spec", {}).get("template", {}).get("spec", {}).get("volumes") or []
+            if any((v.get("configMap") or {}).get("name") == cm_name for v in vols):
+                users.append(dep)
+        if not users:
+            print(f"FAIL\t{f}: [rate_limit_store] replicas = {want}\tno Deployment in {d} mounts ConfigMap {cm_name}")
+        for dep in users:
+            dep_name = dep.get("metadata", {}).get("name", "?")
+            have = dep.get("spec", {}).get("replicas", 1)
+            check = (f"{f}: [rate_limit_store] replicas ({want}) equals "
+                     f"Deployment {dep_name} spec.replicas ({have})")
+            if have == want:
+                print(f"ok\t{check}")
+            else:
+                print(f"FAIL\t{check}\tthey differ: local-share would admit {have}/{want} of the limit while Redis is away")
+PY
+}
+for dir in "${manifest_dirs[@]}"; do
+    if ! check_embedded_config "$dir" >"$tmp/checks" 2>"$tmp/err"; then
+        cp "$tmp/err" "$tmp/out"
+        fail "embedded config checks in $dir: the checker itself failed"
+        continue
+    fi
+    while IFS=$'\t' read -r verdict check why; do
+        printf '%s\n' "${why:-}" >"$tmp/out"
+        if [[ $verdict == ok ]]; then
+            pass "$check"
+        else
+            fail "$check"
+        fi
+    done <"$tmp/checks"
 done
 
 # --- (b) Dockerfile -------------------------------------------------------------

@@ -3,7 +3,9 @@
 //! routing, before the body is read, so a rejected request costs almost
 //! nothing and never reaches the upstream.
 //!
-//! Limits are per sluice process: N replicas each enforce their own.
+//! Limits are per sluice process (N replicas each enforce their own) unless
+//! `shared = true` keeps the rate bucket in the store ([`crate::store`]);
+//! the in-flight cap is always local.
 
 use std::hash::{BuildHasher, RandomState};
 use std::num::NonZeroU32;
@@ -21,6 +23,7 @@ use tokio::time::Instant;
 
 use crate::config::{RateLimitConfig, RateLimitPer};
 use crate::error::ProxyError;
+use crate::store::Kind;
 
 /// How often stale client keys are dropped.
 pub(crate) const EVICT_EVERY: Duration = Duration::from_secs(30);
@@ -51,7 +54,6 @@ struct Shared<C: Clock> {
     on_error: crate::config::OnStoreError,
     /// `local-share`: a local bucket of limit / replicas, while the store is away.
     local: Option<Rate<C>>,
-    meters: crate::metrics::StoreMeters,
 }
 
 enum Rate<C: Clock> {
@@ -75,7 +77,7 @@ impl Limiter<DefaultClock> {
     }
 
     /// A limiter whose bucket lives in `store` when the config says
-    /// `shared`: `(store, route name, settings, meters)`.
+    /// `shared`.
     pub fn sharing(config: &RateLimitConfig, store: Option<StoreLink>) -> Arc<Self> {
         let mut limiter = Self::with_clock(config, DefaultClock::default());
         if let (true, Some(link)) = (config.shared, store) {
@@ -97,7 +99,6 @@ impl Limiter<DefaultClock> {
                 name: link.name,
                 on_error: link.settings.on_error,
                 local,
-                meters: link.meters,
             });
             // Client keys must hash alike on every replica.
             limiter.hasher = None;
@@ -185,12 +186,18 @@ impl<C: Clock + Clone> Limiter<C> {
         loop {
             let verdict = shared
                 .store
-                .charge(&shared.name, key, u64::from(limit), burst, 1)
+                .charge(
+                    Kind::Requests,
+                    &shared.name,
+                    key,
+                    u64::from(limit),
+                    burst,
+                    1,
+                )
                 .await;
-            shared.meters.call(&verdict);
             let wait = match verdict {
-                Ok(Ok(())) => return Ok(()),
-                Ok(Err(wait)) => wait,
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(refusal)) => refusal.wait,
                 Err(_) => {
                     return match (shared.on_error, &shared.local) {
                         (crate::config::OnStoreError::Deny, _) => {
@@ -239,9 +246,7 @@ impl<C: Clock + Clone> Limiter<C> {
             (Some(Rate::Client(_)), Some(v)) => match &self.hasher {
                 Some(h) => h.hash_one(v.as_bytes()).max(1),
                 // SipHash with fixed keys: the same on every replica.
-                None => std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default()
-                    .hash_one(v.as_bytes())
-                    .max(1),
+                None => crate::store::key_hash(v.as_bytes()),
             },
             _ => ANONYMOUS,
         }
@@ -304,12 +309,11 @@ pub(crate) fn spawn_eviction<L: Evict>(limiter: Weak<L>) {
 }
 
 /// What a shared limiter needs of the store: the connection, the bucket's
-/// name (the route's), the settings and the metric handles.
+/// name (the route's) and the settings.
 pub struct StoreLink {
     pub store: Arc<crate::store::Store>,
     pub name: String,
     pub settings: crate::config::StoreSettings,
-    pub meters: crate::metrics::StoreMeters,
 }
 
 #[cfg(test)]
@@ -390,27 +394,28 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let settings = StoreSettings {
-            url: format!("redis://127.0.0.1:{port}/0"),
-            password: None,
-            key_prefix: "t".into(),
+        let url = format!("redis://127.0.0.1:{port}/0");
+        let store_config = StoreConfig {
             timeout: Duration::from_millis(20),
+            ..StoreConfig::new(&url)
+        };
+        let settings = StoreSettings {
+            url,
+            password: None,
+            key_prefix: "sluice".into(),
+            timeout: store_config.timeout,
             on_error: OnStoreError::LocalShare,
             replicas: 1,
+            cluster: false,
+            nodes: Vec::new(),
+            ca: None,
         };
-        let store = Store::start(&StoreConfig {
-            url: settings.url.clone(),
-            password: None,
-            key_prefix: "t".into(),
-            timeout: settings.timeout,
-        })
-        .unwrap();
         let metrics = Arc::new(crate::metrics::Metrics::default());
+        let store = Store::start(&store_config, metrics.store()).unwrap();
         let link = StoreLink {
             store,
             name: "r".into(),
             settings,
-            meters: metrics.store(),
         };
         let l = Limiter::sharing(&c, Some(link));
         for i in 0..100 {

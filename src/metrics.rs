@@ -130,6 +130,20 @@ struct StoreLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabel {
+    op: &'static str,
+}
+
+/// Seconds, from 100 µs to 250 ms: a store call on loopback or in a zone.
+const STORE_BUCKETS: [f64; 11] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+];
+
+fn store_latency() -> Histogram {
+    Histogram::new(STORE_BUCKETS)
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
 }
@@ -203,8 +217,10 @@ families! {
         "usage_injected", "Streamed requests sent with stream_options.include_usage added by sluice";
     store_requests: Family<StoreLabels, Counter> = Family::default(),
         "rate_limit_store_requests", "Calls to the shared limit store, by op and result (ok, refused, timeout, unavailable, error)";
+    store_duration: Family<OpLabel, Histogram, fn() -> Histogram> = Family::new_with_constructor(store_latency),
+        "rate_limit_store_duration_seconds", "Calls to the shared limit store that reached Redis, by op (charge, settle)";
     store_degraded: Gauge = Gauge::default(),
-        "rate_limit_degraded", "1 while a shared limit's last store call failed and on_error decided";
+        "rate_limit_degraded", "1 while the shared limit store gives no verdict (on_error decides meanwhile)";
     held_bytes: Gauge = Gauge::default(),
         "request_body_held_bytes", "Request body bytes held in memory across all requests";
 }
@@ -505,24 +521,21 @@ pub struct StoreMeters {
 }
 
 impl StoreMeters {
-    /// Counts one call by its verdict, and shows whether limits are degraded.
-    pub fn call(
-        &self,
-        verdict: &Result<Result<(), std::time::Duration>, crate::store::StoreError>,
-    ) {
-        use crate::store::StoreError;
-        let result = match verdict {
-            Ok(Ok(())) => "ok",
-            Ok(Err(_)) => "refused",
-            Err(StoreError::Timeout) => "timeout",
-            Err(StoreError::Unavailable) => "unavailable",
-            Err(StoreError::Failed) => "error",
-        };
-        let labels = StoreLabels {
-            op: "charge",
-            result,
-        };
+    /// Counts one call by its result (ok, refused, timeout, unavailable, error).
+    pub fn count(&self, op: &'static str, result: &'static str) {
+        let labels = StoreLabels { op, result };
         self.all.store_requests.get_or_create(&labels).inc();
-        self.all.store_degraded.set(i64::from(verdict.is_err()));
+    }
+
+    /// Times one call that reached the connection.
+    pub fn time(&self, op: &'static str, took: std::time::Duration) {
+        let labels = OpLabel { op };
+        let h = self.all.store_duration.get_or_create(&labels);
+        h.observe(took.as_secs_f64());
+    }
+
+    /// 1 while the store gives no verdict (and `on_error` decides).
+    pub fn degraded(&self, degraded: bool) {
+        self.all.store_degraded.set(i64::from(degraded));
     }
 }

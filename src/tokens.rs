@@ -13,7 +13,10 @@
 //! waits for one rather than being refused for ever.
 //!
 //! Time is `tokio::time::Instant`, so tests run on the paused clock. Limits
-//! are per sluice process, like [`crate::limit`]'s.
+//! are per sluice process, like [`crate::limit`]'s, unless `shared = true`
+//! keeps the buckets in the store ([`crate::store`]): the same GCRA there,
+//! charged by one script call at admission and settled by another, off the
+//! response's path, when the response ends.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
@@ -24,8 +27,10 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderName};
 use tokio::time::Instant;
 
-use crate::config::{RateLimitPer, TokenLimitConfig};
-use crate::limit::{spawn_eviction, Evict};
+use crate::config::{OnStoreError, RateLimitPer, TokenLimitConfig};
+use crate::error::ProxyError;
+use crate::limit::{spawn_eviction, Evict, StoreLink};
+use crate::store::{Kind, Store};
 
 /// The bucket shared by requests without the client key header.
 const ANONYMOUS: u64 = 0;
@@ -101,7 +106,7 @@ impl Cell {
     pub fn charge(self: &Arc<Self>, cost: u64, now: Instant) -> Result<Charge, TokensRefused> {
         self.try_charge(cost, now)?;
         Ok(Charge {
-            cell: self.clone(),
+            to: Bucket::Local(self.clone()),
             charged: cost,
         })
     }
@@ -156,13 +161,7 @@ impl Cell {
     }
 
     fn remaining_when(&self, ahead: u64) -> u64 {
-        if ahead == 0 {
-            return self.burst;
-        }
-        // Tokens TAT is ahead by, rounded up: a part-token is not available.
-        let used = (u128::from(ahead) * u128::from(self.tokens_per_minute)).div_ceil(NS_PER_MINUTE);
-        self.burst
-            .saturating_sub(u64::try_from(used).unwrap_or(u64::MAX))
+        remaining(self.burst, self.tokens_per_minute, ahead)
     }
 
     /// How far TAT is ahead of `now`, in ns; 0 when the bucket is full.
@@ -183,13 +182,34 @@ impl Cell {
     }
 }
 
+/// Tokens of a bucket `ahead` ns from full: 0 while in debt, `burst` when
+/// full. The tokens TAT is ahead by are rounded up: a part-token is not
+/// available.
+fn remaining(burst: u64, tokens_per_minute: u64, ahead: u64) -> u64 {
+    if ahead == 0 {
+        return burst;
+    }
+    let used = (u128::from(ahead) * u128::from(tokens_per_minute)).div_ceil(NS_PER_MINUTE);
+    burst.saturating_sub(u64::try_from(used).unwrap_or(u64::MAX))
+}
+
 /// An admitted request's estimate, to settle when the response ends.
 /// Dropped unsettled, the estimate stands.
 #[derive(Debug)]
 #[must_use = "settle it with the actual count when the response ends"]
 pub struct Charge {
-    cell: Arc<Cell>,
+    to: Bucket,
     charged: u64,
+}
+
+/// Where a charge was made.
+#[derive(Debug)]
+enum Bucket {
+    Local(Arc<Cell>),
+    /// In the store, for the client key's hash.
+    Shared(Arc<SharedBucket>, u64),
+    /// Admitted without a charge (`on_error = "allow"`).
+    Nothing,
 }
 
 impl Charge {
@@ -206,21 +226,56 @@ impl Charge {
 
     /// [`Charge::settle`] with the clock already read (the request's end).
     pub fn settle_at(self, actual: u64, now: Instant) {
-        if actual != self.charged {
-            self.cell.settle(self.charged, actual, now);
+        if actual == self.charged {
+            return;
+        }
+        match self.to {
+            Bucket::Local(cell) => cell.settle(self.charged, actual, now),
+            // Off the response's path: the client is not kept waiting for
+            // Redis, and a store away loses only this correction.
+            Bucket::Shared(bucket, key) => {
+                let delta = i128::from(actual) - i128::from(self.charged);
+                let delta = i64::try_from(delta).unwrap_or(i64::MAX);
+                tokio::spawn(async move {
+                    let b = &bucket;
+                    let _ = b
+                        .store
+                        .settle(Kind::Tokens, &b.name, key, b.tpm, delta)
+                        .await;
+                });
+            }
+            Bucket::Nothing => {}
         }
     }
 }
 
 /// One route's token limit: one bucket, or one per client key.
 pub struct TokenLimiter {
+    /// The buckets; for a shared limit, the local share used while the
+    /// store is away (limit / replicas).
     cells: Cells,
+    /// `shared = true`: the buckets in the store.
+    shared: Option<Arc<SharedBucket>>,
     key_header: HeaderName,
-    /// Seeded per process: client keys are stored only as this hash.
-    hasher: RandomState,
+    /// Seeded per process: client keys are stored only as this hash. A
+    /// shared limit's keys are hashed alike on every replica (`None`).
+    hasher: Option<RandomState>,
     config: TokenLimitConfig,
+    /// The local cells' rate and burst.
+    local: (u64, u64),
     /// Every cell's base: when the limiter was made.
     base: Instant,
+}
+
+/// A token bucket kept in `[rate_limit_store]` (SPEC §11).
+#[derive(Debug)]
+pub struct SharedBucket {
+    store: Arc<Store>,
+    /// The route's name.
+    name: String,
+    tpm: u64,
+    burst: u64,
+    on_error: OnStoreError,
 }
 
 enum Cells {
@@ -264,7 +319,32 @@ impl TokenLimiter {
     /// A limiter, with its eviction task when it is per client (so it needs
     /// a runtime then).
     pub fn new(config: &TokenLimitConfig) -> Arc<Self> {
-        let limiter = Arc::new(Self::without_eviction(config));
+        Self::sharing(config, None)
+    }
+
+    /// A limiter whose buckets live in `link`'s store when the config says
+    /// `shared`.
+    pub fn sharing(config: &TokenLimitConfig, link: Option<StoreLink>) -> Arc<Self> {
+        let mut limiter = Self::without_eviction(config);
+        if let (true, Some(link)) = (config.shared, link) {
+            let replicas = u64::from(link.settings.replicas.max(1));
+            limiter.local = (
+                (config.tokens_per_minute / replicas).max(1),
+                (config.burst / replicas).max(1),
+            );
+            if let Cells::Route(_) = limiter.cells {
+                limiter.cells = Cells::Route(Arc::new(limiter.new_cell()));
+            }
+            limiter.shared = Some(Arc::new(SharedBucket {
+                store: link.store,
+                name: link.name,
+                tpm: config.tokens_per_minute,
+                burst: config.burst,
+                on_error: link.settings.on_error,
+            }));
+            limiter.hasher = None;
+        }
+        let limiter = Arc::new(limiter);
         if matches!(limiter.cells, Cells::Client(_)) {
             spawn_eviction(Arc::downgrade(&limiter));
         }
@@ -285,17 +365,76 @@ impl TokenLimiter {
         };
         Self {
             cells,
+            shared: None,
             key_header: config.client_key_header.clone(),
-            hasher: RandomState::new(),
+            hasher: Some(RandomState::new()),
             config: config.clone(),
+            local: (config.tokens_per_minute, config.burst),
             base,
         }
     }
 
-    /// Charges `cost` tokens to `key`'s bucket. Waits up to `max_wait` (and
-    /// never past `deadline`) for them to fit; the charge must be settled
-    /// when the response ends.
+    /// Charges `cost` tokens to `key`'s bucket, in the store when the limit
+    /// is shared (and as `on_error` says without it). Waits up to
+    /// `max_wait` (and never past `deadline`) for them to fit; the charge
+    /// must be settled when the response ends.
     pub async fn admit(
+        &self,
+        key: u64,
+        cost: u64,
+        deadline: Option<Instant>,
+    ) -> Result<Charge, ProxyError> {
+        let Some(shared) = &self.shared else {
+            let refused = self.admit_local(key, cost, deadline).await;
+            return refused.map_err(ProxyError::TokensLimited);
+        };
+        let give_up = Instant::now() + self.config.max_wait;
+        let give_up = deadline.map_or(give_up, |d| d.min(give_up));
+        let b = &**shared;
+        loop {
+            let verdict = b
+                .store
+                .charge(Kind::Tokens, &b.name, key, b.tpm, b.burst, cost)
+                .await;
+            let refusal = match verdict {
+                Ok(Ok(_)) => {
+                    return Ok(Charge {
+                        to: Bucket::Shared(shared.clone(), key),
+                        charged: cost,
+                    })
+                }
+                Ok(Err(r)) => r,
+                Err(_) => {
+                    return match b.on_error {
+                        OnStoreError::Deny => Err(ProxyError::RateLimitStoreUnavailable),
+                        OnStoreError::Allow => Ok(Charge {
+                            to: Bucket::Nothing,
+                            charged: cost,
+                        }),
+                        // One try: the store may be back for the next request.
+                        OnStoreError::LocalShare => {
+                            self.check(key, cost).map_err(ProxyError::TokensLimited)
+                        }
+                    };
+                }
+            };
+            if Instant::now() + refusal.wait > give_up {
+                let ahead = u64::try_from(refusal.ahead.as_nanos()).unwrap_or(u64::MAX);
+                return Err(ProxyError::TokensLimited(TokensRefused {
+                    wait: refusal.wait,
+                    limit: b.tpm,
+                    remaining: remaining(b.burst, b.tpm, ahead),
+                    reset: refusal.ahead,
+                }));
+            }
+            tokio::time::sleep(refusal.wait).await;
+        }
+    }
+
+    /// Charges `cost` tokens to `key`'s local bucket. Waits up to
+    /// `max_wait` (and never past `deadline`) for them to fit; the charge
+    /// must be settled when the response ends.
+    pub async fn admit_local(
         &self,
         key: u64,
         cost: u64,
@@ -329,7 +468,7 @@ impl TokenLimiter {
         };
         cell.try_charge(cost, now)?;
         Ok(Charge {
-            cell,
+            to: Bucket::Local(cell),
             charged: cost,
         })
     }
@@ -337,7 +476,10 @@ impl TokenLimiter {
     /// The hash of the client key header's value; never the value itself.
     pub fn client_key(&self, headers: &HeaderMap) -> u64 {
         match (&self.cells, headers.get(&self.key_header)) {
-            (Cells::Client(_), Some(v)) => self.hasher.hash_one(v.as_bytes()).max(1),
+            (Cells::Client(_), Some(v)) => match &self.hasher {
+                Some(h) => h.hash_one(v.as_bytes()).max(1),
+                None => crate::store::key_hash(v.as_bytes()),
+            },
             _ => ANONYMOUS,
         }
     }
@@ -371,7 +513,7 @@ impl TokenLimiter {
     }
 
     fn new_cell(&self) -> Cell {
-        Cell::new(self.config.tokens_per_minute, self.config.burst, self.base)
+        Cell::new(self.local.0, self.local.1, self.base)
     }
 }
 
@@ -404,6 +546,7 @@ mod tests {
             client_key_header: HeaderName::from_static("authorization"),
             max_wait,
             estimate: crate::config::Estimate::default(),
+            shared: false,
         }
     }
 
@@ -414,7 +557,7 @@ mod tests {
     /// How long `admit` waits on the paused clock.
     async fn admit_wait(l: &TokenLimiter, cost: u64) -> (Charge, Duration) {
         let start = Instant::now();
-        let charge = l.admit(ANONYMOUS, cost, None).await.unwrap();
+        let charge = l.admit_local(ANONYMOUS, cost, None).await.unwrap();
         (charge, start.elapsed())
     }
 
@@ -546,11 +689,11 @@ mod tests {
     async fn max_wait_and_the_deadline_bound_the_wait() {
         let l = route(1_000, 300 * MS);
         let _a = l.check(ANONYMOUS, 1_000).unwrap();
-        let refused = l.admit(ANONYMOUS, 400, None).await.unwrap_err();
+        let refused = l.admit_local(ANONYMOUS, 400, None).await.unwrap_err();
         assert_eq!(refused.wait, 400 * MS);
         assert_eq!(Instant::now(), l.base, "refused without waiting");
         let deadline = Some(Instant::now() + 199 * MS);
-        l.admit(ANONYMOUS, 200, deadline).await.unwrap_err();
+        l.admit_local(ANONYMOUS, 200, deadline).await.unwrap_err();
         let (_b, waited) = admit_wait(&l, 300).await;
         assert_eq!(waited, 300 * MS);
     }
@@ -653,7 +796,7 @@ mod tests {
                 let (l, log) = (l.clone(), log.clone());
                 tokio::spawn(async move {
                     let cost = 100 + (i * 37) % 900;
-                    let _charge = l.admit(ANONYMOUS, cost, None).await.unwrap();
+                    let _charge = l.admit_local(ANONYMOUS, cost, None).await.unwrap();
                     log.lock().unwrap().push((Instant::now(), cost));
                 })
             })

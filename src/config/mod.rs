@@ -49,6 +49,26 @@ pub struct StoreSettings {
     pub timeout: Duration,
     pub on_error: OnStoreError,
     pub replicas: u32,
+    /// A Redis Cluster, `url` and `nodes` its seeds.
+    pub cluster: bool,
+    pub nodes: Vec<String>,
+    /// `ca_file`'s PEM roots for `rediss://`.
+    pub ca: Option<Vec<u8>>,
+}
+
+impl StoreSettings {
+    /// What the store connects with.
+    pub fn store_config(&self) -> crate::store::StoreConfig {
+        crate::store::StoreConfig {
+            url: self.url.clone(),
+            password: self.password.clone(),
+            key_prefix: self.key_prefix.clone(),
+            timeout: self.timeout,
+            cluster: self.cluster,
+            nodes: self.nodes.clone(),
+            ca: self.ca.clone(),
+        }
+    }
 }
 
 impl std::fmt::Debug for StoreSettings {
@@ -58,6 +78,7 @@ impl std::fmt::Debug for StoreSettings {
             .field("timeout", &self.timeout)
             .field("on_error", &self.on_error)
             .field("replicas", &self.replicas)
+            .field("cluster", &self.cluster)
             .finish_non_exhaustive()
     }
 }
@@ -232,6 +253,8 @@ pub struct TokenLimitConfig {
     pub client_key_header: HeaderName,
     pub max_wait: Duration,
     pub estimate: Estimate,
+    /// The bucket lives in `[rate_limit_store]`.
+    pub shared: bool,
 }
 
 /// How a request's tokens are estimated at admission.

@@ -46,6 +46,11 @@ pub struct RawStore {
     pub on_error: OnStoreError,
     /// With `local-share`, each process admits limit / replicas.
     pub replicas: u32,
+    /// A Redis Cluster: `url` and `nodes` are seeds (not in SPEC).
+    pub cluster: bool,
+    pub nodes: Vec<String>,
+    /// PEM roots for `rediss://` instead of the system's (not in SPEC).
+    pub ca_file: String,
 }
 
 impl Default for RawStore {
@@ -58,6 +63,9 @@ impl Default for RawStore {
             timeout: Dur(Duration::from_millis(25)),
             on_error: OnStoreError::LocalShare,
             replicas: 1,
+            cluster: false,
+            nodes: Vec::new(),
+            ca_file: String::new(),
         }
     }
 }

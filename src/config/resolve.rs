@@ -718,6 +718,12 @@ fn routes(
             .token_limit
             .as_ref()
             .map(|l| token_limit(l, &at("token_limit"), problems));
+        if r.token_limit.as_ref().is_some_and(|l| l.shared) && !has_store {
+            problems.push(Problem::at(
+                at("token_limit.shared"),
+                "shared = true needs a [rate_limit_store] table",
+            ));
+        }
         let usage = UsageConfig {
             inject: match r.usage.inject {
                 Inject::WhenLimited => token_limit.is_some(),
@@ -1018,23 +1024,61 @@ fn store(
     let before = problems.len();
     let mut p =
         |key: &str, m: String| problems.push(Problem::at(format!("rate_limit_store.{key}"), m));
-    match redis::parse_redis_url(&raw.url) {
-        _ if raw.url.is_empty() => p("url", "must be set (redis://host:port/db)".into()),
-        None => p("url", "not a redis:// URL".into()),
-        Some(u) if u.scheme() != "redis" => {
-            p(
-                "url",
-                format!("{}:// is not supported yet; use redis://", u.scheme()),
-            );
+    let urls = std::iter::once(("url", &raw.url)).chain(raw.nodes.iter().map(|n| ("nodes", n)));
+    let mut schemes = Vec::new();
+    for (key, url) in urls {
+        match redis::parse_redis_url(url) {
+            _ if url.is_empty() => p(key, "must be set (redis://host:port/db)".into()),
+            None => p(key, "not a redis:// or rediss:// URL".into()),
+            Some(u) if !matches!(u.scheme(), "redis" | "rediss") => {
+                p(
+                    key,
+                    format!(
+                        "{}:// is not supported; use redis:// or rediss://",
+                        u.scheme()
+                    ),
+                );
+            }
+            Some(u) if !u.password().unwrap_or("").is_empty() => {
+                p(
+                    key,
+                    "a password in the url is not supported; use password_env or password_file"
+                        .into(),
+                );
+            }
+            Some(u) => schemes.push(u.scheme().to_owned()),
         }
-        Some(u) if !u.password().unwrap_or("").is_empty() => {
-            p(
-                "url",
-                "a password in the url is not supported; use password_env or password_file".into(),
-            );
-        }
-        Some(_) => {}
     }
+    if schemes.iter().any(|s| s != &schemes[0]) {
+        p(
+            "nodes",
+            "every node must use the url's scheme (all redis:// or all rediss://)".into(),
+        );
+    }
+    if !raw.nodes.is_empty() && !raw.cluster {
+        p(
+            "nodes",
+            "seed nodes are for a cluster: set cluster = true".into(),
+        );
+    }
+    let ca = match raw.ca_file.as_str() {
+        "" => None,
+        _ if schemes.first().is_some_and(|s| s != "rediss") => {
+            p("ca_file", "a CA is for rediss:// URLs".into());
+            None
+        }
+        f => match std::fs::read(file(base, f)) {
+            Ok(pem) if pem_has_certificate(&pem) => Some(pem),
+            Ok(_) => {
+                p("ca_file", format!("no PEM certificate in {f}"));
+                None
+            }
+            Err(e) => {
+                p("ca_file", format!("cannot read CA file {f}: {e}"));
+                None
+            }
+        },
+    };
     let password = match (raw.password_env.as_str(), raw.password_file.as_str()) {
         ("", "") => None,
         (var, "") => match env(var) {
@@ -1081,7 +1125,16 @@ fn store(
         timeout: raw.timeout.0,
         on_error: raw.on_error,
         replicas: raw.replicas,
+        cluster: raw.cluster,
+        nodes: raw.nodes.clone(),
+        ca,
     })
+}
+
+/// Whether `pem` holds at least one certificate.
+fn pem_has_certificate(pem: &[u8]) -> bool {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::pem_slice_iter(pem).any(|c| c.is_ok())
 }
 
 fn token_limit(raw: &RawTokenLimit, at: &str, problems: &mut Vec<Problem>) -> TokenLimitConfig {
@@ -1091,12 +1144,6 @@ fn token_limit(raw: &RawTokenLimit, at: &str, problems: &mut Vec<Problem>) -> To
     }
     if !(raw.chars_per_token.is_finite() && raw.chars_per_token > 0.0) {
         p("chars_per_token", "must be a number above 0");
-    }
-    if raw.shared {
-        p(
-            "shared",
-            "shared token limits are not built yet (shared request limits are: [routes.rate_limit] shared)",
-        );
     }
     let header = HeaderName::from_bytes(raw.client_key_header.as_bytes());
     if header.is_err() {
@@ -1113,6 +1160,7 @@ fn token_limit(raw: &RawTokenLimit, at: &str, problems: &mut Vec<Problem>) -> To
         per: raw.per,
         client_key_header: header.unwrap_or(http::header::AUTHORIZATION),
         max_wait: raw.max_wait.0,
+        shared: raw.shared,
         estimate: Estimate {
             count: raw.count,
             chars_per_token: raw.chars_per_token,

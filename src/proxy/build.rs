@@ -59,13 +59,7 @@ impl Proxy {
                 .filter(|(s, _)| s == settings)
                 .map(|(_, store)| store.clone());
             let store = kept.or_else(|| {
-                let cfg = crate::store::StoreConfig {
-                    url: settings.url.clone(),
-                    password: settings.password.clone(),
-                    key_prefix: settings.key_prefix.clone(),
-                    timeout: settings.timeout,
-                };
-                match crate::store::Store::start(&cfg) {
+                match crate::store::Store::start(&settings.store_config(), metrics.store()) {
                     Ok(s) => Some(s),
                     Err(e) => {
                         tracing::warn!(kind = ?e.kind(), "rate_limit_store: cannot be used");
@@ -95,13 +89,12 @@ impl Proxy {
                     Some(s) if s.budget.config() == r.retry.budget => s.budget.clone(),
                     _ => Arc::new(Budget::new(r.retry.budget)),
                 };
-                let link = |l: &crate::config::RateLimitConfig| {
-                    let (settings, store) = store.as_ref().filter(|_| l.shared)?;
+                let link = |shared: bool| {
+                    let (settings, store) = store.as_ref().filter(|_| shared)?;
                     Some(crate::limit::StoreLink {
                         store: store.clone(),
                         name: r.name.clone(),
                         settings: settings.clone(),
-                        meters: metrics.store(),
                     })
                 };
                 let limiter = match (old, &r.rate_limit) {
@@ -111,13 +104,16 @@ impl Proxy {
                     {
                         s.limiter.clone()
                     }
-                    (_, l) => l.as_ref().map(|l| Limiter::sharing(l, link(l))),
+                    (_, l) => l.as_ref().map(|l| Limiter::sharing(l, link(l.shared))),
                 };
                 let tokens = match (old, &r.token_limit) {
-                    (Some(s), Some(l)) if s.tokens.as_ref().is_some_and(|o| o.config() == l) => {
+                    // A shared bucket's state is in the store: made anew.
+                    (Some(s), Some(l))
+                        if !l.shared && s.tokens.as_ref().is_some_and(|o| o.config() == l) =>
+                    {
                         s.tokens.clone()
                     }
-                    (_, l) => l.as_ref().map(TokenLimiter::new),
+                    (_, l) => l.as_ref().map(|l| TokenLimiter::sharing(l, link(l.shared))),
                 };
                 // A deployment also times the first token, labelled with
                 // its model ("-" for the body's own).

@@ -233,9 +233,8 @@ impl Proxy {
                 .expect("a token limit has its limiter");
             let key = limiter.client_key(&parts.headers);
             let charged = estimate.counted(limit.estimate.count);
-            let charge = limiter.admit(key, charged, total).await.map_err(|r| {
+            let charge = limiter.admit(key, charged, total).await.inspect_err(|_| {
                 state.metrics.rate_limited.inc();
-                ProxyError::TokensLimited(r)
             })?;
             tokens.route = Some(charge);
         }

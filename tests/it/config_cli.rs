@@ -491,7 +491,7 @@ fn token_limit_usage_and_sse_keys_are_checked() {
     for e in [
         "routes[0].token_limit.tokens_per_minute: must be set",
         "routes[0].token_limit.chars_per_token: must be a number above 0",
-        "routes[0].token_limit.shared: shared token limits are not built yet",
+        "routes[0].token_limit.shared: shared = true needs a [rate_limit_store] table",
         "routes[0].usage.observe: a route with a token_limit settles",
     ] {
         assert!(err.contains(e), "{e}: {err}");
@@ -687,11 +687,27 @@ fn the_rate_limit_store_is_checked_and_its_password_never_shown() {
         ("url = \"\"", "rate_limit_store.url: must be set"),
         (
             "url = \"http://x\"",
-            "rate_limit_store.url: not a redis:// URL",
+            "rate_limit_store.url: not a redis:// or rediss:// URL",
         ),
         (
-            "url = \"rediss://x:6380\"",
-            "rediss:// is not supported yet",
+            "url = \"rediss://x:6380\"\nca_file = \"nope.pem\"",
+            "rate_limit_store.ca_file: cannot read CA file nope.pem",
+        ),
+        (
+            "url = \"redis://x:6380\"\nca_file = \"nope.pem\"",
+            "rate_limit_store.ca_file: a CA is for rediss:// URLs",
+        ),
+        (
+            "url = \"redis://x:7000\"\nnodes = [\"redis://y:7001\"]",
+            "rate_limit_store.nodes: seed nodes are for a cluster: set cluster = true",
+        ),
+        (
+            "url = \"redis://x:7000\"\ncluster = true\nnodes = [\"rediss://y:7001\"]",
+            "every node must use the url's scheme",
+        ),
+        (
+            "url = \"redis://x:7000\"\ncluster = true\nnodes = [\"redis://:hunter2@y:7001\"]",
+            "rate_limit_store.nodes: a password in the url is not supported",
         ),
         (
             "url = \"redis://:hunter2@x\"",
@@ -725,4 +741,52 @@ fn the_rate_limit_store_is_checked_and_its_password_never_shown() {
     );
     assert_eq!((code, out.trim()), (0, "ok"), "{err}");
     assert!(!out.contains("hunter2") && !err.contains("hunter2"));
+    // A cluster over TLS, its seeds listed.
+    let cluster = "url = \"rediss://a:7000\"\ncluster = true\nnodes = [\"rediss://b:7001\"]\npassword_env = \"P\"";
+    let (code, out, err, _) = check(&store(cluster), &[("P", "hunter2")]);
+    assert_eq!((code, out.trim()), (0, "ok"), "{err}");
+    // A shared token limit needs the store too, with its line and column.
+    let tokens = "\n[routes.token_limit]\ntokens_per_minute = 1000\nshared = true\n";
+    let (code, _, err, file) = check(&format!("{}{tokens}", one_route("http://h", "")), &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!("{file}:"))
+            && err.contains(
+                "routes[0].token_limit.shared: shared = true needs a [rate_limit_store] table"
+            ),
+        "{err}"
+    );
+}
+
+/// The Kubernetes example for many replicas passes `sluice check` as shipped.
+#[test]
+fn the_replicas_example_config_passes_check() {
+    let yaml = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("deploy/kubernetes/replicas/configmap.yaml"),
+    )
+    .unwrap();
+    // The block scalar under `sluice.toml: |`, its indent removed.
+    let mut lines = yaml
+        .lines()
+        .skip_while(|l| !l.trim_end().ends_with("sluice.toml: |"));
+    lines.next().expect("a sluice.toml: | block");
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let body: Vec<&str> = lines
+        .take_while(|l| l.trim().is_empty() || indent(l) >= 4)
+        .collect();
+    let toml: String = body
+        .iter()
+        .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
+        .collect();
+    assert!(
+        toml.contains("[rate_limit_store]") && toml.contains("shared = true"),
+        "{toml}"
+    );
+    let env = [
+        ("OPENAI_API_KEY", "sk-test"),
+        ("SLUICE_REDIS_PASSWORD", "hunter2"),
+    ];
+    let (code, out, err, _) = check(&toml, &env);
+    assert_eq!((code, out.trim()), (0, "ok"), "{err}\n{toml}");
 }
