@@ -9,4 +9,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bench/install-nginx.sh || echo "running without nginx" >&2
 cargo build --release --locked -p sluice -p sluice-bench
 # --usage-off: a second sluice with usage reading off, to show what it costs.
-exec target/release/sluice-bench --usage-off --out BENCHMARKS.md --json target/bench-results.json "$@"
+# --shared-limit: the same request limit per process and in a redis-server
+# (Debian's; installed by scripts/install-sdks.sh), to show what Redis costs.
+command -v redis-server >/dev/null || { echo "needs redis-server (scripts/install-sdks.sh installs it)" >&2; exit 1; }
+exec target/release/sluice-bench --usage-off --shared-limit --out BENCHMARKS.md --json target/bench-results.json "$@"

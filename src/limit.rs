@@ -80,7 +80,9 @@ impl Limiter<DefaultClock> {
     /// `shared`.
     pub fn sharing(config: &RateLimitConfig, store: Option<StoreLink>) -> Arc<Self> {
         let mut limiter = Self::with_clock(config, DefaultClock::default());
-        if let (true, Some(link)) = (config.shared, store) {
+        // A shared limit needs a rate: the in-flight cap stays local.
+        let shared = config.shared && config.requests_per_minute > 0;
+        if let (true, Some(link)) = (shared, store) {
             let replicas = link.settings.replicas.max(1);
             let local = (link.settings.on_error == crate::config::OnStoreError::LocalShare)
                 .then(|| {
@@ -411,7 +413,7 @@ mod tests {
             ca: None,
         };
         let metrics = Arc::new(crate::metrics::Metrics::default());
-        let store = Store::start(&store_config, metrics.store()).unwrap();
+        let store = Store::start(&store_config, metrics.store());
         let link = StoreLink {
             store,
             name: "r".into(),

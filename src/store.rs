@@ -17,7 +17,7 @@
 //! the hash of the client key (never its value) form the hash tag, so a
 //! route's request and token buckets for one client share a cluster slot.
 
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,12 +27,14 @@ use redis::cluster_async::ClusterConnection;
 use redis::{FromRedisValue, RedisResult, ScriptInvocation};
 
 /// One GCRA step. KEYS[1]: the bucket. ARGV: microseconds per unit, the
-/// burst tolerance in microseconds, the cost in units. Returns `{1, 0,
+/// burst tolerance in microseconds, the cost in units, and how long (ms)
+/// the key outlives a full bucket. Returns `{1, 0,
 /// ahead}` when admitted, `{0, wait, ahead}` when not, in microseconds
 /// (`ahead`: how far the bucket is from full, after the call). A full bucket
 /// admits any cost (a charge over the burst never starves), as the local
 /// cells do.
 const GCRA: &str = r"
+redis.replicate_commands()
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local per = tonumber(ARGV[1])
@@ -43,17 +45,21 @@ local ahead = tat - now
 if ahead < 0 then ahead = 0 end
 local next = now + ahead + cost * per
 if ahead > 0 and next - now > tolerance then
-  return {0, math.ceil(next - tolerance - now), math.ceil(ahead)}
+  local room = tolerance - cost * per
+  if room < 0 then room = 0 end
+  return {0, math.ceil(ahead - room), math.ceil(ahead)}
 end
-redis.call('SET', KEYS[1], string.format('%.0f', next), 'PX', math.ceil((next - now) / 1000) + 1000)
+redis.call('SET', KEYS[1], string.format('%.0f', next), 'PX', math.ceil((next - now) / 1000) + tonumber(ARGV[4]))
 return {1, 0, math.ceil(next - now)}
 ";
 
 /// Settles a charge. KEYS[1]: the bucket. ARGV[1]: microseconds to add (a
-/// debt) or, negative, to give back (a refund, never past a full bucket).
+/// debt) or, negative, to give back (a refund, never past a full bucket);
+/// ARGV[2]: the key's margin past full, in ms.
 /// A debt lands on the bucket as it stands: time it has been full since
 /// pays part of it, as in the local cells.
 const SETTLE: &str = r"
+redis.replicate_commands()
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local delta = tonumber(ARGV[1])
@@ -67,7 +73,7 @@ if new <= now then
   redis.call('DEL', KEYS[1])
   return 0
 end
-redis.call('SET', KEYS[1], string.format('%.0f', new), 'PX', math.ceil((new - now) / 1000) + 1000)
+redis.call('SET', KEYS[1], string.format('%.0f', new), 'PX', math.ceil((new - now) / 1000) + tonumber(ARGV[2]))
 return 1
 ";
 
@@ -109,6 +115,16 @@ impl Kind {
         match self {
             Self::Requests => "rq",
             Self::Tokens => "tk",
+        }
+    }
+
+    /// How long a key outlives its full bucket, ms. A token bucket's state
+    /// must still be there when a long stream settles its debt (the local
+    /// cells keep theirs); a request bucket is never settled.
+    fn margin_ms(self) -> u64 {
+        match self {
+            Self::Requests => 1_000,
+            Self::Tokens => 30 * 60 * 1_000,
         }
     }
 }
@@ -179,6 +195,20 @@ enum Connector {
     Cluster(redis::cluster::ClusterClient),
 }
 
+/// Keep-alive probes and a bound on unacknowledged data: a Redis lost
+/// without a reset (a node gone, a partition) breaks the connection within
+/// seconds, so the manager reconnects instead of timing out every call.
+fn tcp() -> redis::io::tcp::TcpSettings {
+    use redis::io::tcp::socket2::TcpKeepalive;
+    let probes = TcpKeepalive::new()
+        .with_time(Duration::from_secs(5))
+        .with_interval(Duration::from_secs(1));
+    redis::io::tcp::TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(probes)
+        .set_user_timeout(Duration::from_secs(5))
+}
+
 impl Connector {
     fn new(config: &StoreConfig) -> RedisResult<Self> {
         let certs = || redis::TlsCertificates {
@@ -193,7 +223,8 @@ impl Connector {
                 .response_timeout(config.timeout.max(Duration::from_millis(100)))
                 .retries(1)
                 .min_retry_wait(10)
-                .max_retry_wait(100);
+                .max_retry_wait(100)
+                .tcp_settings(tcp());
             if let Some(p) = &config.password {
                 b = b.password(p);
             }
@@ -203,6 +234,7 @@ impl Connector {
             return Ok(Self::Cluster(b.build()?));
         }
         let mut info = redis::IntoConnectionInfo::into_connection_info(config.url.as_str())?;
+        info = info.set_tcp_settings(tcp());
         if let Some(p) = &config.password {
             let settings = info.redis_settings().clone().set_password(p.clone());
             info = info.set_redis_settings(settings);
@@ -237,10 +269,16 @@ pub struct Store {
     settle: redis::Script,
     prefix: String,
     timeout: Duration,
-    /// Whether the last call had a verdict: logged when it flips.
+    /// Up (calls have verdicts) or down: logged when it flips.
     up: AtomicBool,
+    /// Calls without a verdict in a row: a lone slow call is not an outage.
+    misses: AtomicU32,
     meters: crate::metrics::StoreMeters,
 }
+
+/// Timeouts in a row that mark the store down (a refused or broken
+/// connection does at once).
+const MISSES_DOWN: u32 = 3;
 
 impl std::fmt::Debug for Store {
     // The URL may hold the password: never printed.
@@ -255,12 +293,9 @@ impl std::fmt::Debug for Store {
 
 impl Store {
     /// Starts connecting (retrying each second until it does) and returns
-    /// at once. A bad URL is the config check's to refuse.
-    pub fn start(
-        config: &StoreConfig,
-        meters: crate::metrics::StoreMeters,
-    ) -> Result<Arc<Self>, redis::RedisError> {
-        let connector = Connector::new(config)?;
+    /// at once. A store that cannot be made (a URL or CA the config check
+    /// let through) is logged and never connects: `on_error` applies.
+    pub fn start(config: &StoreConfig, meters: crate::metrics::StoreMeters) -> Arc<Self> {
         let store = Arc::new(Self {
             conn: Arc::default(),
             gcra: redis::Script::new(GCRA),
@@ -268,16 +303,30 @@ impl Store {
             prefix: config.key_prefix.clone(),
             timeout: config.timeout,
             up: AtomicBool::new(true),
+            misses: AtomicU32::new(0),
             meters,
         });
-        let conn = store.conn.clone();
+        // Down until connected.
+        store.meters.degraded(true);
+        let connector = match Connector::new(config) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(kind = ?e.kind(), "rate_limit_store: cannot be used; on_error applies");
+                return store;
+            }
+        };
+        // The task ends when it connects, or when a reload dropped the store.
+        let weak = Arc::downgrade(&store);
         tokio::spawn(async move {
             let mut told = false;
             loop {
-                match connector.connect().await {
+                let attempt = connector.connect().await;
+                let Some(store) = weak.upgrade() else { return };
+                match attempt {
                     Ok(c) => {
                         tracing::info!("rate_limit_store: connected");
-                        conn.store(Some(Arc::new(c)));
+                        store.conn.store(Some(Arc::new(c)));
+                        store.meters.degraded(false);
                         return;
                     }
                     Err(e) if !told => {
@@ -286,10 +335,11 @@ impl Store {
                     }
                     Err(_) => {}
                 }
+                drop(store);
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         });
-        Ok(store)
+        store
     }
 
     /// Whether a connection has been made (the manager keeps it since).
@@ -312,7 +362,10 @@ impl Store {
         let per_us = per_unit_us(per_minute);
         let tolerance_us = per_us * burst as f64;
         let mut call = self.gcra.key(self.bucket(kind, name, key));
-        call.arg(per_us).arg(tolerance_us).arg(cost);
+        call.arg(per_us)
+            .arg(tolerance_us)
+            .arg(cost)
+            .arg(kind.margin_ms());
         let reply = self.call::<(i64, i64, i64)>("charge", &call).await;
         let us = |n: i64| Duration::from_micros(n.max(0).unsigned_abs());
         let verdict = reply.map(|(admitted, wait, ahead)| match admitted {
@@ -342,7 +395,8 @@ impl Store {
         delta: i64,
     ) -> Result<(), StoreError> {
         let mut call = self.settle.key(self.bucket(kind, name, key));
-        call.arg(per_unit_us(per_minute) * delta as f64);
+        call.arg(per_unit_us(per_minute) * delta as f64)
+            .arg(kind.margin_ms());
         let done = self.call::<i64>("settle", &call).await.map(drop);
         self.meters
             .count("settle", done.err().map_or("ok", StoreError::as_str));
@@ -363,7 +417,7 @@ impl Store {
         call: &ScriptInvocation<'_>,
     ) -> Result<T, StoreError> {
         let Some(conn) = self.conn.load_full() else {
-            self.reached(Err(StoreError::Unavailable));
+            // Not connected yet: the connect task logs and keeps the gauge.
             return Err(StoreError::Unavailable);
         };
         let mut conn = Conn::clone(&conn);
@@ -385,18 +439,29 @@ impl Store {
         reply
     }
 
-    /// Logs once each way, and shows it in the degraded gauge.
+    /// Logs once each way, and shows it in the degraded gauge: down at a
+    /// broken connection or after [`MISSES_DOWN`] timeouts in a row, up at
+    /// the next verdict.
     fn reached(&self, outcome: Result<(), StoreError>) {
-        let up = outcome.is_ok();
-        self.meters.degraded(!up);
-        if self.up.swap(up, Relaxed) != up {
-            match outcome {
-                Ok(()) => tracing::info!("rate_limit_store: answering again; shared limits resume"),
-                Err(e) => tracing::warn!(
-                    reason = e.as_str(),
-                    "rate_limit_store: no verdict; on_error applies until it answers again"
-                ),
+        let down = match outcome {
+            Ok(()) => {
+                self.misses.store(0, Relaxed);
+                if !self.up.swap(true, Relaxed) {
+                    tracing::info!("rate_limit_store: answering again; shared limits resume");
+                    self.meters.degraded(!self.up.load(Relaxed));
+                }
+                return;
             }
+            Err(StoreError::Timeout) => self.misses.fetch_add(1, Relaxed) + 1 >= MISSES_DOWN,
+            Err(_) => true,
+        };
+        if down && self.up.swap(false, Relaxed) {
+            let reason = outcome.err().map_or("", StoreError::as_str);
+            tracing::warn!(
+                reason,
+                "rate_limit_store: no verdict; on_error applies until it answers again"
+            );
+            self.meters.degraded(!self.up.load(Relaxed));
         }
     }
 }
@@ -412,13 +477,12 @@ impl StoreError {
     }
 }
 
-/// A client key's hash for a shared bucket: SipHash with fixed keys, so
-/// every replica finds the same bucket; never 0 (the anonymous bucket).
+/// A client key's hash for a shared bucket: XXH3 with a fixed seed, an
+/// algorithm fixed by its spec, so every replica (whatever it was built
+/// with) finds the same bucket; never 0 (the anonymous bucket).
 pub fn key_hash(value: &[u8]) -> u64 {
-    use std::hash::BuildHasher;
-    std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default()
-        .hash_one(value)
-        .max(1)
+    const SEED: u64 = 0x736c_7569_6365_5f6b; // "sluice_k"
+    xxhash_rust::xxh3::xxh3_64_with_seed(value, SEED).max(1)
 }
 
 /// Microseconds per unit at `per_minute` (0 counts as 1).

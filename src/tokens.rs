@@ -235,7 +235,8 @@ impl Charge {
             // Redis, and a store away loses only this correction.
             Bucket::Shared(bucket, key) => {
                 let delta = i128::from(actual) - i128::from(self.charged);
-                let delta = i64::try_from(delta).unwrap_or(i64::MAX);
+                // Saturated by sign: a huge refund stays a refund.
+                let delta = delta.clamp(i64::MIN.into(), i64::MAX.into()) as i64;
                 tokio::spawn(async move {
                     let b = &bucket;
                     let _ = b
@@ -260,6 +261,9 @@ pub struct TokenLimiter {
     /// Seeded per process: client keys are stored only as this hash. A
     /// shared limit's keys are hashed alike on every replica (`None`).
     hasher: Option<RandomState>,
+    /// A shared limit's local share keys its map by the replica-wide hash
+    /// mixed with this per-process seed (a client can compute the former).
+    mix: RandomState,
     config: TokenLimitConfig,
     /// The local cells' rate and burst.
     local: (u64, u64),
@@ -368,6 +372,7 @@ impl TokenLimiter {
             shared: None,
             key_header: config.client_key_header.clone(),
             hasher: Some(RandomState::new()),
+            mix: RandomState::new(),
             config: config.clone(),
             local: (config.tokens_per_minute, config.burst),
             base,
@@ -462,7 +467,10 @@ impl TokenLimiter {
         let cell = match &self.cells {
             Cells::Route(cell) => cell.clone(),
             Cells::Client(map) => lock(map)
-                .entry(key)
+                .entry(match self.hasher {
+                    Some(_) => key,
+                    None => self.mix.hash_one(key),
+                })
                 .or_insert_with(|| Arc::new(self.new_cell()))
                 .clone(),
         };

@@ -116,6 +116,12 @@ struct RunArgs {
     /// the same rounds: what reading usage costs.
     #[arg(long)]
     usage_off: bool,
+    /// Also run two sluices whose route has a request limit that never
+    /// refuses: `sluice-local-limit` (per process) and `sluice-shared-limit`
+    /// (`shared = true`, on a `redis-server` started for the run, whose CPU
+    /// is measured too): what keeping the bucket in Redis costs.
+    #[arg(long)]
+    shared_limit: bool,
 }
 
 /// What one run measures.
@@ -203,6 +209,10 @@ pub struct Point {
     pub cpu_us: Option<f64>,
     /// Each round's p50 and p99 latency, µs, in order.
     pub rounds: Vec<(u64, u64)>,
+    /// The shared store's (Redis's) CPU clock ticks over the same windows.
+    pub store_ticks: Option<u64>,
+    /// Redis CPU per answered request, µs.
+    pub store_cpu_us: Option<f64>,
 }
 
 impl Point {
@@ -214,6 +224,8 @@ impl Point {
             cpu_ticks,
             cpu_us: None,
             rounds,
+            store_ticks: None,
+            store_cpu_us: None,
         }
     }
 
@@ -224,6 +236,12 @@ impl Point {
         self.fixed.seconds += more.seconds;
         self.fixed.latency.add(more.latency).expect("same bounds");
         self.cpu_ticks = self.cpu_ticks.zip(ticks).map(|(a, b)| a + b);
+    }
+
+    fn add_store_ticks(&mut self, ticks: Option<u64>) {
+        if let Some(t) = ticks {
+            self.store_ticks = Some(self.store_ticks.unwrap_or(0) + t);
+        }
     }
 }
 
@@ -410,6 +428,48 @@ fn run(runtime: &tokio::runtime::Runtime, args: RunArgs) -> Result<(), String> {
         std::fs::write(&off, toml).map_err(err)?;
         proxies.push(start("sluice-no-usage", &off, addr, "sluice-no-usage.log")?);
     }
+    let redis = if args.shared_limit {
+        let addr = procs::free_addr().map_err(err)?;
+        let port = addr.port().to_string();
+        let redis = Proc::start(Spawn {
+            name: "redis",
+            program: Path::new("redis-server"),
+            args: [
+                "--port",
+                &port,
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ]
+            .map(String::from)
+            .to_vec(),
+            env: vec![],
+            cpu: load_cpu,
+            log: dir.join("redis.log"),
+            addr,
+        })
+        .map_err(|e| format!("{e} (install Debian's redis-server)"))?;
+        let limit = "[routes.rate_limit]\nrequests_per_minute = 600000000\nburst = 1000000\n";
+        for (name, shared) in [("sluice-local-limit", false), ("sluice-shared-limit", true)] {
+            let addr = procs::free_addr().map_err(err)?;
+            let path = dir.join(format!("{name}.toml"));
+            let mut toml = procs::sluice_config(addr, mock.addr) + limit;
+            if shared {
+                toml += &format!(
+                    "shared = true\n\n[rate_limit_store]\nurl = \"redis://{}/0\"\n",
+                    redis.addr
+                );
+            }
+            std::fs::write(&path, toml).map_err(err)?;
+            proxies.push(start(name, &path, addr, &format!("{name}.log"))?);
+        }
+        Some(redis)
+    } else {
+        None
+    };
     if let Some(base) = &args.baseline {
         if !base.is_file() {
             return Err(format!("no sluice binary at {}", base.display()));
@@ -479,12 +539,15 @@ fn run(runtime: &tokio::runtime::Runtime, args: RunArgs) -> Result<(), String> {
                 say(&format!("{}: {conns} connections, round {round}", t.name));
                 let window = Window::after(plan.warmup, plan.measure);
                 let p = proc_of(t.name);
-                let (fixed, (c0, c1)) = runtime.block_on(async {
+                // Redis serves only the shared-limit sluice.
+                let store = redis.as_ref().filter(|_| t.name == "sluice-shared-limit");
+                let (fixed, ((c0, c1), (r0, r1))) = runtime.block_on(async {
                     let sampler = async {
                         tokio::time::sleep_until(window.start).await;
-                        let a = p.map(Proc::cpu_ticks);
+                        let a = (p.map(Proc::cpu_ticks), store.map(Proc::cpu_ticks));
                         tokio::time::sleep_until(window.end).await;
-                        (a, p.map(Proc::cpu_ticks))
+                        let b = (p.map(Proc::cpu_ticks), store.map(Proc::cpu_ticks));
+                        ((a.0, b.0), (a.1, b.1))
                     };
                     tokio::join!(
                         load::closed_loop(addr_of(t.name), conns, Duration::ZERO, window),
@@ -492,22 +555,34 @@ fn run(runtime: &tokio::runtime::Runtime, args: RunArgs) -> Result<(), String> {
                     )
                 });
                 let ticks_used = c0.zip(c1).map(|(a, b)| b.saturating_sub(a));
+                let store_used = r0.zip(r1).map(|(a, b)| b.saturating_sub(a));
                 let (p50, p99) = p50_p99(&fixed);
                 say(&format!(
                     "{}: {conns} connections, round {round}: {:.0} requests/s, p50 {p50} µs, p99 {p99} µs",
                     t.name,
                     fixed.rps(),
                 ));
-                match t.points.iter_mut().find(|p| p.conns == conns) {
-                    Some(point) => point.merge(fixed, ticks_used),
-                    None => t.points.push(Point::new(conns, fixed, ticks_used)),
-                }
+                let point = match t.points.iter().position(|p| p.conns == conns) {
+                    Some(i) => {
+                        t.points[i].merge(fixed, ticks_used);
+                        &mut t.points[i]
+                    }
+                    None => {
+                        t.points.push(Point::new(conns, fixed, ticks_used));
+                        t.points.last_mut().expect("pushed")
+                    }
+                };
+                point.add_store_ticks(store_used);
             }
         }
         for t in targets.iter_mut() {
             if let Some(p) = t.points.iter_mut().find(|p| p.conns == conns) {
                 p.cpu_us = p
                     .cpu_ticks
+                    .filter(|_| p.fixed.requests > 0)
+                    .map(|c| c as f64 / ticks as f64 * 1e6 / p.fixed.requests as f64);
+                p.store_cpu_us = p
+                    .store_ticks
                     .filter(|_| p.fixed.requests > 0)
                     .map(|c| c as f64 / ticks as f64 * 1e6 / p.fixed.requests as f64);
             }
@@ -577,6 +652,9 @@ fn run(runtime: &tokio::runtime::Runtime, args: RunArgs) -> Result<(), String> {
 
     for p in proxies.iter_mut() {
         p.stop();
+    }
+    if let Some(mut r) = redis {
+        r.stop();
     }
     drop(mock);
     let results = Results {

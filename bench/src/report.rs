@@ -311,6 +311,8 @@ pub fn markdown(r: &Results) -> String {
     }
     out.push_str(&t.render());
 
+    shared_limit(&mut out, &all, &p.conns);
+
     let _ = writeln!(
         out,
         "\n### Streaming\n\n{} concurrent SSE streams of {} chunks, {} ms apart, back to back for {:.0} s. \
@@ -542,6 +544,7 @@ pub fn json(r: &Results) -> Value {
                     "rps": p.fixed.rps(),
                     "latency": hist(&p.fixed.latency),
                     "cpu_us_per_request": p.cpu_us,
+                    "store_cpu_us_per_request": p.store_cpu_us,
                     "rounds": p.rounds.iter().map(|(p50, p99)| json!({
                         "p50_us": p50, "p99_us": p99,
                     })).collect::<Vec<_>>(),
@@ -608,6 +611,45 @@ pub fn write_into(path: &Path, section: &str) -> std::io::Result<()> {
     std::fs::write(path, new)
 }
 
+/// The shared limit against the same limit per process (`--shared-limit`):
+/// what the Redis round trip adds, to the proxy and to Redis.
+fn shared_limit(out: &mut String, all: &[&Target], conns: &[usize]) {
+    let find = |name: &str| all.iter().find(|t| t.name == name).copied();
+    let (Some(local), Some(shared)) = (find("sluice-local-limit"), find("sluice-shared-limit"))
+    else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "\n### Shared limit (Redis)\n\nThe same route and request limit (never refusing), its bucket \
+         per process (`sluice-local-limit`) or in a local `redis-server` (`sluice-shared-limit`: one \
+         script call per request). µs; \"added\" is shared minus local. Redis ran on the load \
+         generator's CPU.\n\n\
+         | connections | local p50 / p99 | shared p50 / p99 | added p50 / p99 | proxy CPU per request, local / shared | Redis CPU per request |\n\
+         |---:|---:|---:|---:|---:|---:|"
+    );
+    let cpu = |x: Option<f64>| x.map_or("–".into(), |c| format!("{c:.1}"));
+    for &c in conns {
+        let (Some(l), Some(s)) = (point(local, c), point(shared, c)) else {
+            continue;
+        };
+        let q = |x: &Point, q| us(&x.fixed.latency, q);
+        let _ = writeln!(
+            out,
+            "| {c} | {} | {} | {} | {} / {} | {} |",
+            pair(q(l, 0.5), q(l, 0.99)),
+            pair(q(s, 0.5), q(s, 0.99)),
+            signed_pair(
+                q(s, 0.5) as i64 - q(l, 0.5) as i64,
+                q(s, 0.99) as i64 - q(l, 0.99) as i64
+            ),
+            cpu(l.cpu_us),
+            cpu(s.cpu_us),
+            cpu(s.store_cpu_us),
+        );
+    }
+}
+
 /// What the optional targets are, for the request/response text.
 fn extra_targets(all: &[&Target]) -> String {
     let mut out = String::new();
@@ -621,6 +663,12 @@ fn extra_targets(all: &[&Target]) -> String {
         out.push_str(
             " `sluice-no-usage` is the plain route with usage reading off \
              (`[routes.usage] observe = false`, `--usage-off`).",
+        );
+    }
+    if all.iter().any(|t| t.name == "sluice-shared-limit") {
+        out.push_str(
+            " `sluice-local-limit` and `sluice-shared-limit` have a request limit that never \
+             refuses, per process and in Redis (`shared = true`, `--shared-limit`).",
         );
     }
     if all.iter().any(|t| t.name == "baseline") {

@@ -714,6 +714,15 @@ fn routes(
                 "shared = true needs a [rate_limit_store] table",
             ));
         }
+        if r.rate_limit
+            .as_ref()
+            .is_some_and(|l| l.shared && l.requests_per_minute == 0)
+        {
+            problems.push(Problem::at(
+                at("rate_limit.shared"),
+                "shared = true needs requests_per_minute (an in-flight cap is always per process)",
+            ));
+        }
         let token_limit = r
             .token_limit
             .as_ref()

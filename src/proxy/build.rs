@@ -53,22 +53,22 @@ impl Proxy {
     pub fn new(config: &Config, shared: &Shared, previous: Option<&Proxy>) -> Self {
         let metrics = &shared.metrics;
         // The shared store: kept across a reload while its settings stay.
-        let store = config.rate_limit_store.as_ref().and_then(|settings| {
+        let store = config.rate_limit_store.as_ref().map(|settings| {
             let kept = previous
                 .and_then(|p| p.store.as_ref())
                 .filter(|(s, _)| s == settings)
                 .map(|(_, store)| store.clone());
-            let store = kept.or_else(|| {
-                match crate::store::Store::start(&settings.store_config(), metrics.store()) {
-                    Ok(s) => Some(s),
-                    Err(e) => {
-                        tracing::warn!(kind = ?e.kind(), "rate_limit_store: cannot be used");
-                        None
-                    }
-                }
-            })?;
-            Some((settings.clone(), store))
+            let store = kept.unwrap_or_else(|| {
+                crate::store::Store::start(&settings.store_config(), metrics.store())
+            });
+            (settings.clone(), store)
         });
+        // Kept with the same settings: a shared limiter of an unchanged
+        // route is kept too (its in-flight slots and local share with it).
+        let store_kept = match (&store, previous.and_then(|p| p.store.as_ref())) {
+            (Some((_, now)), Some((_, before))) => Arc::ptr_eq(now, before),
+            _ => false,
+        };
         // One pool per upstream, shared by the routes that use it, and
         // whether it refused `stream_options` (until the next reload).
         let pools: BTreeMap<&str, _> = config
@@ -98,18 +98,19 @@ impl Proxy {
                     })
                 };
                 let limiter = match (old, &r.rate_limit) {
-                    // A shared bucket's state is in the store: made anew.
+                    // A shared limiter is kept only with its store.
                     (Some(s), Some(l))
-                        if !l.shared && s.limiter.as_ref().is_some_and(|o| o.config() == l) =>
+                        if (!l.shared || store_kept)
+                            && s.limiter.as_ref().is_some_and(|o| o.config() == l) =>
                     {
                         s.limiter.clone()
                     }
                     (_, l) => l.as_ref().map(|l| Limiter::sharing(l, link(l.shared))),
                 };
                 let tokens = match (old, &r.token_limit) {
-                    // A shared bucket's state is in the store: made anew.
                     (Some(s), Some(l))
-                        if !l.shared && s.tokens.as_ref().is_some_and(|o| o.config() == l) =>
+                        if (!l.shared || store_kept)
+                            && s.tokens.as_ref().is_some_and(|o| o.config() == l) =>
                     {
                         s.tokens.clone()
                     }

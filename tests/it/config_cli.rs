@@ -745,6 +745,18 @@ fn the_rate_limit_store_is_checked_and_its_password_never_shown() {
     let cluster = "url = \"rediss://a:7000\"\ncluster = true\nnodes = [\"rediss://b:7001\"]\npassword_env = \"P\"";
     let (code, out, err, _) = check(&store(cluster), &[("P", "hunter2")]);
     assert_eq!((code, out.trim()), (0, "ok"), "{err}");
+    // An in-flight cap alone is never shared.
+    let cap = "\n[routes.rate_limit]\nrequests_per_minute = 0\nmax_concurrent = 4\nshared = true\n";
+    let toml = format!(
+        "[rate_limit_store]\nurl = \"redis://x\"\n\n{}{cap}",
+        one_route("http://h", "")
+    );
+    let (code, _, err, _) = check(&toml, &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("rate_limit.shared: shared = true needs requests_per_minute"),
+        "{err}"
+    );
     // A shared token limit needs the store too, with its line and column.
     let tokens = "\n[routes.token_limit]\ntokens_per_minute = 1000\nshared = true\n";
     let (code, _, err, file) = check(&format!("{}{tokens}", one_route("http://h", "")), &[]);
