@@ -622,22 +622,25 @@ async fn a_tls_redis_is_used_with_its_ca() {
         "timeout = \"500ms\"\nca_file = \"{}\"\non_error = \"deny\"",
         certs.ca_pem.display()
     );
+    burst_then_refused(&mock.url(), &redis.url(), &lines).await;
+    assert!(redis.keys().iter().any(|k| k == "sluice:rq:{all:0}"));
+}
+
+/// A sluice limited to 60 a minute with a burst of 2 through the store at
+/// `store_url` (with `on_error = "deny"` in `lines`): 503 until it has
+/// connected, then the burst, then 429.
+async fn burst_then_refused(upstream: &str, store_url: &str, lines: &str) {
     let route = "[routes.rate_limit]\nrequests_per_minute = 60\nburst = 2\nshared = true\n";
-    let p = crate::support::Process::start(
-        &process_toml(&mock.url(), &redis.url(), &lines, route),
-        &[],
-    )
-    .await;
+    let toml = process_toml(upstream, store_url, lines, route);
+    let p = crate::support::Process::start(&toml, &[]).await;
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut statuses = Vec::new();
-    // 503 (deny) until connected; then the burst of 2, then 429.
     while !statuses.ends_with(&[429]) {
         assert!(Instant::now() < deadline, "{statuses:?}");
         statuses.push(timed(&p.url("/x")).await.0);
     }
     let served: Vec<u16> = statuses.into_iter().filter(|s| *s != 503).collect();
     assert_eq!(served, [200, 200, 429]);
-    assert!(redis.keys().iter().any(|k| k == "sluice:rq:{all:0}"));
 }
 
 /// A Redis Cluster of three masters: buckets spread over the nodes, two
@@ -683,18 +686,7 @@ async fn the_same_limits_on_a_three_node_cluster() {
         "timeout = \"500ms\"\ncluster = true\nnodes = [{}]\non_error = \"deny\"",
         nodes.join(", ")
     );
-    let route = "[routes.rate_limit]\nrequests_per_minute = 60\nburst = 2\nshared = true\n";
-    let p =
-        crate::support::Process::start(&process_toml(&mock.url(), &urls[0], &lines, route), &[])
-            .await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut statuses = Vec::new();
-    while !statuses.ends_with(&[429]) {
-        assert!(Instant::now() < deadline, "{statuses:?}");
-        statuses.push(timed(&p.url("/x")).await.0);
-    }
-    let served: Vec<u16> = statuses.into_iter().filter(|s| *s != 503).collect();
-    assert_eq!(served, [200, 200, 429]);
+    burst_then_refused(&mock.url(), &urls[0], &lines).await;
     assert!(cluster.keys().iter().any(|k| k == "sluice:rq:{all:0}"));
 }
 
