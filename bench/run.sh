@@ -11,5 +11,6 @@ cargo build --release --locked -p sluice -p sluice-bench
 # --usage-off: a second sluice with usage reading off, to show what it costs.
 # --shared-limit: the same request limit per process and in a redis-server
 # (Debian's; installed by scripts/install-sdks.sh), to show what Redis costs.
+# --trace: a sluice that traces every request to a local OTLP sink.
 command -v redis-server >/dev/null || { echo "needs redis-server (scripts/install-sdks.sh installs it)" >&2; exit 1; }
-exec target/release/sluice-bench --usage-off --shared-limit --out BENCHMARKS.md --json target/bench-results.json "$@"
+exec target/release/sluice-bench --usage-off --shared-limit --trace --out BENCHMARKS.md --json target/bench-results.json "$@"

@@ -3,7 +3,8 @@
 #   - Python: a venv at <repo>/.venv with tests/sdk/requirements.txt
 #   - Node:   tests/sdk/node/node_modules from package-lock.json (npm ci)
 # and the real components tests start themselves: redis-server (the shared
-# limit store's tests), from Debian's package.
+# limit store's tests) and prometheus with promtool (the observability
+# checks), from Debian's packages.
 # Idempotent; safe to run from any directory. Prints one line per step.
 set -euo pipefail
 
@@ -11,19 +12,49 @@ repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
 
 # The interpreters themselves: on a fresh Debian machine, installed from
-# Debian's packages when we are root; otherwise a clear line on what to install.
+# Debian's packages when we are root, or through sudo where it asks for no
+# password (never a prompt: CI has no terminal); otherwise a clear line on
+# what to install.
 missing=()
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3 python3-venv)
 command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
-if [ ${#missing[@]} -gt 0 ]; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "install-sdks: apt-get install ${missing[*]}"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-    else
-        echo "install-sdks: missing ${missing[*]} (Debian: apt-get install ${missing[*]})" >&2
+# promtool and prometheus (scripts/check-observability.sh): both in Debian's
+# prometheus, installed without its recommends (the node exporter, a daemon
+# of its own) and only when one of the two is missing.
+prometheus=()
+{ command -v promtool && command -v prometheus; } >/dev/null 2>&1 || prometheus=(prometheus)
+if [ $((${#missing[@]} + ${#prometheus[@]})) -gt 0 ]; then
+    as_root=()
+    if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1 && sudo -n true >/dev/null 2>&1; then
+        as_root=(sudo -n)
+    fi
+    if ! command -v apt-get >/dev/null 2>&1 || { [ "$(id -u)" != 0 ] && [ ${#as_root[@]} -eq 0 ]; }; then
+        hints=()
+        [ ${#missing[@]} -eq 0 ] || hints+=("apt-get install ${missing[*]}")
+        [ ${#prometheus[@]} -eq 0 ] || hints+=("apt-get install --no-install-recommends prometheus")
+        all=("${missing[@]}" "${prometheus[@]}")
+        echo "install-sdks: missing ${all[*]} (Debian, as root: $(printf '%s; ' "${hints[@]}" | sed 's/; $//'))" >&2
         exit 1
+    fi
+    apt_install() {
+        "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+    }
+    "${as_root[@]}" apt-get update -qq
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "install-sdks: apt-get install ${missing[*]}"
+        apt_install "${missing[@]}"
+    fi
+    if [ ${#prometheus[@]} -gt 0 ]; then
+        echo "install-sdks: apt-get install --no-install-recommends prometheus"
+        apt_install --no-install-recommends prometheus
+        # Where invoke-rc.d may start services (no policy-rc.d forbidding
+        # it), the package starts its daemon on :9090: stop it. The checks
+        # run their own prometheus on a free port.
+        if [ -x /etc/init.d/prometheus ] && "${as_root[@]}" /etc/init.d/prometheus status >/dev/null 2>&1; then
+            echo "install-sdks: stopping the prometheus daemon the package started"
+            "${as_root[@]}" /etc/init.d/prometheus stop >/dev/null 2>&1 || true
+        fi
     fi
 fi
 

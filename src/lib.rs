@@ -69,6 +69,7 @@ pub mod scan;
 pub mod server;
 pub mod store;
 pub mod systemd;
+pub mod telemetry;
 pub mod tokens;
 pub mod usage;
 
@@ -200,9 +201,15 @@ pub async fn run(
         reloader.abort();
     };
     let service = Arc::new(proxy::Service(proxy));
+    let traces = service.0.clone();
     server::serve(listeners.data, opts, service, signal, draining).await;
     if let Some(a) = admin {
         a.abort();
+    }
+    // The spans of the last requests go out before the process ends.
+    let telemetry = traces.load().telemetry();
+    if let Some(t) = telemetry {
+        t.close().await;
     }
 }
 

@@ -202,7 +202,7 @@ families! {
     deployment_in_flight: Family<DeploymentLabels, Gauge> = Family::default(),
         "deployment_in_flight", "Requests in flight at each deployment, streams until they end";
     deployment_state: Family<DeploymentStateLabels, Gauge> = Family::default(),
-        "deployment_state", "1 for the state each deployment is in (healthy, ejected, half_open)";
+        "deployment_state", "1 for the state each deployment is in (healthy, ejected, half_open, saturated)";
     deployment_ejections: Family<EjectionLabels, Counter> = Family::default(),
         "deployment_ejections", "Deployments taken out of rotation, by reason";
     ttft: Family<TtftLabels, Histogram, fn() -> Histogram> = Family::new_with_constructor(latency),
@@ -223,6 +223,8 @@ families! {
         "rate_limit_degraded", "1 while the shared limit store gives no verdict (on_error decides meanwhile)";
     held_bytes: Gauge = Gauge::default(),
         "request_body_held_bytes", "Request body bytes held in memory across all requests";
+    trace_exports: Family<ResultLabel, Counter> = Family::default(),
+        "trace_exports", "Span batches posted to the OTLP collector, by result (ok, error)";
 }
 
 impl Metrics {
@@ -266,6 +268,21 @@ impl Metrics {
             route,
             all: self.clone(),
         }
+    }
+
+    /// Traces are exported: both results show, at 0, from the start.
+    pub fn trace_exports_start(&self) {
+        for result in ["ok", "error"] {
+            let _ = self.trace_exports.get_or_create(&ResultLabel { result });
+        }
+    }
+
+    /// Counts a span batch posted to the collector: `ok` or `error`.
+    pub fn trace_export(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.trace_exports
+            .get_or_create(&ResultLabel { result })
+            .inc();
     }
 
     /// The shared store's handles.

@@ -122,6 +122,11 @@ struct RunArgs {
     /// is measured too): what keeping the bucket in Redis costs.
     #[arg(long)]
     shared_limit: bool,
+    /// Also run a sluice that traces every request (`[telemetry.otlp]`,
+    /// `sample_ratio = 1.0`), exporting to the mock (which answers the
+    /// OTLP posts with 200), as target `sluice-traced`: what tracing costs.
+    #[arg(long)]
+    trace: bool,
 }
 
 /// What one run measures.
@@ -427,6 +432,17 @@ fn run(runtime: &tokio::runtime::Runtime, args: RunArgs) -> Result<(), String> {
         let toml = procs::sluice_config(addr, mock.addr) + "[routes.usage]\nobserve = false\n";
         std::fs::write(&off, toml).map_err(err)?;
         proxies.push(start("sluice-no-usage", &off, addr, "sluice-no-usage.log")?);
+    }
+    if args.trace {
+        let addr = procs::free_addr().map_err(err)?;
+        let path = dir.join("sluice-traced.toml");
+        let toml = procs::sluice_config(addr, mock.addr)
+            + &format!(
+                "\n[telemetry.otlp]\nendpoint = \"http://{}\"\nsample_ratio = 1.0\n",
+                mock.addr
+            );
+        std::fs::write(&path, toml).map_err(err)?;
+        proxies.push(start("sluice-traced", &path, addr, "sluice-traced.log")?);
     }
     let redis = if args.shared_limit {
         let addr = procs::free_addr().map_err(err)?;

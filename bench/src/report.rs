@@ -671,6 +671,12 @@ fn extra_targets(all: &[&Target]) -> String {
              refuses, per process and in Redis (`shared = true`, `--shared-limit`).",
         );
     }
+    if all.iter().any(|t| t.name == "sluice-traced") {
+        out.push_str(
+            " `sluice-traced` is the plain route with every request traced and exported \
+             (`[telemetry.otlp]`, `sample_ratio = 1.0`, `--trace`; the OTLP posts go to the mock).",
+        );
+    }
     if all.iter().any(|t| t.name == "baseline") {
         out.push_str(" `baseline` is an earlier sluice build on the plain route (`--baseline`).");
     }

@@ -24,6 +24,7 @@ pub use raw::{
     AuthScheme, AzureApi, Balance, Commit, Inject, LogFormat, OnAllEjected, OnStoreError, Preset,
     RateLimitPer, RetryOn, TokenCount, UnknownModel,
 };
+pub use tls::provider as tls_provider;
 
 /// A checked configuration.
 #[derive(Debug)]
@@ -37,6 +38,49 @@ pub struct Config {
     pub models: BTreeMap<String, Arc<Model>>,
     /// `[rate_limit_store]`, when limits are shared across replicas.
     pub rate_limit_store: Option<StoreSettings>,
+    /// `[telemetry.otlp]`, when traces are exported.
+    pub telemetry: Option<TelemetrySettings>,
+}
+
+/// `[telemetry.otlp]` with an endpoint, resolved.
+#[derive(Clone)]
+pub struct TelemetrySettings {
+    /// Where spans are posted: the collector's `/v1/traces`.
+    pub endpoint: http::Uri,
+    pub service_name: String,
+    pub sample_ratio: f64,
+    /// May hold a credential: never printed.
+    pub headers: Vec<(String, String)>,
+    pub propagate_upstream: bool,
+    pub timeout: Duration,
+    /// `ca_file` as written: what `tls` was built from, compared on reload.
+    pub ca_file: String,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// Equal when a reload may keep the running exporter: everything but the
+/// built TLS config, which `ca_file` stands for.
+impl PartialEq for TelemetrySettings {
+    fn eq(&self, o: &Self) -> bool {
+        self.endpoint == o.endpoint
+            && self.service_name == o.service_name
+            && self.sample_ratio == o.sample_ratio
+            && self.headers == o.headers
+            && self.propagate_upstream == o.propagate_upstream
+            && self.timeout == o.timeout
+            && self.ca_file == o.ca_file
+    }
+}
+
+impl std::fmt::Debug for TelemetrySettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TelemetrySettings")
+            .field("endpoint", &self.endpoint)
+            .field("service_name", &self.service_name)
+            .field("sample_ratio", &self.sample_ratio)
+            .field("propagate_upstream", &self.propagate_upstream)
+            .finish_non_exhaustive()
+    }
 }
 
 /// `[rate_limit_store]`, resolved.

@@ -30,6 +30,51 @@ pub struct RawConfig {
     /// Absent: every limit is per process.
     #[serde(default)]
     pub rate_limit_store: Option<RawStore>,
+    #[serde(default)]
+    pub telemetry: RawTelemetry,
+}
+
+/// `[telemetry]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTelemetry {
+    pub otlp: RawOtlp,
+}
+
+/// `[telemetry.otlp]`: traces over OTLP/HTTP (protobuf).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawOtlp {
+    /// The collector, `http(s)://host:4318`; `/v1/traces` is added unless
+    /// the path already ends in it. Empty: no traces, no exporter.
+    pub endpoint: String,
+    /// The resource's `service.name`.
+    pub service_name: String,
+    /// Share of new traces recorded (0 to 1); a client's sampled flag is
+    /// followed when it sends a `traceparent`.
+    pub sample_ratio: f64,
+    /// Sent with every export (an `authorization` for the collector, say).
+    pub headers: BTreeMap<String, String>,
+    /// The upstream request carries the attempt span's `traceparent`.
+    pub propagate_upstream: bool,
+    /// Per export request (not in SPEC).
+    pub timeout: Dur,
+    /// PEM roots for an `https://` collector instead of the system's (not in SPEC).
+    pub ca_file: String,
+}
+
+impl Default for RawOtlp {
+    fn default() -> Self {
+        Self {
+            endpoint: String::new(),
+            service_name: "sluice".into(),
+            sample_ratio: 1.0,
+            headers: BTreeMap::new(),
+            propagate_upstream: true,
+            timeout: Dur(Duration::from_secs(10)),
+            ca_file: String::new(),
+        }
+    }
 }
 
 /// `[rate_limit_store]`: where `shared = true` limits keep their buckets.

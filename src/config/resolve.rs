@@ -11,13 +11,14 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 
 use super::raw::{
-    AuthScheme, AzureApi, Balance, Inject, Preset, RawConfig, RawHealth, RawModel, RawRateLimit,
-    RawRetry, RawRoute, RawServer, RawStore, RawTimeouts, RawTokenLimit, RawUpstream, RetryOn,
+    AuthScheme, AzureApi, Balance, Inject, Preset, RawConfig, RawHealth, RawModel, RawOtlp,
+    RawRateLimit, RawRetry, RawRoute, RawServer, RawStore, RawTimeouts, RawTokenLimit, RawUpstream,
+    RetryOn,
 };
 use super::{
     tls, BudgetConfig, Conditions, Config, Deployment, Dialect, Estimate, HealthConfig, Log, Model,
     ModelRouting, PathMap, Problem, RateLimitConfig, RetryPolicy, Route, Server, StoreSettings,
-    Timeouts, TokenLimitConfig, Upstream, UsageConfig,
+    TelemetrySettings, Timeouts, TokenLimitConfig, Upstream, UsageConfig,
 };
 
 /// Headers a config may not set: they are the connection's, or sluice's own.
@@ -84,6 +85,7 @@ pub fn resolve(
         .rate_limit_store
         .as_ref()
         .and_then(|s| store(s, base, env, &mut problems));
+    let telemetry = otlp(&raw.telemetry.otlp, base, &mut problems);
     let routes = routes(
         &raw.routes,
         &raw.upstreams,
@@ -104,6 +106,7 @@ pub fn resolve(
             routes,
             models,
             rate_limit_store,
+            telemetry,
         }),
         _ => Err(problems),
     }
@@ -1138,6 +1141,101 @@ fn store(
         nodes: raw.nodes.clone(),
         ca,
     })
+}
+
+/// `[telemetry.otlp]`: nothing without an endpoint; else a collector URL,
+/// a ratio, headers fit to send (their values never in a message).
+fn otlp(raw: &RawOtlp, base: &Path, problems: &mut Vec<Problem>) -> Option<TelemetrySettings> {
+    let before = problems.len();
+    let mut p =
+        |key: &str, m: String| problems.push(Problem::at(format!("telemetry.otlp.{key}"), m));
+    if raw.endpoint.is_empty() {
+        return None;
+    }
+    if !cfg!(feature = "otel") {
+        p(
+            "endpoint",
+            "this sluice was built without traces (cargo feature otel); set endpoint = \"\" or rebuild with it".into(),
+        );
+        return None;
+    }
+    let endpoint = match raw.endpoint.parse::<Uri>() {
+        Ok(u)
+            if matches!(u.scheme_str(), Some("http" | "https"))
+                && u.authority().is_some()
+                && u.query().is_none() =>
+        {
+            Some(traces_path(u))
+        }
+        _ => {
+            p(
+                "endpoint",
+                format!(
+                    "not an http:// or https:// URL: {:?} (e.g. http://otel-collector:4318)",
+                    raw.endpoint
+                ),
+            );
+            None
+        }
+    };
+    if raw.service_name.trim().is_empty() {
+        p("service_name", "must not be empty".into());
+    }
+    if !(0.0..=1.0).contains(&raw.sample_ratio) {
+        p("sample_ratio", "must be between 0 and 1".into());
+    }
+    for (name, value) in &raw.headers {
+        if HeaderName::from_bytes(name.as_bytes()).is_err() {
+            p("headers", format!("{name:?} is not a valid header name"));
+        } else if HeaderValue::from_str(value).is_err() {
+            p(
+                "headers",
+                format!("the value of {name} is not a valid header value"),
+            );
+        }
+    }
+    if raw.timeout.0.is_zero() {
+        p("timeout", "must be above 0".into());
+    }
+    let https = endpoint
+        .as_ref()
+        .is_some_and(|u| u.scheme_str() == Some("https"));
+    let tls = match raw.ca_file.as_str() {
+        "" if https => tls::client_config(None).map_err(|m| p("endpoint", m)).ok(),
+        "" => None,
+        _ if !https => {
+            p("ca_file", "a CA is for an https:// endpoint".into());
+            None
+        }
+        f => tls::client_config(Some(&file(base, f)))
+            .map_err(|m| p("ca_file", m))
+            .ok(),
+    };
+    if problems.len() > before {
+        return None;
+    }
+    Some(TelemetrySettings {
+        endpoint: endpoint?,
+        service_name: raw.service_name.clone(),
+        sample_ratio: raw.sample_ratio,
+        headers: raw.headers.clone().into_iter().collect(),
+        propagate_upstream: raw.propagate_upstream,
+        timeout: raw.timeout.0,
+        ca_file: raw.ca_file.clone(),
+        tls,
+    })
+}
+
+/// The collector's traces URL: `/v1/traces` added unless the path has it.
+fn traces_path(u: Uri) -> Uri {
+    let path = u.path().trim_end_matches('/');
+    if path.ends_with("/v1/traces") {
+        return u;
+    }
+    let full = format!("{path}/v1/traces");
+    let mut parts = u.into_parts();
+    parts.path_and_query = full.parse().ok();
+    Uri::from_parts(parts).expect("a URL with a longer path")
 }
 
 /// Whether `pem` holds at least one certificate.

@@ -63,6 +63,16 @@ impl Proxy {
             });
             (settings.clone(), store)
         });
+        // Traces: the exporter is kept while its settings stay.
+        let telemetry = config.telemetry.as_ref().and_then(|settings| {
+            let kept = previous
+                .and_then(|p| p.telemetry.as_ref())
+                .filter(|t| t.settings() == settings);
+            match kept {
+                Some(t) => Some(t.clone()),
+                None => crate::telemetry::Telemetry::start(settings, metrics.clone()),
+            }
+        });
         // Kept with the same settings: a shared limiter of an unchanged
         // route is kept too (its in-flight slots and local share with it).
         let store_kept = match (&store, previous.and_then(|p| p.store.as_ref())) {
@@ -226,6 +236,7 @@ impl Proxy {
             },
             loads,
             store,
+            telemetry,
             held: shared.held.clone(),
             max_held_body: config.server.max_held_body,
         }

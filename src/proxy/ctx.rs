@@ -137,6 +137,8 @@ pub struct RequestCtx {
     /// What the response reported of its usage, once its body ended.
     pub usage: Option<Usage>,
     pub watched: Watched,
+    /// The request's spans, when traces are on.
+    pub trace: Option<Box<crate::telemetry::Trace>>,
     finished: bool,
 }
 
@@ -146,6 +148,7 @@ impl RequestCtx {
         path: &str,
         headers: &HeaderMap,
         unrouted: Arc<RouteMetrics>,
+        telemetry: Option<&Arc<crate::telemetry::Telemetry>>,
     ) -> Self {
         let start = Instant::now();
         Self {
@@ -173,6 +176,7 @@ impl RequestCtx {
             tokens: None,
             usage: None,
             watched: Watched::No,
+            trace: telemetry.map(|t| t.begin(method, path, headers)),
             finished: false,
         }
     }
@@ -266,6 +270,7 @@ impl RequestCtx {
             }
         }
         let tokens = self.settle_tokens(now);
+        let trace = self.trace.take();
         let route = self.route();
         // The backend of the last attempt, or before any the route's own
         // upstream (a model-routed route may have none).
@@ -287,6 +292,23 @@ impl RequestCtx {
             trail: &trail,
             fallbacks: m.fallbacks,
         });
+        if let Some(trace) = trace {
+            let results: Vec<_> = self.trail.steps().map(|s| s.result).collect();
+            trace.finish(&crate::telemetry::Finish {
+                route: route.map_or("-", |r| r.route.name.as_str()),
+                status,
+                error: self.error.or(match self.end {
+                    BodyEnd::Failed(why) => Some(why.code()),
+                    _ => None,
+                }),
+                request_id: self.span.id_value().to_str().unwrap_or("-"),
+                results: &results,
+                fallbacks: self.model.as_ref().map_or(0, |m| m.fallbacks),
+                requested_model: self.model.as_ref().map(|m| &m.requested),
+                // What the upstream reported, never an estimate.
+                usage: self.usage,
+            });
+        }
         access::write(&access::Record {
             span: &self.span,
             method: &self.method,

@@ -60,6 +60,8 @@ pub struct Exchange<'a> {
     /// The request's estimated tokens, charged to a deployment's `tpm`.
     pub cost: u64,
     rng: fastrand::Rng,
+    /// The model the chain just moved on from, for the next attempt's span.
+    fell_from: Option<Arc<str>>,
 }
 
 /// The request body each attempt sends.
@@ -103,6 +105,7 @@ impl<'a> Exchange<'a> {
             ask,
             cost: 0,
             rng: fastrand::Rng::new(),
+            fell_from: None,
         }
     }
 
@@ -272,6 +275,19 @@ impl Attempt for Exchange<'_> {
             );
         }
         let body = self.body(backend, ask);
+        if let Some(trace) = &mut self.ctx.trace {
+            let routed = self.routed.as_ref();
+            trace.attempt(
+                crate::telemetry::AttemptInfo {
+                    n,
+                    upstream: &backend.upstream,
+                    deployment: routed.map(|_| &*backend.label),
+                    model: backend.model.as_ref().or(routed.map(|r| &r.requested)),
+                    fallback_from: self.fell_from.take(),
+                },
+                &mut self.head.parts.headers,
+            );
+        }
         let res = send(backend, &self.head.parts, body, sent, self.ctx).await;
         let res = match res {
             // An upstream that does not know `stream_options` gets the
@@ -322,6 +338,9 @@ impl Attempt for Exchange<'_> {
             backend: index,
             result,
         });
+        if let Some(trace) = &mut self.ctx.trace {
+            trace.answered();
+        }
         let injected = backend.upstream.key.is_some();
         let judged = match res {
             Ok(res) => self.judge(res, n < self.max, backend, sent).await,
@@ -369,6 +388,9 @@ impl Attempt for Exchange<'_> {
                 backends.fall_back(&mut routed.plan);
                 let to = &backends.current(&routed.plan).name;
                 self.state.metrics.fallback(&from, to, outcome.reason());
+                if self.ctx.trace.is_some() {
+                    self.fell_from = Some(from.clone());
+                }
                 tracing::debug!(parent: self.ctx.span.get(), from = &*from, to = &**to, "falling back");
                 Verdict::RetryAfter(Duration::ZERO)
             }

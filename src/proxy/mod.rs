@@ -58,6 +58,8 @@ pub struct Proxy {
     loads: std::collections::HashMap<build::LoadKey, Arc<crate::backend::Load>>,
     /// `[rate_limit_store]`, connected in the background.
     store: Option<(crate::config::StoreSettings, Arc<crate::store::Store>)>,
+    /// `[telemetry.otlp]` with an endpoint: the tracer and its exporter.
+    telemetry: Option<Arc<crate::telemetry::Telemetry>>,
 }
 
 /// The server's handler: each request takes the config current when it
@@ -82,21 +84,34 @@ impl Handler for Service {
         };
         // No method or path could be read: the access line says "-".
         let method = Method::from_bytes(b"-").expect("a token");
+        let proxy = self.0.load();
         let ctx = RequestCtx::new(
             &method,
             "-",
             &HeaderMap::new(),
-            self.0.load().unrouted.clone(),
+            proxy.unrouted.clone(),
+            proxy.telemetry.as_ref(),
         );
         refuse(e, ctx)
     }
 }
 
 impl Proxy {
+    /// The tracer, when traces are exported.
+    pub fn telemetry(&self) -> Option<Arc<crate::telemetry::Telemetry>> {
+        self.telemetry.clone()
+    }
+
     /// Serves one client request. Never fails: errors become responses here.
     pub async fn handle(self: Arc<Self>, req: Request<ClientBody>) -> Response<ResponseBody> {
         let unrouted = self.unrouted.clone();
-        let mut ctx = RequestCtx::new(req.method(), req.uri().path(), req.headers(), unrouted);
+        let mut ctx = RequestCtx::new(
+            req.method(),
+            req.uri().path(),
+            req.headers(),
+            unrouted,
+            self.telemetry.as_ref(),
+        );
         let outcome = if self.drain.is_draining() {
             Err(ProxyError::ShuttingDown)
         } else {

@@ -218,6 +218,11 @@ impl ResponseBody {
     /// Bytes of the upstream's went to the client.
     fn sent(&mut self, d: &Bytes) {
         self.ctx.bytes_out += d.len() as u64;
+        if let Some(t) = &mut self.ctx.trace {
+            if !d.is_empty() {
+                t.first_chunk(d);
+            }
+        }
         if self.sse && !d.is_empty() {
             self.at_boundary = d.ends_with(b"\n\n") || d.ends_with(b"\r\n\r\n");
             if let Some(m) = &mut self.ctx.model {

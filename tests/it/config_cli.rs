@@ -52,6 +52,10 @@ fn the_example_config_documents_every_key() {
         "methods",
         "strip_prefix",
         "upstream",
+        "endpoint",
+        "service_name",
+        "sample_ratio",
+        "propagate_upstream",
     ] {
         documented(&text, "config.example.toml", key);
     }
@@ -801,4 +805,57 @@ fn the_replicas_example_config_passes_check() {
     ];
     let (code, out, err, _) = check(&toml, &env);
     assert_eq!((code, out.trim()), (0, "ok"), "{err}\n{toml}");
+}
+
+#[test]
+fn telemetry_is_checked_with_its_place_and_its_headers_never_shown() {
+    let with = |lines: &str| format!("{}\n[telemetry.otlp]\n{lines}\n", one_route("http://h", ""));
+    for (lines, want) in [
+        (
+            "endpoint = \"otel:4318\"",
+            ":10:12: telemetry.otlp.endpoint: not an http:// or https:// URL",
+        ),
+        (
+            "endpoint = \"http://c:4318\"\nsample_ratio = 1.5",
+            ":11:16: telemetry.otlp.sample_ratio: must be between 0 and 1",
+        ),
+        (
+            "endpoint = \"http://c:4318\"\nservice_name = \" \"",
+            "telemetry.otlp.service_name: must not be empty",
+        ),
+        (
+            "endpoint = \"http://c:4318\"\nheaders = { \"bad name\" = \"hunter2\" }",
+            "telemetry.otlp.headers: \"bad name\" is not a valid header name",
+        ),
+        (
+            "endpoint = \"http://c:4318\"\ntimeout = \"0s\"",
+            "telemetry.otlp.timeout: must be above 0",
+        ),
+        (
+            "endpoint = \"http://c:4318\"\nca_file = \"ca.pem\"",
+            "telemetry.otlp.ca_file: a CA is for an https:// endpoint",
+        ),
+        (
+            "endpoint = \"https://c:4318\"\nca_file = \"nope.pem\"",
+            "nope.pem: cannot read PEM certificates",
+        ),
+        (
+            "endpoint = \"http://c:4318\"\nsampling = 1",
+            "telemetry.otlp.sampling: unknown field `sampling`",
+        ),
+    ] {
+        let (code, _, err, _) = check(&with(lines), &[]);
+        assert_eq!(code, 1, "{lines}");
+        assert!(err.contains(want), "{lines}: {err}");
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+    for lines in [
+        "endpoint = \"\"",
+        "endpoint = \"http://127.0.0.1:4318\"\nheaders = { authorization = \"Bearer hunter2\" }",
+        "endpoint = \"https://collector.example/otlp/v1/traces\"\nsample_ratio = 0.1\npropagate_upstream = false",
+    ] {
+        let (code, out, err, _) = check(&with(lines), &[]);
+        assert_eq!((code, out.trim()), (0, "ok"), "{lines}: {err}");
+        assert!(!out.contains("hunter2") && !err.contains("hunter2"));
+    }
 }

@@ -18,6 +18,8 @@ mod store;
 mod streaming;
 mod support;
 mod systemd;
+#[cfg(feature = "otel")]
+mod telemetry;
 mod timeouts;
 mod tls;
 mod upstream_h1;

@@ -16,11 +16,11 @@ use crate::support::mock::{full, read_body};
 use crate::support::*;
 
 /// What one mock upstream saw: each request's path and query, headers and body.
-type Log = Arc<Mutex<Vec<(String, http::HeaderMap, Bytes)>>>;
+pub(crate) type Log = Arc<Mutex<Vec<(String, http::HeaderMap, Bytes)>>>;
 
 /// A mock upstream that records every request and answers with `answer`
 /// by the request's number (from 0; the last repeats).
-async fn upstream(answers: Vec<(u16, &'static str, &'static str)>) -> (Mock, Log) {
+pub(crate) async fn upstream(answers: Vec<(u16, &'static str, &'static str)>) -> (Mock, Log) {
     let log: Log = Arc::default();
     let (l, n) = (log.clone(), Arc::new(AtomicUsize::new(0)));
     let mock = Mock::start(move |req: Request<Incoming>| {
@@ -64,13 +64,13 @@ async fn post_with(
     collect(send(client, req).await).await
 }
 
-fn chat(model: &str) -> String {
+pub(crate) fn chat(model: &str) -> String {
     format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#)
 }
 
 /// A config with upstreams `a`, `b` (and `c`) at these URLs, the given
 /// `[models]` tables, and one model-routed route on /v1.
-fn config(urls: &[&str], models: &str, route: &str) -> String {
+pub(crate) fn config(urls: &[&str], models: &str, route: &str) -> String {
     let mut out = String::new();
     for (name, url) in ["a", "b", "c"].iter().zip(urls) {
         out.push_str(&format!(
@@ -85,7 +85,7 @@ fn config(urls: &[&str], models: &str, route: &str) -> String {
     out
 }
 
-const KEYS: &[(&str, &str)] = &[("KEY_A", "sk-a"), ("KEY_B", "sk-b"), ("KEY_C", "sk-c")];
+pub(crate) const KEYS: &[(&str, &str)] = &[("KEY_A", "sk-a"), ("KEY_B", "sk-b"), ("KEY_C", "sk-c")];
 
 #[tokio::test]
 async fn the_model_is_found_first_or_after_a_large_prompt_and_rewritten_per_deployment() {

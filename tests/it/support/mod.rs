@@ -3,6 +3,8 @@
 pub mod certs;
 pub mod mock;
 pub mod openai;
+#[cfg(feature = "otel")]
+pub mod otlp;
 pub mod raw;
 pub mod redis;
 pub mod upstream;
