@@ -159,6 +159,9 @@ pub struct Upstream {
     pub authority: Authority,
     /// `Host` header value: the authority as written in `url`.
     pub host: HeaderValue,
+    /// The authority's host and port (the scheme's default when left
+    /// out): `server.address` and `server.port` in traces.
+    pub server: (String, u16),
     /// Base path without a trailing slash ("" for none).
     pub base_path: String,
     /// The key header, marked sensitive so it never prints.

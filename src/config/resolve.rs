@@ -238,9 +238,13 @@ fn upstream(
         Some(PathMap::AzureDeployments { .. }) => base_path.push_str("/openai/deployments"),
         _ => {}
     }
+    let port = authority
+        .port_u16()
+        .unwrap_or(if scheme == Scheme::HTTPS { 443 } else { 80 });
     Some(Upstream {
         name: name.to_owned(),
         host: HeaderValue::from_str(authority.as_str()).ok()?,
+        server: (authority.host().to_owned(), port),
         scheme,
         authority,
         base_path,

@@ -293,21 +293,7 @@ impl RequestCtx {
             fallbacks: m.fallbacks,
         });
         if let Some(trace) = trace {
-            let results: Vec<_> = self.trail.steps().map(|s| s.result).collect();
-            trace.finish(&crate::telemetry::Finish {
-                route: route.map_or("-", |r| r.route.name.as_str()),
-                status,
-                error: self.error.or(match self.end {
-                    BodyEnd::Failed(why) => Some(why.code()),
-                    _ => None,
-                }),
-                request_id: self.span.id_value().to_str().unwrap_or("-"),
-                results: &results,
-                fallbacks: self.model.as_ref().map_or(0, |m| m.fallbacks),
-                requested_model: self.model.as_ref().map(|m| &m.requested),
-                // What the upstream reported, never an estimate.
-                usage: self.usage,
-            });
+            self.finish_trace(*trace, route, status);
         }
         access::write(&access::Record {
             span: &self.span,
@@ -326,6 +312,32 @@ impl RequestCtx {
             upstream_request_id: self.upstream_request_id.as_deref(),
             model,
             tokens,
+        });
+    }
+
+    /// The spans get what only the end knows. Out of line: a request
+    /// without traces never enters it.
+    #[inline(never)]
+    fn finish_trace(
+        &self,
+        trace: crate::telemetry::Trace,
+        route: Option<&RouteState>,
+        status: u16,
+    ) {
+        let results: Vec<_> = self.trail.steps().map(|s| s.result).collect();
+        trace.finish(&crate::telemetry::Finish {
+            route: route.map_or("-", |r| r.route.name.as_str()),
+            status,
+            error: self.error.or(match self.end {
+                BodyEnd::Failed(why) => Some(why.code()),
+                _ => None,
+            }),
+            request_id: self.span.id_value().to_str().unwrap_or("-"),
+            results: &results,
+            fallbacks: self.model.as_ref().map_or(0, |m| m.fallbacks),
+            requested_model: self.model.as_ref().map(|m| &m.requested),
+            // What the upstream reported, never an estimate.
+            usage: self.usage,
         });
     }
 

@@ -1,23 +1,24 @@
-//! The span exporter: each batch encoded by [`super::encode`] and posted
-//! to the collector's `/v1/traces` with our own upstream client (one pool,
-//! our rustls), so traces bring no second HTTP or TLS stack. The SDK's
-//! batch thread calls it and waits; the post itself runs on the runtime,
-//! bounded by the export timeout. A batch the collector does not take is
-//! dropped (the next one is tried afresh, so a down collector never
-//! backs spans up behind retries). Every post is counted; failures are
-//! logged at most once a minute, with how many there were since.
+//! The batcher and the exporter. Finished requests append their encoded
+//! spans ([`super::encode`]) to one buffer under a lock held for a copy;
+//! a task on the runtime takes the buffer every `OTEL_BSP_SCHEDULE_DELAY`
+//! (5 s), or as soon as `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` (512) spans wait,
+//! and posts it, at most that many spans per post, to the collector's
+//! `/v1/traces` with our own upstream client (one pool, our rustls): no
+//! second HTTP or TLS stack, no thread of its own, nothing on a request's
+//! path. Past `OTEL_BSP_MAX_QUEUE_SIZE` (16,384) waiting spans, new ones
+//! are dropped, so a collector that is down or slow costs memory only up
+//! to there. A batch the collector does not take within `timeout` is
+//! dropped too (the next is tried afresh: spans never pile up behind
+//! retries). Every post is counted; failures are logged at most once a
+//! minute, with how many there were since.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method};
 use http_body_util::{BodyExt, Full, Limited};
-use opentelemetry::KeyValue;
-use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
-use opentelemetry_sdk::trace::{SpanData, SpanExporter};
-use opentelemetry_sdk::Resource;
 
 use crate::client::{Client, Target};
 use crate::config::TelemetrySettings;
@@ -28,30 +29,177 @@ const MAX_ANSWER: usize = 64 << 10;
 /// At most one warning per this long while exports fail.
 const LOG_EVERY: Duration = Duration::from_secs(60);
 
-pub(super) struct Export {
+/// The OpenTelemetry SDK's batch settings, from its environment variables.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct BatchSettings {
+    pub delay: Duration,
+    pub max_batch: usize,
+    pub max_queue: usize,
+}
+
+impl BatchSettings {
+    pub fn from_env() -> Self {
+        let var = |name: &str, default: u64| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .filter(|&v| v > 0)
+                .unwrap_or(default)
+        };
+        let max_queue = var("OTEL_BSP_MAX_QUEUE_SIZE", 16_384) as usize;
+        Self {
+            delay: Duration::from_millis(var("OTEL_BSP_SCHEDULE_DELAY", 5_000)),
+            max_batch: (var("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512) as usize).min(max_queue),
+            max_queue,
+        }
+    }
+}
+
+/// Spans waiting for the next post.
+#[derive(Default)]
+struct Pending {
+    /// Framed spans, back to back.
+    bytes: Vec<u8>,
+    /// Where each span ends in `bytes`.
+    ends: Vec<usize>,
+}
+
+pub(super) struct Batcher {
+    pending: Mutex<Pending>,
+    /// A full batch waits, or the batcher is to close.
+    wake: tokio::sync::Notify,
+    closing: std::sync::atomic::AtomicBool,
+    batch: BatchSettings,
+    /// Logs spans turned away, apart from failed posts.
+    drops: LogGate,
+    export: Export,
+}
+
+impl std::fmt::Debug for Batcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batcher")
+            .field("batch", &self.batch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Batcher {
+    pub fn new(
+        s: &TelemetrySettings,
+        metrics: Arc<Metrics>,
+        resource: Vec<u8>,
+        scope: Vec<u8>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            pending: Mutex::default(),
+            wake: tokio::sync::Notify::new(),
+            closing: Default::default(),
+            batch: BatchSettings::from_env(),
+            drops: LogGate::default(),
+            export: Export::new(s, metrics, resource, scope),
+        })
+    }
+
+    /// A request's spans, framed (`n` of them in `spans`).
+    pub fn push(&self, spans: &[u8], n: usize) {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if p.ends.len() + n > self.batch.max_queue {
+            drop(p);
+            self.drops.failed(&format!(
+                "{} spans wait for the collector already (OTEL_BSP_MAX_QUEUE_SIZE): a request's spans dropped",
+                self.batch.max_queue
+            ));
+            return;
+        }
+        // One end for the request's spans together: they go in one post.
+        p.bytes.extend_from_slice(spans);
+        let end = p.bytes.len();
+        for _ in 0..n {
+            p.ends.push(end);
+        }
+        let full = p.ends.len() >= self.batch.max_batch;
+        drop(p);
+        if full {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Posts what waits every `delay`, or when a batch is full, until
+    /// [`Batcher::close`]; then once more.
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            let closing = tokio::select! {
+                () = tokio::time::sleep(self.batch.delay) => false,
+                () = self.wake.notified() => self.closing.load(Ordering::Acquire),
+            };
+            self.flush().await;
+            if closing {
+                return;
+            }
+        }
+    }
+
+    /// The run loop sends what waits and ends.
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    async fn flush(&self) {
+        let taken = {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            // The next batch starts at this one's size: no regrowth (and
+            // no copy of what is there) while requests append.
+            let next = Pending {
+                bytes: Vec::with_capacity(p.bytes.len()),
+                ends: Vec::with_capacity(p.ends.len()),
+            };
+            std::mem::replace(&mut *p, next)
+        };
+        let mut from = 0;
+        for to in cuts(&taken.ends, self.batch.max_batch) {
+            self.export.send(&taken.bytes[from..to]).await;
+            from = to;
+        }
+    }
+}
+
+/// Where posts end: up to `max` spans each, never between two spans of
+/// one request (`ends` repeats a request's end for each of its spans).
+fn cuts(ends: &[usize], max: usize) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut next = 0;
+    while next < ends.len() {
+        let mut last = (next + max.max(1)).min(ends.len()) - 1;
+        while last + 1 < ends.len() && ends[last + 1] == ends[last] {
+            last += 1;
+        }
+        out.push(ends[last]);
+        next = last + 1;
+    }
+    out
+}
+
+/// Posts batches to the collector.
+struct Export {
     client: Client<Full<Bytes>>,
     /// `POST` to the endpoint with its Host, content type and the
     /// configured headers.
     head: http::request::Parts,
-    handle: tokio::runtime::Handle,
     timeout: Duration,
-    /// The resource's attributes, encoded once.
+    /// The `Resource` and `InstrumentationScope` bodies, encoded once.
     resource: Vec<u8>,
+    scope: Vec<u8>,
     metrics: Arc<Metrics>,
     gate: LogGate,
 }
 
-impl std::fmt::Debug for Export {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Export").finish_non_exhaustive()
-    }
-}
-
 impl Export {
-    pub(super) fn new(
+    fn new(
         s: &TelemetrySettings,
-        handle: tokio::runtime::Handle,
         metrics: Arc<Metrics>,
+        resource: Vec<u8>,
+        scope: Vec<u8>,
     ) -> Self {
         let authority = s
             .endpoint
@@ -100,62 +248,42 @@ impl Export {
         Self {
             client,
             head,
-            handle,
             timeout: s.timeout,
-            resource: Vec::new(),
+            resource,
+            scope,
             metrics,
             gate: LogGate::default(),
         }
     }
 
-    /// Posts one encoded batch: `Err` with why it was not taken.
-    async fn post(&self, body: Vec<u8>) -> Result<(), String> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let (client, head, timeout) = (self.client.clone(), self.head.clone(), self.timeout);
-        self.handle.spawn(async move {
-            let post = async {
-                let res = client
-                    .send(&head, Full::new(Bytes::from(body)))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let status = res.status();
-                // Read the answer so the connection can be used again.
-                let answer = Limited::new(res.into_body(), MAX_ANSWER).collect().await;
-                match (status.is_success(), answer) {
-                    (true, Ok(_)) => Ok(()),
-                    (true, Err(e)) => Err(format!("the collector's answer broke off: {e}")),
-                    (false, _) => Err(format!("the collector answered {status}")),
-                }
-            };
-            let res = tokio::time::timeout(timeout, post).await;
-            let _ = tx.send(res.unwrap_or_else(|_| Err(format!("timed out after {timeout:?}"))));
-        });
-        rx.await
-            .unwrap_or_else(|_| Err("the runtime stopped".into()))
-    }
-}
-
-impl SpanExporter for Export {
-    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let body = super::encode::request(&batch, &self.resource);
-        drop(batch);
-        let res = self.post(body).await;
+    /// Posts these framed spans; counts and logs the outcome.
+    async fn send(&self, spans: &[u8]) {
+        let body = super::encode::request(&self.resource, &self.scope, spans);
+        let res = match tokio::time::timeout(self.timeout, self.post(body)).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("timed out after {:?}", self.timeout)),
+        };
         self.metrics.trace_export(res.is_ok());
-        res.map_err(|why| {
+        if let Err(why) = res {
             self.gate.failed(&why);
-            OTelSdkError::InternalFailure(why)
-        })
+        }
     }
 
-    fn set_resource(&mut self, resource: &Resource) {
-        let attrs: Vec<KeyValue> = resource
-            .iter()
-            .map(|(k, v)| KeyValue::new(k.clone(), v.clone()))
-            .collect();
-        self.resource = super::encode::resource(&attrs);
+    /// `Err` with why the collector did not take it.
+    async fn post(&self, body: Vec<u8>) -> Result<(), String> {
+        let res = self
+            .client
+            .send(&self.head, Full::new(Bytes::from(body)))
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = res.status();
+        // Read the answer so the connection can be used again.
+        let answer = Limited::new(res.into_body(), MAX_ANSWER).collect().await;
+        match (status.is_success(), answer) {
+            (true, Ok(_)) => Ok(()),
+            (true, Err(e)) => Err(format!("the collector's answer broke off: {e}")),
+            (false, _) => Err(format!("the collector answered {status}")),
+        }
     }
 }
 
@@ -236,6 +364,17 @@ impl LogGate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn posts_hold_up_to_the_batch_size_and_keep_a_requests_spans_together() {
+        // Three requests of 2, 3 and 1 spans, ending at 20, 50 and 60.
+        let ends = [20, 20, 50, 50, 50, 60];
+        assert_eq!(cuts(&ends, 512), vec![60]);
+        assert_eq!(cuts(&ends, 2), vec![20, 50, 60]);
+        assert_eq!(cuts(&ends, 4), vec![50, 60]);
+        assert_eq!(cuts(&ends, 1), vec![20, 50, 60]);
+        assert!(cuts(&[], 512).is_empty());
+    }
 
     #[test]
     fn env_headers_are_pairs_with_percent_decoded_values() {

@@ -1,15 +1,17 @@
 //! Traces (SPEC §12): one SERVER span per request, one CLIENT span per
 //! attempt, with the GenAI semantic conventions, exported over OTLP/HTTP
-//! (protobuf) in batches by the OpenTelemetry SDK's own thread.
+//! (protobuf) in batches by a task on the runtime.
 //!
 //! The request path holds an `Option<Box<Trace>>`: `None` when
 //! `[telemetry.otlp]` has no endpoint (or the binary was built without the
 //! `otel` feature), and then every hook is one branch. With traces on, the
-//! spans are the SDK's: the server span starts when the request arrives
-//! (its parent the client's `traceparent`), each attempt's span when it is
-//! sent (its `traceparent` goes upstream with `propagate_upstream`), and
-//! what is known only at the end (status, usage, the attempt's result) is
-//! set when the request finishes, which for a stream is when it ends.
+//! server span begins when the request arrives (its parent the client's
+//! `traceparent`, read by the SDK's propagator; sampled by its sampler),
+//! each attempt's span when it is sent (its `traceparent` goes upstream
+//! with `propagate_upstream`), and what is known only at the end (status,
+//! usage, the attempt's result) is written when the request finishes,
+//! which for a stream is when it ends (`otel.rs`, `encode.rs`); the
+//! batcher posts the spans (`export.rs`).
 //!
 //! Attributes come from config names, fixed words and numbers: never a
 //! body, a prompt, a completion or a key.
@@ -153,8 +155,11 @@ const MODEL_NAME_MAX: usize = 200;
 /// a plain name counts: one with an escape, a control byte or over 200
 /// bytes is left out rather than decoded.
 pub fn response_model(chunk: &[u8]) -> Option<String> {
+    static FINDER: std::sync::OnceLock<memchr::memmem::Finder<'static>> =
+        std::sync::OnceLock::new();
+    let finder = FINDER.get_or_init(|| memchr::memmem::Finder::new(b"\"model\""));
     let mut from = 0;
-    while let Some(i) = memchr::memmem::find(&chunk[from..], b"\"model\"") {
+    while let Some(i) = finder.find(&chunk[from..]) {
         let mut rest = &chunk[from + i + 7..];
         from += i + 7;
         rest = trim_json_space(rest);

@@ -141,10 +141,8 @@ async fn a_request_tried_three_times_is_one_server_span_over_three_attempt_spans
         text(server, "sluice.request_id").as_deref(),
         Some("traced-1")
     );
-    assert_eq!(
-        text(server, "gen_ai.operation.name").as_deref(),
-        Some("chat")
-    );
+    // The operation is the attempts' (GenAI spans are the client ones).
+    assert_eq!(text(server, "gen_ai.operation.name"), None);
     assert!(!is_error(server));
 
     let attempts = by_kind(&spans, SpanKind::Client);
@@ -210,10 +208,8 @@ async fn a_request_tried_three_times_is_one_server_span_over_three_attempt_spans
         text(answered, "gen_ai.response.model").as_deref(),
         Some("small-c-2025-01-01")
     );
-    assert_eq!(
-        text(answered, "sluice.requested_model").as_deref(),
-        Some("big")
-    );
+    // The client's name is the server span's; the attempt has the sent one.
+    assert_eq!(text(answered, "sluice.requested_model"), None);
     assert_eq!(
         text(answered, "sluice.deployment").as_deref(),
         Some("c/small-c")
@@ -530,4 +526,34 @@ async fn a_reload_moves_traces_to_the_new_collector_and_the_old_one_gets_what_it
     let after = new.wait_for_spans(2).await;
     assert_eq!(after.len(), 2, "{after:#?}");
     assert_ne!(before[0].trace_id, after[0].trace_id);
+}
+
+#[tokio::test]
+async fn spans_past_the_queue_limit_are_dropped_and_said_so_while_requests_go_on() {
+    // A collector that never answers and room for four spans: the rest
+    // of twenty requests' spans are turned away, not held.
+    let collector = Collector::answering_after(Duration::from_secs(3600)).await;
+    let (up, _) = upstream(vec![(200, "", ANSWER)]).await;
+    let toml = server(&format!(
+        "{}\n[telemetry.otlp]\nendpoint = \"{}\"\ntimeout = \"30s\"\n",
+        one_route(&up.url(), ""),
+        collector.url()
+    ));
+    let env = [
+        ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "4"),
+    ];
+    let mut proxy = Process::start(&toml, &env).await;
+    for i in 0..20 {
+        let (head, _) = post(&proxy.url("/v1/chat/completions"), &[], chat("m")).await;
+        assert_eq!(head.status(), 200, "request {i}");
+    }
+    proxy.stop().await;
+    let out = proxy.output();
+    assert!(
+        out.contains("OTEL_BSP_MAX_QUEUE_SIZE"),
+        "the drop is logged:\n{out}"
+    );
+    // At most the four that fit (two requests) were ever posted.
+    assert!(collector.spans().len() <= 4, "{:#?}", collector.spans());
 }
