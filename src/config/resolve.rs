@@ -1166,10 +1166,17 @@ fn otlp(raw: &RawOtlp, base: &Path, problems: &mut Vec<Problem>) -> Option<Telem
     let endpoint = match raw.endpoint.parse::<Uri>() {
         Ok(u)
             if matches!(u.scheme_str(), Some("http" | "https"))
-                && u.authority().is_some()
+                && u.authority().is_some_and(|a| !a.as_str().contains('@'))
                 && u.query().is_none() =>
         {
             Some(traces_path(u))
+        }
+        Ok(u) if u.authority().is_some_and(|a| a.as_str().contains('@')) => {
+            p(
+                "endpoint",
+                "a user or password in the url is not supported (it would show in logs): set headers instead".into(),
+            );
+            None
         }
         _ => {
             p(

@@ -145,14 +145,15 @@ impl Batcher {
         self.wake.notify_one();
     }
 
-    async fn flush(&self) {
+    pub async fn flush(&self) {
         let taken = {
             let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             // The next batch starts at this one's size: no regrowth (and
             // no copy of what is there) while requests append.
+            // Up to 1 MiB kept: a burst does not keep its size for good.
             let next = Pending {
-                bytes: Vec::with_capacity(p.bytes.len()),
-                ends: Vec::with_capacity(p.ends.len()),
+                bytes: Vec::with_capacity(p.bytes.len().min(1 << 20)),
+                ends: Vec::with_capacity(p.ends.len().min(1 << 12)),
             };
             std::mem::replace(&mut *p, next)
         };

@@ -27,6 +27,21 @@ use super::{operation, provider_name, AttemptInfo, Finish};
 use crate::config::TelemetrySettings;
 use crate::metrics::Metrics;
 
+/// The longest `url.path` kept: a client's path is its own to make long.
+const MAX_PATH: usize = 512;
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+fn cut(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
 
 /// How long the spans still waiting get to reach the collector at exit.
@@ -117,7 +132,7 @@ impl Telemetry {
         if sampled {
             server = SpanBody::with_capacity(512);
             server.str("http.request.method", method.as_str());
-            server.str("url.path", path);
+            server.str("url.path", cut(path, MAX_PATH));
             state = decision.trace_state.header();
         }
         Box::new(Trace {
@@ -145,9 +160,15 @@ impl Telemetry {
     pub async fn close(&self) {
         self.batcher.close();
         let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(task) = task {
-            let _ = tokio::time::timeout(CLOSE_WAIT, task).await;
-        }
+        let sent = async {
+            if let Some(task) = task {
+                let _ = task.await;
+            }
+            // Streams cut at the end of the drain may finish after the
+            // batcher's last turn: theirs go too.
+            self.batcher.flush().await;
+        };
+        let _ = tokio::time::timeout(CLOSE_WAIT, sent).await;
     }
 }
 
@@ -329,7 +350,11 @@ impl Trace {
         let mut spans = 0;
         let last = self.attempts.len().saturating_sub(1);
         let attempts = std::mem::take(&mut self.attempts);
-        for (i, (mut a, result)) in attempts.into_iter().zip(f.results).enumerate() {
+        let tried = attempts.len().max(f.results.len());
+        for (i, mut a) in attempts.into_iter().enumerate() {
+            // No result: the request ended (the client left, the drain
+            // cut it) while this attempt waited for its answer.
+            let result = f.results.get(i).copied().unwrap_or(Err("cancelled"));
             match result {
                 Ok(code) => {
                     let n = code.as_u16();
@@ -365,7 +390,7 @@ impl Trace {
         s.str("sluice.route", f.route);
         s.int("http.response.status_code", i64::from(f.status));
         s.str("sluice.request_id", f.request_id);
-        s.int("sluice.attempts", f.results.len() as i64);
+        s.int("sluice.attempts", tried as i64);
         if f.fallbacks > 0 {
             s.int("sluice.fallbacks", i64::from(f.fallbacks));
         }
@@ -416,5 +441,29 @@ impl Trace {
                 body.event("first_chunk", first.min(now));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_path_is_cut_at_a_character_boundary() {
+        assert_eq!(cut("/v1/chat", 512), "/v1/chat");
+        let long = format!("/{}", "é".repeat(400));
+        let kept = cut(&long, MAX_PATH);
+        assert!(kept.len() <= MAX_PATH && kept.len() >= MAX_PATH - 1);
+        assert!(long.starts_with(kept));
+    }
+
+    #[test]
+    fn traceparent_is_the_w3c_form() {
+        let v = traceparent(
+            TraceId::from(0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736),
+            SpanId::from(0x00f0_67aa_0ba9_02b7),
+            TraceFlags::SAMPLED,
+        );
+        assert_eq!(v, "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
     }
 }

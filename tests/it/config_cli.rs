@@ -840,6 +840,10 @@ fn telemetry_is_checked_with_its_place_and_its_headers_never_shown() {
             "nope.pem: cannot read PEM certificates",
         ),
         (
+            "endpoint = \"https://user:hunter2@c:4318\"",
+            "telemetry.otlp.endpoint: a user or password in the url is not supported",
+        ),
+        (
             "endpoint = \"http://c:4318\"\nsampling = 1",
             "telemetry.otlp.sampling: unknown field `sampling`",
         ),

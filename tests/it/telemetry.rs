@@ -557,3 +557,44 @@ async fn spans_past_the_queue_limit_are_dropped_and_said_so_while_requests_go_on
     // At most the four that fit (two requests) were ever posted.
     assert!(collector.spans().len() <= 4, "{:#?}", collector.spans());
 }
+
+#[tokio::test]
+async fn an_attempt_the_client_left_during_still_has_its_span() {
+    // The upstream never answers; the client gives up. The attempt's
+    // span (whose traceparent went upstream) is exported, cancelled.
+    let collector = Collector::start().await;
+    let mock = Mock::start(|_| async {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        json(200, "{}")
+    })
+    .await;
+    let toml = server(&format!(
+        "{}\n{}",
+        one_route(&mock.url(), ""),
+        telemetry(&collector, "")
+    ));
+    let proxy = Process::start(&toml, KEYS).await;
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(500),
+        post(&proxy.url("/v1/chat/completions"), &[], chat("m")),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the upstream answered");
+    let spans = collector.wait_for_spans(2).await;
+    let attempts = by_kind(&spans, SpanKind::Client);
+    assert_eq!(attempts.len(), 1, "{spans:#?}");
+    assert_eq!(
+        text(&attempts[0], "error.type").as_deref(),
+        Some("cancelled")
+    );
+    assert!(is_error(&attempts[0]));
+    let seen = mock.seen();
+    let want = format!(
+        "00-{}-{}-01",
+        hex(&attempts[0].trace_id),
+        hex(&attempts[0].span_id)
+    );
+    assert_eq!(seen[0].headers["traceparent"], want.as_str());
+    let server = &by_kind(&spans, SpanKind::Server)[0];
+    assert_eq!(int(server, "sluice.attempts"), Some(1));
+}
