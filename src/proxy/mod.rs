@@ -58,7 +58,7 @@ pub struct Proxy {
     loads: std::collections::HashMap<build::LoadKey, Arc<crate::backend::Load>>,
     /// `[rate_limit_store]`, connected in the background.
     store: Option<(crate::config::StoreSettings, Arc<crate::store::Store>)>,
-    /// `[telemetry.otlp]` with an endpoint: the tracer and its exporter.
+    /// `[telemetry.otlp]` with an endpoint: the sampler and the batcher.
     telemetry: Option<Arc<crate::telemetry::Telemetry>>,
 }
 

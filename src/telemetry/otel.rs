@@ -355,6 +355,10 @@ impl Trace {
             // No result: the request ended (the client left, the drain
             // cut it) while this attempt waited for its answer.
             let result = f.results.get(i).copied().unwrap_or(Err("cancelled"));
+            // SPEC §12: each attempt names the model the client asked for.
+            if let Some(m) = f.requested_model {
+                a.body.str("sluice.requested_model", m);
+            }
             match result {
                 Ok(code) => {
                     let n = code.as_u16();

@@ -185,6 +185,7 @@ async fn a_request_tried_three_times_is_one_server_span_over_three_attempt_spans
         assert_eq!(text(span, "error.type").as_deref(), Some("503"));
         assert!(is_error(span));
         assert_eq!(text(span, "sluice.fallback_from"), None);
+        assert_eq!(text(span, "sluice.requested_model").as_deref(), Some("big"));
         assert_eq!(
             int(span, "gen_ai.usage.input_tokens"),
             None,
@@ -208,8 +209,11 @@ async fn a_request_tried_three_times_is_one_server_span_over_three_attempt_spans
         text(answered, "gen_ai.response.model").as_deref(),
         Some("small-c-2025-01-01")
     );
-    // The client's name is the server span's; the attempt has the sent one.
-    assert_eq!(text(answered, "sluice.requested_model"), None);
+    // The name the client sent, beside the one sent upstream (SPEC §12).
+    assert_eq!(
+        text(answered, "sluice.requested_model").as_deref(),
+        Some("big")
+    );
     assert_eq!(
         text(answered, "sluice.deployment").as_deref(),
         Some("c/small-c")
