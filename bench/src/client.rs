@@ -205,24 +205,57 @@ pub fn pad_chat_to(n: usize) {
     let _ = PAD.set(n);
 }
 
+/// What a target's requests look like beyond the common chat request.
+#[derive(Clone, Debug, Default)]
+pub struct Shape {
+    /// Pad the body to this many bytes (instead of the run's size).
+    pub bytes: Option<usize>,
+    /// `model` as the body's last field instead of its first.
+    pub model_last: bool,
+    /// The model named (default `gpt-4o-mini`).
+    pub model: Option<&'static str>,
+    /// Header lines (each ending in CRLF) a gateway needs, e.g. to name
+    /// its upstream.
+    pub headers: String,
+}
+
 /// A chat request as an OpenAI SDK sends it; `stream` asks the mock for an
 /// SSE stream of that many chunks, `interval_ms` apart (0 = until closed).
 pub fn chat_request(addr: SocketAddr, stream: Option<(u64, u64)>) -> Vec<u8> {
-    let (query, flag) = match stream {
-        Some((n, ms)) => (format!("?stream={n}&interval_ms={ms}"), r#","stream":true"#),
-        None => (String::new(), ""),
+    shaped_request(addr, stream, &Shape::default())
+}
+
+/// [`chat_request`] shaped for one target. The stream's parameters go in
+/// the query and, for gateways that do not pass the query on, in the body
+/// (`"stream_chunks"`, `"interval_ms"`: LiteLLM passes unknown fields on)
+/// and in an `x-bench-stream` header (Portkey forwards headers it is told
+/// to); the mock reads whichever arrives.
+pub fn shaped_request(addr: SocketAddr, stream: Option<(u64, u64)>, shape: &Shape) -> Vec<u8> {
+    let (query, flag, header) = match stream {
+        Some((n, ms)) => (
+            format!("?stream={n}&interval_ms={ms}"),
+            format!(r#","stream":true,"stream_chunks":{n},"interval_ms":{ms}"#),
+            format!("x-bench-stream: {n},{ms}\r\n"),
+        ),
+        None => (String::new(), String::new(), String::new()),
     };
+    let model = format!(r#""model":"{}""#, shape.model.unwrap_or("gpt-4o-mini"));
+    let (first, last) = if shape.model_last {
+        (String::new(), format!(",{model}"))
+    } else {
+        (format!("{model},"), String::new())
+    };
+    let size = shape.bytes.or_else(|| PAD.get().copied());
+    let unpadded = BASE_LEN - 21 + model.len() + flag.len();
     let body = format!(
-        r#"{{"model":"gpt-4o-mini","messages":[{{"role":"system","content":"You are a helpful assistant."}},{{"role":"user","content":"Say this is a test, in one short sentence please.{pad}"}}],"max_tokens":64{flag}}}"#,
-        pad = " ".repeat(
-            PAD.get()
-                .map_or(0, |&n| n.saturating_sub(BASE_LEN + flag.len()))
-        )
+        r#"{{{first}"messages":[{{"role":"system","content":"You are a helpful assistant."}},{{"role":"user","content":"Say this is a test, in one short sentence please.{pad}"}}],"max_tokens":64{flag}{last}}}"#,
+        pad = " ".repeat(size.map_or(0, |n| n.saturating_sub(unpadded)))
     );
     format!(
         "POST /v1/chat/completions{query} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
          accept: application/json\r\nuser-agent: sluice-bench\r\nauthorization: Bearer sk-client\r\n\
-         content-length: {}\r\n\r\n{body}",
+         {header}{}content-length: {}\r\n\r\n{body}",
+        shape.headers,
         body.len()
     )
     .into_bytes()
@@ -247,6 +280,19 @@ mod tests {
             assert_eq!(body.len(), 600);
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
             assert_eq!(v["model"], "gpt-4o-mini");
+        }
+        let last = Shape {
+            bytes: Some(100 * 1024),
+            model_last: true,
+            ..Shape::default()
+        };
+        for stream in [None, Some((3, 0))] {
+            let body = split(&shaped_request(addr, stream, &last));
+            assert_eq!(body.len(), 100 * 1024);
+            assert!(body.ends_with(br#","model":"gpt-4o-mini"}"#));
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["model"], "gpt-4o-mini");
+            assert_eq!(v["stream"].as_bool().unwrap_or(false), stream.is_some());
         }
     }
 }

@@ -10,7 +10,7 @@ use hdrhistogram::Histogram;
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 
-use crate::client::{chat_request, Conn};
+use crate::client::{chat_request, shaped_request, Conn, Shape};
 use crate::mock::now_ns;
 
 /// How long one request/response may take before it counts as an error.
@@ -76,66 +76,74 @@ pub async fn one_by_one(addr: SocketAddr, count: u64, stream: Option<u64>) -> Re
 /// `conns` connections, each sending the next request as soon as the last
 /// answer is in (or `pause` after it). Only answers that arrive inside
 /// `window` count.
-pub async fn closed_loop(addr: SocketAddr, conns: usize, pause: Duration, window: Window) -> Fixed {
-    let request: Arc<[u8]> = chat_request(addr, None).into();
-    let mut tasks = Vec::with_capacity(conns);
-    for _ in 0..conns {
-        let request = request.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut conn = Conn::new(addr);
-            let mut hist = histogram();
-            let (mut ok, mut errors) = (0u64, 0u64);
-            loop {
-                let sent = Instant::now();
-                if sent >= window.end {
-                    break;
-                }
-                let mut bytes = 0;
-                let result = tokio::time::timeout(
-                    EXCHANGE_TIMEOUT,
-                    conn.exchange(&request, |d| bytes += d.len()),
-                )
-                .await
-                .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
-                if result.is_err() {
-                    conn.reset();
-                }
-                let done = Instant::now();
-                let counted = done >= window.start && done <= window.end;
-                match result {
-                    Ok(200) if bytes > 0 => {
-                        if counted {
-                            ok += 1;
-                            hist.saturating_record(micros(done - sent));
+pub fn closed_loop(
+    addr: SocketAddr,
+    shape: &Shape,
+    conns: usize,
+    pause: Duration,
+    window: Window,
+) -> impl std::future::Future<Output = Fixed> + 'static {
+    let request: Arc<[u8]> = shaped_request(addr, None, shape).into();
+    async move {
+        let mut tasks = Vec::with_capacity(conns);
+        for _ in 0..conns {
+            let request = request.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut conn = Conn::new(addr);
+                let mut hist = histogram();
+                let (mut ok, mut errors) = (0u64, 0u64);
+                loop {
+                    let sent = Instant::now();
+                    if sent >= window.end {
+                        break;
+                    }
+                    let mut bytes = 0;
+                    let result = tokio::time::timeout(
+                        EXCHANGE_TIMEOUT,
+                        conn.exchange(&request, |d| bytes += d.len()),
+                    )
+                    .await
+                    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+                    if result.is_err() {
+                        conn.reset();
+                    }
+                    let done = Instant::now();
+                    let counted = done >= window.start && done <= window.end;
+                    match result {
+                        Ok(200) if bytes > 0 => {
+                            if counted {
+                                ok += 1;
+                                hist.saturating_record(micros(done - sent));
+                            }
+                            if !pause.is_zero() {
+                                tokio::time::sleep(pause).await;
+                            }
                         }
-                        if !pause.is_zero() {
-                            tokio::time::sleep(pause).await;
+                        _ => {
+                            if counted {
+                                errors += 1;
+                            }
+                            tokio::time::sleep(Duration::from_millis(10)).await;
                         }
                     }
-                    _ => {
-                        if counted {
-                            errors += 1;
-                        }
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
                 }
-            }
-            (hist, ok, errors)
-        }));
+                (hist, ok, errors)
+            }));
+        }
+        let mut out = Fixed {
+            requests: 0,
+            errors: 0,
+            seconds: (window.end - window.start).as_secs_f64(),
+            latency: histogram(),
+        };
+        for task in tasks {
+            let (hist, ok, errors) = task.await.expect("load task");
+            out.latency.add(hist).expect("same bounds");
+            out.requests += ok;
+            out.errors += errors;
+        }
+        out
     }
-    let mut out = Fixed {
-        requests: 0,
-        errors: 0,
-        seconds: (window.end - window.start).as_secs_f64(),
-        latency: histogram(),
-    };
-    for task in tasks {
-        let (hist, ok, errors) = task.await.expect("load task");
-        out.latency.add(hist).expect("same bounds");
-        out.requests += ok;
-        out.errors += errors;
-    }
-    out
 }
 
 #[derive(Debug)]
@@ -190,8 +198,15 @@ impl SseTally {
     }
 }
 
+/// The mock's send time in an event: its `"t"` field, or, where a gateway
+/// dropped that, the ` @<ns>` of its content.
 fn sent_ns(event: &[u8]) -> Option<u128> {
-    let at = event.windows(4).rposition(|w| w == b"\"t\":")? + 4;
+    let field = event
+        .windows(4)
+        .rposition(|w| w == b"\"t\":")
+        .map(|at| at + 4);
+    let content = || event.windows(2).rposition(|w| w == b" @").map(|at| at + 2);
+    let at = field.or_else(content)?;
     let digits = event[at..]
         .iter()
         .take_while(|b| b.is_ascii_digit())
@@ -205,66 +220,69 @@ fn sent_ns(event: &[u8]) -> Option<u128> {
 /// `concurrent` connections, each running SSE requests of `chunks` chunks
 /// `interval_ms` apart back to back until `duration` has passed (at least
 /// one each).
-pub async fn streams(
+pub fn streams(
     addr: SocketAddr,
+    shape: &Shape,
     concurrent: usize,
     chunks: u64,
     interval_ms: u64,
     duration: Duration,
-) -> Streams {
-    let request: Arc<[u8]> = chat_request(addr, Some((chunks, interval_ms))).into();
-    let end = Instant::now() + duration;
-    let mut tasks = Vec::with_capacity(concurrent);
-    for _ in 0..concurrent {
-        let request = request.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut conn = Conn::new(addr);
-            let mut out = Streams::empty();
-            loop {
-                let sent = Instant::now();
-                let mut tally = SseTally::default();
-                let mut first = None;
-                let exchange = conn.exchange(&request, |d| {
-                    first.get_or_insert_with(Instant::now);
-                    tally.feed(d, now_ns());
-                });
-                let bound = EXCHANGE_TIMEOUT + Duration::from_millis(chunks * interval_ms);
-                let result = tokio::time::timeout(bound, exchange)
-                    .await
-                    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
-                if result.is_err() {
-                    conn.reset();
+) -> impl std::future::Future<Output = Streams> + 'static {
+    let request: Arc<[u8]> = shaped_request(addr, Some((chunks, interval_ms)), shape).into();
+    async move {
+        let end = Instant::now() + duration;
+        let mut tasks = Vec::with_capacity(concurrent);
+        for _ in 0..concurrent {
+            let request = request.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut conn = Conn::new(addr);
+                let mut out = Streams::empty();
+                loop {
+                    let sent = Instant::now();
+                    let mut tally = SseTally::default();
+                    let mut first = None;
+                    let exchange = conn.exchange(&request, |d| {
+                        first.get_or_insert_with(Instant::now);
+                        tally.feed(d, now_ns());
+                    });
+                    let bound = EXCHANGE_TIMEOUT + Duration::from_millis(chunks * interval_ms);
+                    let result = tokio::time::timeout(bound, exchange)
+                        .await
+                        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+                    if result.is_err() {
+                        conn.reset();
+                    }
+                    out.requests += 1;
+                    out.chunks_expected += chunks;
+                    out.chunks_received += tally.chunks;
+                    if !matches!(result, Ok(200)) || !tally.done || tally.chunks != chunks {
+                        out.failed += 1;
+                    }
+                    if let Some(first) = first {
+                        out.first_chunk.saturating_record(micros(first - sent));
+                    }
+                    for lag in tally.lags {
+                        out.lag.saturating_record(lag.max(1));
+                    }
+                    if Instant::now() >= end {
+                        break;
+                    }
                 }
-                out.requests += 1;
-                out.chunks_expected += chunks;
-                out.chunks_received += tally.chunks;
-                if !matches!(result, Ok(200)) || !tally.done || tally.chunks != chunks {
-                    out.failed += 1;
-                }
-                if let Some(first) = first {
-                    out.first_chunk.saturating_record(micros(first - sent));
-                }
-                for lag in tally.lags {
-                    out.lag.saturating_record(lag.max(1));
-                }
-                if Instant::now() >= end {
-                    break;
-                }
-            }
-            out
-        }));
+                out
+            }));
+        }
+        let mut total = Streams::empty();
+        for task in tasks {
+            let s = task.await.expect("stream task");
+            total.requests += s.requests;
+            total.failed += s.failed;
+            total.chunks_expected += s.chunks_expected;
+            total.chunks_received += s.chunks_received;
+            total.first_chunk.add(s.first_chunk).expect("same bounds");
+            total.lag.add(s.lag).expect("same bounds");
+        }
+        total
     }
-    let mut total = Streams::empty();
-    for task in tasks {
-        let s = task.await.expect("stream task");
-        total.requests += s.requests;
-        total.failed += s.failed;
-        total.chunks_expected += s.chunks_expected;
-        total.chunks_received += s.chunks_received;
-        total.first_chunk.add(s.first_chunk).expect("same bounds");
-        total.lag.add(s.lag).expect("same bounds");
-    }
-    total
 }
 
 /// Streams held open (one chunk a second) until dropped.
@@ -291,8 +309,8 @@ impl Held {
 
     /// Opens `n` more streams, at most 128 connecting at once, and waits
     /// (up to `patience`) until each has its first chunk or has failed.
-    pub async fn open(&mut self, addr: SocketAddr, n: usize, patience: Duration) {
-        let request: Arc<[u8]> = chat_request(addr, Some((0, 1000))).into();
+    pub async fn open(&mut self, addr: SocketAddr, shape: &Shape, n: usize, patience: Duration) {
+        let request: Arc<[u8]> = shaped_request(addr, Some((0, 1000)), shape).into();
         let connecting = Arc::new(Semaphore::new(128));
         let target = self.tasks.len() + n;
         let deadline = Instant::now() + patience;
@@ -365,5 +383,13 @@ mod tests {
             (t.chunks, t.lags.clone(), t.done),
             (2, vec![2000, 2000], true)
         );
+        // Re-serialised without "t": the time in the content still counts.
+        let mut t = SseTally::default();
+        t.feed(
+            b"data: {\"choices\":[{\"delta\":{\"content\":\" @1000000\"}}]}\n\n",
+            3_000_000,
+        );
+        t.feed(b"data: {\"choices\":[{\"delta\":{}}]}\n\n", 3_000_000);
+        assert_eq!((t.chunks, t.lags.clone()), (1, vec![2000]));
     }
 }

@@ -2,6 +2,7 @@
 //! machine over loopback. `bench/run.sh` is the one command; see
 //! BENCHMARKS.md for the method.
 
+mod charts;
 mod client;
 mod load;
 mod mock;
@@ -15,6 +16,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tokio::time::Instant;
 
+use client::Shape;
 use load::{Fixed, Held, Streams, Window};
 use procs::{Proc, Spawn};
 
@@ -43,6 +45,15 @@ enum Cmd {
         /// The route reads the body's model, as with `--model-routing`.
         #[arg(long)]
         model_routing: bool,
+        /// The route has the token limit of `sluice-token-limit`.
+        #[arg(long)]
+        token_limit: bool,
+        /// The route injects usage into streams, as `sluice-usage-inject`.
+        #[arg(long)]
+        usage_inject: bool,
+        /// The access log off, as `sluice-nolog`.
+        #[arg(long)]
+        logs_off: bool,
     },
     /// Send `count` chat requests one after another on one connection;
     /// fails on the first that is not a 200.
@@ -58,6 +69,17 @@ enum Cmd {
         /// and `[DONE]`) instead of a JSON answer.
         #[arg(long)]
         stream_chunks: Option<u64>,
+    },
+    /// Closed-loop load against `addr` for `seconds` (after 1 s of
+    /// warm-up), printing requests/s, p50 and p99: for profiling one target
+    /// by hand (BENCHMARKS.md, Profiling).
+    Load {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 32)]
+        conns: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
     },
 }
 
@@ -127,6 +149,27 @@ struct RunArgs {
     /// OTLP posts with 200), as target `sluice-traced`: what tracing costs.
     #[arg(long)]
     trace: bool,
+    /// Also run sluice and nginx with their access logs off, as targets
+    /// `sluice-nolog` and `nginx-nolog`, in the same rounds.
+    #[arg(long)]
+    logs_off: bool,
+    /// The LLM layer's own cost: model routing (600-byte and 100 KiB
+    /// bodies, model first and last), a token-limited route, and usage
+    /// injection on streams, each as a ratio to the plain route with the
+    /// same requests, in rounds of their own at `--llm-conns` connections.
+    #[arg(long)]
+    llm_layer: bool,
+    /// Also run the LLM gateways bench/install-gateways.sh installed
+    /// (LiteLLM, Portkey) as targets `litellm` and `portkey`; each that is
+    /// missing is skipped with a line saying so.
+    #[arg(long)]
+    gateways: bool,
+    /// Where bench/install-gateways.sh put them.
+    #[arg(long, default_value = "target/gateways")]
+    gateways_dir: PathBuf,
+    /// Connections of the LLM-layer rounds [default: 32].
+    #[arg(long, default_value_t = 32)]
+    llm_conns: usize,
 }
 
 /// What one run measures.
@@ -243,6 +286,14 @@ impl Point {
         self.cpu_ticks = self.cpu_ticks.zip(ticks).map(|(a, b)| a + b);
     }
 
+    /// CPU per answered request from the ticks summed over the rounds.
+    fn per_request(&mut self, ticks_per_second: u64) {
+        let per = |c: u64| c as f64 / ticks_per_second as f64 * 1e6 / self.fixed.requests as f64;
+        let answered = self.fixed.requests > 0;
+        self.cpu_us = self.cpu_ticks.filter(|_| answered).map(per);
+        self.store_cpu_us = self.store_ticks.filter(|_| answered).map(per);
+    }
+
     fn add_store_ticks(&mut self, ticks: Option<u64>) {
         if let Some(t) = ticks {
             self.store_ticks = Some(self.store_ticks.unwrap_or(0) + t);
@@ -260,6 +311,11 @@ fn p50_p99(f: &Fixed) -> (u64, u64) {
 
 pub struct Target {
     pub name: &'static str,
+    /// How its requests differ (a gateway's headers).
+    pub shape: Shape,
+    /// Measured in the request/response rounds and held streams (not only
+    /// in the streaming phase).
+    pub everywhere: bool,
     pub points: Vec<Point>,
     pub streams: Option<Streams>,
     pub idle_rss_kib: Option<u64>,
@@ -281,8 +337,24 @@ pub struct Soak {
     pub chunks_lost: u64,
 }
 
+/// One row of the LLM-layer table: a sluice route with a feature on, or
+/// the plain route, with one kind of request.
+pub struct Case {
+    /// The sluice target that serves it.
+    pub target: &'static str,
+    /// What the row shows, e.g. "model routing".
+    pub feature: &'static str,
+    pub shape: Shape,
+    pub point: Option<Point>,
+}
+
 pub struct Results {
     pub plan: Plan,
+    /// The gateways that ran, with their versions.
+    pub gateways: Vec<(&'static str, String)>,
+    /// The LLM-layer rows (`--llm-layer`) and their connection count.
+    pub cases: Vec<Case>,
+    pub case_conns: usize,
     pub machine: report::Machine,
     pub targets: Vec<Target>,
     pub soak: Option<Soak>,
@@ -300,16 +372,24 @@ fn main() -> std::process::ExitCode {
             listen,
             upstream,
             model_routing,
+            token_limit,
+            usage_inject,
+            logs_off,
         }) => {
-            let config = procs::sluice_config(listen, upstream);
-            print!(
-                "{}",
-                if model_routing {
-                    procs::model_routed(&config)
-                } else {
-                    config
-                }
-            );
+            let mut config = procs::sluice_config(listen, upstream);
+            if model_routing {
+                config = procs::model_routed(&config);
+            }
+            if token_limit {
+                config += procs::TOKEN_LIMIT;
+            }
+            if usage_inject {
+                config = procs::usage_injected(&config);
+            }
+            if logs_off {
+                config = procs::logs_off(&config);
+            }
+            print!("{config}");
             return std::process::ExitCode::SUCCESS;
         }
         Some(Cmd::Send {
@@ -328,6 +408,27 @@ fn main() -> std::process::ExitCode {
                     std::process::ExitCode::FAILURE
                 }
             };
+        }
+        Some(Cmd::Load {
+            addr,
+            conns,
+            seconds,
+        }) => {
+            let window = Window::after(Duration::from_secs(1), Duration::from_secs(seconds));
+            let f = runtime.block_on(load::closed_loop(
+                addr,
+                &Shape::default(),
+                conns,
+                Duration::ZERO,
+                window,
+            ));
+            let (p50, p99) = p50_p99(&f);
+            println!(
+                "{:.0} requests/s, p50 {p50} µs, p99 {p99} µs, {} errors",
+                f.rps(),
+                f.errors
+            );
+            return std::process::ExitCode::SUCCESS;
         }
         Some(Cmd::Mock { .. }) | None => {}
     }
@@ -385,7 +486,8 @@ fn run(runtime: &tokio::runtime::Runtime, args: RunArgs) -> Result<(), String> {
     let dir = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let machine = report::Machine::read(&sluice, nginx.as_deref(), cpu_count, cpus);
-    let say = |s: &str| eprintln!("[{:>6.1}s] {s}", machine.started.elapsed().as_secs_f64());
+    let started = machine.started;
+    let say = |s: &str| eprintln!("[{:>6.1}s] {s}", started.elapsed().as_secs_f64());
 
     let err = |e: std::io::Error| e.to_string();
     let mock_addr = procs::free_addr().map_err(err)?;
@@ -425,6 +527,38 @@ fn run(runtime: &tokio::runtime::Runtime, args: RunArgs) -> Result<(), String> {
         let toml = procs::model_routed(&procs::sluice_config(addr, mock.addr));
         std::fs::write(&routed, toml).map_err(err)?;
         proxies.push(start("sluice-models", &routed, addr, "sluice-models.log")?);
+    }
+    if args.llm_layer {
+        // Written for a placeholder address, then given each its own.
+        let addr0 = SocketAddr::from(([127, 0, 0, 1], 1));
+        let plain = procs::sluice_config;
+        let mut extra = vec![
+            (
+                "sluice-token-limit",
+                plain(addr0, mock.addr) + procs::TOKEN_LIMIT,
+            ),
+            (
+                "sluice-usage-inject",
+                procs::usage_injected(&plain(addr0, mock.addr)),
+            ),
+        ];
+        if !args.model_routing {
+            extra.push((
+                "sluice-models",
+                procs::model_routed(&plain(addr0, mock.addr)),
+            ));
+        }
+        for (name, toml) in extra {
+            let addr = procs::free_addr().map_err(err)?;
+            let path = dir.join(format!("{name}.toml"));
+            let toml = toml.replacen(
+                &format!("listen = \"{addr0}\""),
+                &format!("listen = \"{addr}\""),
+                1,
+            );
+            std::fs::write(&path, toml).map_err(err)?;
+            proxies.push(start(name, &path, addr, &format!("{name}.log"))?);
+        }
     }
     if args.usage_off {
         let addr = procs::free_addr().map_err(err)?;
@@ -495,43 +629,122 @@ fn run(runtime: &tokio::runtime::Runtime, args: RunArgs) -> Result<(), String> {
         std::fs::write(&plain, procs::sluice_config(addr, mock.addr)).map_err(err)?;
         proxies.push(start_with(base, "baseline", &plain, addr, "baseline.log")?);
     }
+    if args.logs_off {
+        let addr = procs::free_addr().map_err(err)?;
+        let path = dir.join("sluice-nolog.toml");
+        let toml = procs::logs_off(&procs::sluice_config(addr, mock.addr));
+        std::fs::write(&path, toml).map_err(err)?;
+        proxies.push(start("sluice-nolog", &path, addr, "sluice-nolog.log")?);
+    }
     if let Some(nginx) = &nginx {
-        let nginx_addr = procs::free_addr().map_err(err)?;
-        let conf = dir.join("nginx.conf");
-        std::fs::write(&conf, procs::nginx_config(&dir, nginx_addr, mock.addr)).map_err(err)?;
-        proxies.push(
-            Proc::start(Spawn {
-                name: "nginx",
-                program: nginx,
-                args: vec![
-                    "-p".into(),
-                    dir.display().to_string(),
-                    "-c".into(),
-                    conf.display().to_string(),
-                    "-e".into(),
-                    dir.join("error.log").display().to_string(),
-                ],
-                env: vec![],
+        let modes: &[(&'static str, bool)] = if args.logs_off {
+            &[("nginx", true), ("nginx-nolog", false)]
+        } else {
+            &[("nginx", true)]
+        };
+        for &(name, access_log) in modes {
+            let nginx_addr = procs::free_addr().map_err(err)?;
+            // Each nginx its own prefix: pid file, logs and temp paths.
+            let prefix = dir.join(name);
+            std::fs::create_dir_all(&prefix).map_err(err)?;
+            let conf = prefix.join("nginx.conf");
+            let text = procs::nginx_config(&prefix, nginx_addr, mock.addr, access_log);
+            std::fs::write(&conf, text).map_err(err)?;
+            proxies.push(
+                Proc::start(Spawn {
+                    name,
+                    program: nginx,
+                    args: vec![
+                        "-p".into(),
+                        prefix.display().to_string(),
+                        "-c".into(),
+                        conf.display().to_string(),
+                        "-e".into(),
+                        prefix.join("error.log").display().to_string(),
+                    ],
+                    env: vec![],
+                    cpu: proxy_cpu,
+                    log: prefix.join("nginx.out"),
+                    addr: nginx_addr,
+                })
+                .map_err(err)?,
+            );
+        }
+    }
+    // Headers each gateway needs on its requests.
+    let mut shapes: Vec<(&'static str, Shape)> = Vec::new();
+    let mut gateway_versions = Vec::new();
+    if args.gateways {
+        let found = [
+            ("litellm", {
+                let addr = procs::free_addr().map_err(err)?;
+                procs::litellm(&args.gateways_dir, &dir, addr, mock.addr).map(|g| (g, addr))
+            }),
+            ("portkey", {
+                let addr = procs::free_addr().map_err(err)?;
+                procs::portkey(&args.gateways_dir, addr, mock.addr).map(|g| (g, addr))
+            }),
+        ];
+        for (name, gateway) in found {
+            let Some((g, addr)) = gateway else {
+                say(&format!(
+                    "{name}: not installed under {} (bench/install-gateways.sh), skipped",
+                    args.gateways_dir.display()
+                ));
+                continue;
+            };
+            say(&format!("{name} {}: starting", g.version));
+            let started = Proc::start(Spawn {
+                name: g.name,
+                program: &g.program,
+                args: g.args.clone(),
+                env: g.env.clone(),
                 cpu: proxy_cpu,
-                log: dir.join("nginx.out"),
-                addr: nginx_addr,
-            })
-            .map_err(err)?,
-        );
+                log: dir.join(format!("{name}.log")),
+                addr,
+            });
+            match started {
+                Ok(p) => {
+                    proxies.push(p);
+                    shapes.push((
+                        g.name,
+                        Shape {
+                            headers: g.headers.clone(),
+                            ..Shape::default()
+                        },
+                    ));
+                    gateway_versions.push((g.name, g.version.clone()));
+                }
+                Err(e) => say(&format!("{name}: did not start, skipped: {e}")),
+            }
+        }
     }
     std::thread::sleep(Duration::from_millis(500));
 
+    // Targets only the LLM-layer rounds measure.
+    let llm_only = |name: &str| {
+        name == "sluice-token-limit" || (name == "sluice-models" && !args.model_routing)
+    };
     let mut targets = vec![Target {
         name: "direct",
+        shape: Shape::default(),
+        everywhere: true,
         points: vec![],
         streams: None,
         idle_rss_kib: None,
         held: None,
         stream_cpu_us: None,
     }];
-    for p in &proxies {
+    for p in proxies.iter().filter(|p| !llm_only(p.name)) {
         targets.push(Target {
             name: p.name,
+            shape: shapes
+                .iter()
+                .find(|s| s.0 == p.name)
+                .map(|s| s.1.clone())
+                .unwrap_or_default(),
+            // Usage injection acts on streams only.
+            everywhere: p.name != "sluice-usage-inject",
             points: vec![],
             streams: None,
             idle_rss_kib: Some(p.rss_kib()),
@@ -551,27 +764,19 @@ fn run(runtime: &tokio::runtime::Runtime, args: RunArgs) -> Result<(), String> {
     // rounds are merged.
     for &conns in &plan.conns {
         for round in 1..=plan.rounds {
-            for t in targets.iter_mut() {
+            for t in targets.iter_mut().filter(|t| t.everywhere) {
                 say(&format!("{}: {conns} connections, round {round}", t.name));
                 let window = Window::after(plan.warmup, plan.measure);
                 let p = proc_of(t.name);
                 // Redis serves only the shared-limit sluice.
                 let store = redis.as_ref().filter(|_| t.name == "sluice-shared-limit");
-                let (fixed, ((c0, c1), (r0, r1))) = runtime.block_on(async {
-                    let sampler = async {
-                        tokio::time::sleep_until(window.start).await;
-                        let a = (p.map(Proc::cpu_ticks), store.map(Proc::cpu_ticks));
-                        tokio::time::sleep_until(window.end).await;
-                        let b = (p.map(Proc::cpu_ticks), store.map(Proc::cpu_ticks));
-                        ((a.0, b.0), (a.1, b.1))
-                    };
-                    tokio::join!(
-                        load::closed_loop(addr_of(t.name), conns, Duration::ZERO, window),
-                        sampler
-                    )
-                });
-                let ticks_used = c0.zip(c1).map(|(a, b)| b.saturating_sub(a));
-                let store_used = r0.zip(r1).map(|(a, b)| b.saturating_sub(a));
+                let (fixed, ticks_used, store_used) = measure(
+                    runtime,
+                    load::closed_loop(addr_of(t.name), &t.shape, conns, Duration::ZERO, window),
+                    window,
+                    p,
+                    store,
+                );
                 let (p50, p99) = p50_p99(&fixed);
                 say(&format!(
                     "{}: {conns} connections, round {round}: {:.0} requests/s, p50 {p50} µs, p99 {p99} µs",
@@ -593,15 +798,41 @@ fn run(runtime: &tokio::runtime::Runtime, args: RunArgs) -> Result<(), String> {
         }
         for t in targets.iter_mut() {
             if let Some(p) = t.points.iter_mut().find(|p| p.conns == conns) {
-                p.cpu_us = p
-                    .cpu_ticks
-                    .filter(|_| p.fixed.requests > 0)
-                    .map(|c| c as f64 / ticks as f64 * 1e6 / p.fixed.requests as f64);
-                p.store_cpu_us = p
-                    .store_ticks
-                    .filter(|_| p.fixed.requests > 0)
-                    .map(|c| c as f64 / ticks as f64 * 1e6 / p.fixed.requests as f64);
+                p.per_request(ticks);
             }
+        }
+    }
+
+    // The LLM layer: each feature against the plain route with the same
+    // requests, in rounds of their own.
+    let mut cases = if args.llm_layer { llm_cases() } else { vec![] };
+    let conns = args.llm_conns.max(1);
+    for round in 1..=plan.rounds {
+        for c in cases.iter_mut() {
+            let window = Window::after(plan.warmup, plan.measure);
+            let (fixed, used, _) = measure(
+                runtime,
+                load::closed_loop(addr_of(c.target), &c.shape, conns, Duration::ZERO, window),
+                window,
+                proc_of(c.target),
+                None,
+            );
+            let (p50, p99) = p50_p99(&fixed);
+            say(&format!(
+                "{} ({}), {conns} connections, round {round}: {:.0} requests/s, p50 {p50} µs, p99 {p99} µs",
+                c.target,
+                case_label(&c.shape),
+                fixed.rps(),
+            ));
+            match &mut c.point {
+                Some(p) => p.merge(fixed, used),
+                None => c.point = Some(Point::new(conns, fixed, used)),
+            }
+        }
+    }
+    for c in cases.iter_mut() {
+        if let Some(p) = &mut c.point {
+            p.per_request(ticks);
         }
     }
 
@@ -614,6 +845,7 @@ fn run(runtime: &tokio::runtime::Runtime, args: RunArgs) -> Result<(), String> {
         let before = p.map(Proc::cpu_ticks);
         let streams = runtime.block_on(load::streams(
             addr_of(t.name),
+            &t.shape,
             plan.streams,
             plan.chunks,
             plan.interval_ms,
@@ -628,7 +860,10 @@ fn run(runtime: &tokio::runtime::Runtime, args: RunArgs) -> Result<(), String> {
         t.streams = Some(streams);
     }
 
-    for t in targets.iter_mut().filter(|t| t.name != "direct") {
+    for t in targets
+        .iter_mut()
+        .filter(|t| t.name != "direct" && t.everywhere)
+    {
         let p = proc_of(t.name).expect("proxy");
         let before = p.rss_kib();
         let mut at = vec![];
@@ -637,7 +872,8 @@ fn run(runtime: &tokio::runtime::Runtime, args: RunArgs) -> Result<(), String> {
             for &n in &plan.held {
                 let more = n.saturating_sub(held.len());
                 say(&format!("{}: holding {n} streams", t.name));
-                held.open(p.addr, more, Duration::from_secs(120)).await;
+                held.open(p.addr, &t.shape, more, Duration::from_secs(120))
+                    .await;
                 // Let every stream pass a chunk or two in steady state.
                 tokio::time::sleep(Duration::from_millis(if plan.smoke { 300 } else { 3000 }))
                     .await;
@@ -649,6 +885,15 @@ fn run(runtime: &tokio::runtime::Runtime, args: RunArgs) -> Result<(), String> {
             tokio::time::sleep(Duration::from_millis(500)).await;
         });
         t.held = Some((before, at));
+    }
+    // The gateways are done with (their held streams come last); Portkey
+    // keeps a stream's upstream going after its client left, so stopping
+    // it ends them before the soak.
+    for p in proxies
+        .iter_mut()
+        .filter(|p| gateway_versions.iter().any(|(n, _)| *n == p.name))
+    {
+        p.stop();
     }
 
     // The soak gets a fresh sluice: the streams held above leave their
@@ -675,6 +920,9 @@ fn run(runtime: &tokio::runtime::Runtime, args: RunArgs) -> Result<(), String> {
     drop(mock);
     let results = Results {
         plan,
+        gateways: gateway_versions,
+        cases,
+        case_conns: conns,
         machine,
         targets,
         soak,
@@ -683,6 +931,11 @@ fn run(runtime: &tokio::runtime::Runtime, args: RunArgs) -> Result<(), String> {
     println!("{text}");
     if let Some(out) = &args.out {
         report::write_into(out, &text).map_err(|e| format!("{}: {e}", out.display()))?;
+        // The charts go next to the markdown that shows them.
+        let dir = out.parent().filter(|d| !d.as_os_str().is_empty());
+        for chart in charts::write(&results, dir.unwrap_or(Path::new(".")))? {
+            say(&format!("wrote {}", chart.display()));
+        }
     }
     if let Some(json) = &args.json {
         std::fs::write(json, report::json(&results).to_string())
@@ -692,6 +945,71 @@ fn run(runtime: &tokio::runtime::Runtime, args: RunArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// Runs `load` over `window` while reading the proxy's (and the store's)
+/// CPU clock at the window's edges.
+fn measure(
+    runtime: &tokio::runtime::Runtime,
+    load: impl std::future::Future<Output = Fixed>,
+    window: Window,
+    proxy: Option<&Proc>,
+    store: Option<&Proc>,
+) -> (Fixed, Option<u64>, Option<u64>) {
+    let (fixed, ((c0, c1), (r0, r1))) = runtime.block_on(async {
+        let sampler = async {
+            tokio::time::sleep_until(window.start).await;
+            let a = (proxy.map(Proc::cpu_ticks), store.map(Proc::cpu_ticks));
+            tokio::time::sleep_until(window.end).await;
+            let b = (proxy.map(Proc::cpu_ticks), store.map(Proc::cpu_ticks));
+            ((a.0, b.0), (a.1, b.1))
+        };
+        tokio::join!(load, sampler)
+    });
+    let used = |a: Option<u64>, b: Option<u64>| a.zip(b).map(|(a, b)| b.saturating_sub(a));
+    (fixed, used(c0, c1), used(r0, r1))
+}
+
+/// The LLM-layer rows: model routing with small and large bodies, the
+/// model first or last (the scanner stops at the model, or reads the
+/// whole body), and a token limit, each beside the plain route with the
+/// same body.
+pub fn llm_cases() -> Vec<Case> {
+    let case = |target, feature, bytes: usize, model_last| Case {
+        target,
+        feature,
+        shape: Shape {
+            bytes: Some(bytes),
+            model_last,
+            ..Shape::default()
+        },
+        point: None,
+    };
+    let (small, large) = (600, 100 * 1024);
+    vec![
+        case("sluice", "plain route", small, false),
+        case("sluice-models", "model routing", small, false),
+        case("sluice-models", "model routing", small, true),
+        case("sluice-token-limit", "token limit", small, false),
+        case("sluice", "plain route", large, false),
+        case("sluice-models", "model routing", large, false),
+        case("sluice-models", "model routing", large, true),
+        case("sluice-token-limit", "token limit", large, false),
+    ]
+}
+
+/// "600-byte body, model first".
+pub fn case_label(shape: &Shape) -> String {
+    let bytes = shape.bytes.unwrap_or(client::BASE_LEN);
+    let size = if bytes >= 1024 {
+        format!("{} KiB", bytes / 1024)
+    } else {
+        format!("{bytes}-byte")
+    };
+    format!(
+        "{size} body, model {}",
+        if shape.model_last { "last" } else { "first" }
+    )
+}
+
 /// Moderate mixed load for `plan.soak`: 8 connections pacing requests 1 ms
 /// apart, and 20 streams at a time; RSS sampled throughout.
 async fn soak(p: &Proc, plan: &Plan) -> Soak {
@@ -699,12 +1017,14 @@ async fn soak(p: &Proc, plan: &Plan) -> Soak {
     let started = Instant::now();
     let requests = tokio::spawn(load::closed_loop(
         p.addr,
+        &Shape::default(),
         8,
         Duration::from_millis(1),
         window,
     ));
     let streams = tokio::spawn(load::streams(
         p.addr,
+        &Shape::default(),
         20,
         plan.chunks,
         plan.interval_ms,

@@ -2,13 +2,18 @@
 //! the mock costs as little as it can on the core it shares with the load
 //! generator.
 //!
+//! - the stream's parameters come from the query, or from the body's
+//!   `"stream_chunks"` and `"interval_ms"`, or from an `x-bench-stream: N,M`
+//!   header, whichever a gateway in front passes on;
 //! - any request without `stream=` in its query gets a ~600-byte
 //!   `chat.completion` JSON with a content-length;
 //! - `?stream=N&interval_ms=M` gets an SSE stream of N chat chunks M ms
 //!   apart (the first at once), then a usage-only chunk (`"choices": []`,
 //!   as OpenAI sends with `include_usage`) and `data: [DONE]`; N = 0
 //!   streams until the client leaves. Each chunk carries `"t":<ns since the Unix epoch>`, taken
-//!   just before it is written, for the client to measure lag.
+//!   just before it is written, for the client to measure lag, and the same
+//!   time as its content (` @<ns>`), which a gateway that re-serialises
+//!   chunks and drops unknown fields (LiteLLM) still passes on.
 
 use std::io;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -67,7 +72,7 @@ struct Ask {
 async fn connection(mut stream: TcpStream, chat: &[u8]) -> io::Result<()> {
     let mut buf = Vec::with_capacity(4096);
     loop {
-        let (head_len, ask) = loop {
+        let (head_len, mut ask) = loop {
             if let Some(parsed) = parse_request(&buf)? {
                 break parsed;
             }
@@ -86,6 +91,9 @@ async fn connection(mut stream: TcpStream, chat: &[u8]) -> io::Result<()> {
                 if read_more(&mut stream, &mut buf).await? == 0 {
                     return Ok(());
                 }
+            }
+            if ask.stream.is_none() {
+                ask.stream = stream_in_body(&buf[..ask.content_length]);
             }
             buf.drain(..ask.content_length);
         }
@@ -126,9 +134,33 @@ fn parse_request(buf: &[u8]) -> io::Result<Option<(usize, Ask)>> {
                 .ok_or_else(|| io::Error::other("bad content-length"))?;
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             ask.chunked = h.value.eq_ignore_ascii_case(b"chunked");
+        } else if h.name.eq_ignore_ascii_case("x-bench-stream") && ask.stream.is_none() {
+            // `N,M`: a gateway that passes neither the query nor unknown
+            // body fields on can be told to forward a header (Portkey).
+            ask.stream = std::str::from_utf8(h.value).ok().and_then(|v| {
+                let (n, ms) = v.split_once(',')?;
+                Some((n.trim().parse().ok()?, ms.trim().parse().ok()?))
+            });
         }
     }
     Ok(Some((len, ask)))
+}
+
+/// `"stream_chunks":N` and `"interval_ms":M` from a JSON body, for clients
+/// behind a gateway that does not pass the query string on. Only the
+/// body's end is looked at (the bench puts them there; a gateway that
+/// re-serialises keeps them near it), so a large body costs nothing more.
+fn stream_in_body(body: &[u8]) -> Option<(u64, u64)> {
+    let tail = &body[body.len().saturating_sub(256)..];
+    let number = |key: &[u8]| -> Option<u64> {
+        let at = tail.windows(key.len()).position(|w| w == key)? + key.len();
+        let rest = &tail[at..];
+        let rest = &rest[rest.iter().take_while(|b| **b == b' ').count()..];
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
+    };
+    let count = number(b"\"stream_chunks\":")?;
+    Some((count, number(b"\"interval_ms\":").unwrap_or(10)))
 }
 
 /// `stream=N&interval_ms=M` from a request target.
@@ -209,8 +241,9 @@ async fn sse(stream: &mut TcpStream, count: u64, interval: Duration) -> io::Resu
 fn chunk_event(t: u128) -> String {
     format!(
         "data: {{\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":1732000000,\
-         \"model\":\"gpt-4o-mini-2024-07-18\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\" token\"}},\
-         \"finish_reason\":null}}],\"t\":{t}}}\n\n"
+         \"model\":\"gpt-4o-mini-2024-07-18\",\"system_fingerprint\":\"fp_bench000\",\
+         \"choices\":[{{\"index\":0,\"delta\":{{\"content\":\" @{t}\"}},\"finish_reason\":null}}],\
+         \"t\":{t}}}\n\n"
     )
 }
 
@@ -247,6 +280,23 @@ mod tests {
             stream_query("/x?stream=0&interval_ms=1000"),
             Some((0, 1000))
         );
+    }
+
+    #[test]
+    fn stream_asked_in_the_body() {
+        assert_eq!(stream_in_body(br#"{"model":"m"}"#), None);
+        assert_eq!(
+            stream_in_body(br#"{"stream":true,"stream_chunks":20,"interval_ms":10}"#),
+            Some((20, 10))
+        );
+        // As a gateway re-serialises it: spaces, another order.
+        assert_eq!(
+            stream_in_body(br#"{"interval_ms": 1000, "stream_chunks": 0, "stream": true}"#),
+            Some((0, 1000))
+        );
+        let mut big = vec![b' '; 100_000];
+        big.extend_from_slice(br#""stream_chunks":3}"#);
+        assert_eq!(stream_in_body(&big), Some((3, 10)));
     }
 
     #[test]

@@ -106,7 +106,8 @@ impl Proc {
             addr: s.addr,
             child,
         };
-        let deadline = Instant::now() + Duration::from_secs(15);
+        // LiteLLM takes 7-9 s to import and start, more on a busy CPU.
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if std::net::TcpStream::connect(s.addr).is_ok() {
                 return Ok(p);
@@ -268,10 +269,41 @@ pub fn model_routed(config: &str) -> String {
     config.replacen("[[routes]]", models, 1) + "model_routing = true\n"
 }
 
+/// A token limit that never refuses, for `sluice-token-limit`: every
+/// request's estimate is charged and settled against the reported usage.
+pub const TOKEN_LIMIT: &str =
+    "[routes.token_limit]\ntokens_per_minute = 100000000000\nburst = 1000000000\n";
+
+/// The same config with usage injection: the upstream takes
+/// `stream_options`, and the route adds it to every stream whose client
+/// did not ask, then takes out the usage chunk it caused.
+pub fn usage_injected(config: &str) -> String {
+    config.replacen(
+        "api_key_env = \"SLUICE_BENCH_KEY\"\n",
+        "api_key_env = \"SLUICE_BENCH_KEY\"\ninject_usage = true\n",
+        1,
+    ) + "[routes.usage]\ninject = \"always\"\n"
+}
+
+/// The same config with the access log off (`sluice::access=off`).
+pub fn logs_off(config: &str) -> String {
+    config.replacen("level = \"info\"", "level = \"info,sluice::access=off\"", 1)
+}
+
 /// nginx as a streaming reverse proxy: one worker, keep-alive upstream,
-/// no buffering, the key injected, access log on.
-pub fn nginx_config(dir: &Path, listen: SocketAddr, upstream: SocketAddr) -> String {
+/// no buffering, the key injected, access log on (or `off`).
+pub fn nginx_config(
+    dir: &Path,
+    listen: SocketAddr,
+    upstream: SocketAddr,
+    access_log: bool,
+) -> String {
     let d = dir.display();
+    let access = if access_log {
+        format!("{d}/access.log")
+    } else {
+        "off".into()
+    };
     format!(
         r#"worker_processes 1;
 worker_rlimit_nofile 20000;
@@ -282,7 +314,7 @@ events {{
     worker_connections 20000;
 }}
 http {{
-    access_log {d}/access.log;
+    access_log {access};
     client_body_temp_path {d}/body;
     proxy_temp_path {d}/proxy;
     fastcgi_temp_path {d}/fastcgi;
@@ -310,6 +342,105 @@ http {{
 }}
 "#
     )
+}
+
+/// An LLM gateway installed by bench/install-gateways.sh under `dir`
+/// (target/gateways), as a user would run it for this job: one
+/// OpenAI-compatible upstream (the mock), its own retries at their
+/// defaults, the provider key injected.
+pub struct Gateway {
+    pub name: &'static str,
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<(&'static str, String)>,
+    /// Header lines each request needs.
+    pub headers: String,
+    pub version: String,
+}
+
+/// LiteLLM's proxy (PyPI `litellm[proxy]`), if installed: one process
+/// (uvicorn, `--num_workers 1`), a `model_list` entry for the mock, its
+/// access log at its default (on). 1.108 refuses to start without a
+/// master key; the client's `Bearer sk-client` is it.
+pub fn litellm(
+    dir: &Path,
+    work: &Path,
+    listen: SocketAddr,
+    upstream: SocketAddr,
+) -> Option<Gateway> {
+    let program = dir.join("litellm-venv/bin/litellm");
+    if !program.is_file() {
+        return None;
+    }
+    let config = work.join("litellm.yaml");
+    let yaml = format!(
+        "model_list:\n  - model_name: gpt-4o-mini\n    litellm_params:\n      model: openai/gpt-4o-mini\n\
+         \x20     api_base: http://{upstream}/v1\n      api_key: sk-bench-not-a-real-key\n\
+         general_settings:\n  master_key: sk-client\n"
+    );
+    fs::write(&config, yaml).ok()?;
+    let version = Command::new(dir.join("litellm-venv/bin/python"))
+        .args([
+            "-c",
+            "import importlib.metadata as m; print(m.version('litellm'))",
+        ])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    Some(Gateway {
+        name: "litellm",
+        program,
+        args: vec![
+            "--config".into(),
+            config.display().to_string(),
+            "--host".into(),
+            listen.ip().to_string(),
+            "--port".into(),
+            listen.port().to_string(),
+            "--num_workers".into(),
+            "1".into(),
+        ],
+        // The bundled cost map: no fetch from the internet at start.
+        env: vec![("LITELLM_LOCAL_MODEL_COST_MAP", "True".into())],
+        headers: String::new(),
+        version,
+    })
+}
+
+/// Portkey's gateway (npm `@portkey-ai/gateway`), if installed: one Node
+/// process; the upstream and its key in the `x-portkey-config` header of
+/// each request, and `x-bench-stream` forwarded (Portkey drops unknown
+/// body fields). No retries at its defaults.
+pub fn portkey(dir: &Path, listen: SocketAddr, upstream: SocketAddr) -> Option<Gateway> {
+    let package = dir.join("portkey/node_modules/@portkey-ai/gateway");
+    let script = package.join("build/start-server.js");
+    if !script.is_file() {
+        return None;
+    }
+    let version = fs::read_to_string(package.join("package.json"))
+        .ok()
+        .and_then(|p| serde_json::from_str::<serde_json::Value>(&p).ok())
+        .and_then(|v| v["version"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    let config = format!(
+        r#"{{"provider":"openai","custom_host":"http://{upstream}/v1","api_key":"sk-bench-not-a-real-key"}}"#
+    );
+    Some(Gateway {
+        name: "portkey",
+        program: PathBuf::from("node"),
+        // Only the `--port=N` form is read; it listens on every interface.
+        args: vec![
+            script.display().to_string(),
+            format!("--port={}", listen.port()),
+            "--headless".into(),
+        ],
+        env: vec![],
+        headers: format!(
+            "x-portkey-config: {config}\r\nx-portkey-forward-headers: x-bench-stream\r\n"
+        ),
+        version,
+    })
 }
 
 /// The nginx to compare with, if there is one.

@@ -40,6 +40,12 @@ fn a_smoke_run_measures_every_phase() {
         // build (the same binary here), with a padded request.
         .arg("--model-routing")
         .arg("--usage-off")
+        .arg("--llm-layer")
+        .arg("--logs-off")
+        // Gateways are not part of CI's run: where none is installed, each
+        // is skipped with a line saying so.
+        .arg("--gateways")
+        .args(["--gateways-dir", "/nonexistent/gateways"])
         .arg("--baseline")
         .arg(sluice_binary())
         .args(["--chat-bytes", "600"])
@@ -66,6 +72,14 @@ fn a_smoke_run_measures_every_phase() {
     let stderr = std::fs::read_to_string(dir.join("bench.err")).unwrap_or_default();
     assert!(status.success(), "sluice-bench failed:\n{stderr}");
 
+    for name in ["litellm", "portkey"] {
+        assert!(
+            stderr.contains(&format!(
+                "{name}: not installed under /nonexistent/gateways (bench/install-gateways.sh), skipped"
+            )),
+            "{stderr}"
+        );
+    }
     let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(r["smoke"], true);
     let targets = r["targets"].as_array().unwrap();
@@ -77,10 +91,38 @@ fn a_smoke_run_measures_every_phase() {
     assert!(names.contains(&"sluice-models"), "{names:?}");
     assert!(names.contains(&"baseline"), "{names:?}");
     assert!(names.contains(&"sluice-no-usage"), "{names:?}");
+    assert!(names.contains(&"sluice-nolog"), "{names:?}");
+    assert!(names.contains(&"sluice-usage-inject"), "{names:?}");
+    assert_eq!(
+        names.contains(&"nginx-nolog"),
+        names.contains(&"nginx"),
+        "{names:?}"
+    );
+    // The LLM layer's rounds: every case answered, with a CPU figure.
+    let cases = r["llm_layer"]["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 8, "{cases:?}");
+    for c in cases {
+        let p = &c["point"];
+        assert!(p["requests"].as_u64().unwrap() > 0, "{c}");
+        assert_eq!(p["errors"], 0, "{c}");
+        assert!(p["cpu_us_per_request"].is_number(), "{c}");
+    }
+    assert!(cases
+        .iter()
+        .any(|c| c["body_bytes"] == 100 * 1024 && c["model_last"] == true));
     assert_eq!(r["chat_bytes"], 600);
     for t in targets {
         let name = t["name"].as_str().unwrap();
         let points = t["points"].as_array().unwrap();
+        if t["streams_only"] == true {
+            assert_eq!(name, "sluice-usage-inject");
+            assert!(points.is_empty());
+            let s = &t["streams"];
+            assert!(s["requests"].as_u64().unwrap() > 0, "{name}: {s}");
+            assert_eq!(s["failed"], 0, "{name}: {s}");
+            assert_eq!(s["chunks_expected"], s["chunks_received"], "{name}: {s}");
+            continue;
+        }
         assert_eq!(points.len(), 2, "{name}");
         for p in points {
             assert!(p["requests"].as_u64().unwrap() > 0, "{name}: {p}");
@@ -147,18 +189,46 @@ fn a_smoke_run_measures_every_phase() {
     }
     assert!(md.contains("| requests/s, 8 conn |"), "{md}");
     assert!(md.contains("600-byte body"), "{md}");
+    assert!(md.contains("### The LLM layer's own cost"), "{md}");
+    assert!(
+        md.contains("| model routing | 100 KiB body, model last |"),
+        "{md}"
+    );
+    assert!(md.contains("Usage injection"), "{md}");
     // Round-by-round tail ratios need both proxies.
     assert_eq!(
         md.contains("| added p99, round by round, 8 conn |"),
         names.contains(&"nginx"),
         "{md}"
     );
+    // The charts, beside the markdown.
+    for chart in [
+        "bench-throughput.svg",
+        "bench-latency.svg",
+        "bench-memory.svg",
+        "bench-cpu.svg",
+    ] {
+        let svg = std::fs::read_to_string(dir.join(chart)).unwrap();
+        assert!(svg.starts_with("<svg"), "{chart}");
+        let legend = svg.split("<text").skip(1).any(|t| {
+            t.split_once('>')
+                .and_then(|(_, rest)| rest.split_once("</text>"))
+                .is_some_and(|(text, _)| text.trim() == "sluice")
+        });
+        assert!(legend, "{chart}: no sluice in the legend");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn the_printed_configs_pass_sluice_check() {
-    for routing in [&[][..], &["--model-routing"][..]] {
+    for routing in [
+        &[][..],
+        &["--model-routing"][..],
+        &["--token-limit"][..],
+        &["--usage-inject"][..],
+        &["--logs-off"][..],
+    ] {
         let out = Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
             .args([
                 "config",
@@ -174,7 +244,7 @@ fn the_printed_configs_pass_sluice_check() {
         let path = std::env::temp_dir().join(format!(
             "sluice-bench-config-{}-{}.toml",
             std::process::id(),
-            routing.len()
+            routing.first().unwrap_or(&"plain").trim_start_matches('-')
         ));
         std::fs::write(&path, &out.stdout).unwrap();
         let check = Command::new(sluice_binary())
@@ -190,6 +260,13 @@ fn the_printed_configs_pass_sluice_check() {
             String::from_utf8_lossy(&check.stderr)
         );
         let toml = String::from_utf8(out.stdout).unwrap();
-        assert_eq!(toml.contains("model_routing = true"), !routing.is_empty());
+        assert_eq!(
+            toml.contains("model_routing = true"),
+            routing == ["--model-routing"]
+        );
+        assert_eq!(
+            toml.contains("sluice::access=off"),
+            routing == ["--logs-off"]
+        );
     }
 }

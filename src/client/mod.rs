@@ -245,13 +245,14 @@ impl<B: SendBody> Pool<B> {
                 let Some(mut entry) = idle.pop_back() else {
                     break None;
                 };
-                if entry.since.elapsed() >= IDLE_TIMEOUT {
+                let idle_for = entry.since.elapsed();
+                if idle_for >= IDLE_TIMEOUT {
                     // Everything before it is older still.
                     closed.push(entry);
                     closed.extend(idle.drain(..));
                     break None;
                 }
-                if entry.conn.still_open() {
+                if entry.conn.still_open(idle_for) {
                     break Some(entry.conn);
                 }
                 closed.push(entry);
@@ -347,7 +348,9 @@ impl<B: SendBody> Pool<B> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let mut kept = VecDeque::with_capacity(idle.len());
         for mut e in idle.drain(..) {
-            if e.since.elapsed() < IDLE_TIMEOUT && e.conn.still_open() {
+            // The reaper always asks the socket (the reactor may not have
+            // looked at an idle connection for a while).
+            if e.since.elapsed() < IDLE_TIMEOUT && e.conn.still_open(IDLE_TIMEOUT) {
                 kept.push_back(e);
             } else {
                 closed.push(e);
