@@ -46,6 +46,82 @@ const PALETTE: [RGBColor; 15] = [
 
 type Fallible<T = ()> = Result<T, Box<dyn Error>>;
 
+/// What the charts need of a run, back from its JSON (`report::json`):
+/// each point's requests/s, p99 and CPU, and the held streams. A point's
+/// latency histogram holds its p99 alone, which is all the charts read.
+pub fn results_from_json(v: &serde_json::Value) -> Result<Results, String> {
+    use clap::Parser as _;
+    let cli = crate::Cli::try_parse_from(["sluice-bench"]).map_err(|e| e.to_string())?;
+    let plan = crate::Plan::from(&cli.run);
+    let machine = crate::report::Machine::read(Path::new("/nonexistent"), None, 1, None);
+    let bad = |what: &str| format!("not a sluice-bench results file: {what}");
+    let mut targets = vec![];
+    for t in v["targets"].as_array().ok_or_else(|| bad("no targets"))? {
+        // Target names are static in a run; here they live as long as the
+        // command, which draws and exits.
+        let name: &'static str = Box::leak(
+            t["name"]
+                .as_str()
+                .ok_or_else(|| bad("a target without a name"))?
+                .to_string()
+                .into_boxed_str(),
+        );
+        let mut points = vec![];
+        for p in t["points"].as_array().into_iter().flatten() {
+            let mut latency = crate::load::histogram();
+            latency.saturating_record(p["latency"]["p99_us"].as_u64().unwrap_or(1));
+            let seconds = 1.0;
+            let fixed = crate::load::Fixed {
+                requests: p["rps"].as_f64().unwrap_or(0.0).round() as u64,
+                errors: 0,
+                seconds,
+                latency,
+            };
+            let conns = p["conns"]
+                .as_u64()
+                .ok_or_else(|| bad("a point without conns"))?;
+            let mut point = Point::new(conns as usize, fixed, None);
+            point.cpu_us = p["cpu_us_per_request"].as_f64();
+            points.push(point);
+        }
+        let held = t["held"].as_object().map(|h| {
+            let before = h["before_rss_kib"].as_u64().unwrap_or(0);
+            let steps = h["points"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|x| {
+                    (
+                        x["streams"].as_u64().unwrap_or(0) as usize,
+                        x["rss_kib"].as_u64().unwrap_or(0),
+                        x["failed"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect();
+            (before, steps)
+        });
+        targets.push(Target {
+            name,
+            shape: crate::client::Shape::default(),
+            everywhere: t["streams_only"] != true,
+            points,
+            streams: None,
+            idle_rss_kib: t["idle_rss_kib"].as_u64(),
+            held,
+            stream_cpu_us: None,
+        });
+    }
+    Ok(Results {
+        plan,
+        gateways: vec![],
+        machine,
+        targets,
+        soak: None,
+        cases: vec![],
+        case_conns: 32,
+    })
+}
+
 /// Writes the four charts into `dir` (made if missing) and returns their
 /// paths. A chart without data in this run still gets its file, saying so,
 /// so that no chart from an earlier run is left behind.
@@ -504,7 +580,7 @@ fn draw_bars(path: &Path, bars: &Bars, colours: &Colours) -> Fallible {
     let mut chart = ChartBuilder::on(&plot)
         .margin(12)
         .x_label_area_size(48)
-        .y_label_area_size(80)
+        .y_label_area_size(96)
         .build_cartesian_2d(Axis::new(0.0, n as f64, centres), scale.coord())?;
     let group_label = |x: &f64| {
         bars.groups
@@ -576,7 +652,7 @@ fn draw_lines(path: &Path, lines: &Lines, colours: &Colours) -> Fallible {
     let mut chart = ChartBuilder::on(&plot)
         .margin(12)
         .x_label_area_size(48)
-        .y_label_area_size(80)
+        .y_label_area_size(96)
         .build_cartesian_2d(x_scale.coord(), scale.coord())?;
     let x_label = |x: &f64| number(*x);
     let y_label = |y: &f64| scale.label(*y);
@@ -702,6 +778,32 @@ mod tests {
             .skip(1)
             .filter_map(|t| Some(t.split_once('>')?.1.split_once("</text>")?.0.trim()))
             .collect()
+    }
+
+    #[test]
+    fn charts_drawn_again_from_a_runs_json_show_the_same_figures() {
+        let json = crate::report::json(&results());
+        let back = results_from_json(&json).expect("read back");
+        let names: Vec<&str> = back.targets.iter().map(|t| t.name).collect();
+        assert_eq!(names, ["direct", "sluice", "nginx", "litellm", "portkey"]);
+        let (a, b) = (&results().targets[1], &back.targets[1]);
+        for (p, q) in a.points.iter().zip(&b.points) {
+            assert_eq!(p.fixed.rps().round(), q.fixed.rps());
+            assert_eq!(p.cpu_us, q.cpu_us);
+            let p99 = |x: &Point| x.fixed.latency.value_at_quantile(0.99);
+            assert!(
+                p99(p).abs_diff(p99(q)) <= p99(p) / 100,
+                "{} {}",
+                p99(p),
+                p99(q)
+            );
+        }
+        assert_eq!(a.held, b.held);
+        let dir =
+            std::env::temp_dir().join(format!("sluice-bench-charts-json-{}", std::process::id()));
+        assert_eq!(write(&back, &dir).expect("charts").len(), 4);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(results_from_json(&serde_json::json!({"x": 1})).is_err());
     }
 
     #[test]

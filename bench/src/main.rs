@@ -70,6 +70,14 @@ enum Cmd {
         #[arg(long)]
         stream_chunks: Option<u64>,
     },
+    /// Draws the charts again from a run's JSON (`--json`), into `dir`:
+    /// after a change to the charts, without running again.
+    Charts {
+        #[arg(long)]
+        json: PathBuf,
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
     /// Closed-loop load against `addr` for `seconds` (after 1 s of
     /// warm-up), printing requests/s, p50 and p99: for profiling one target
     /// by hand (BENCHMARKS.md, Profiling).
@@ -405,6 +413,27 @@ fn main() -> std::process::ExitCode {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("sluice-bench send: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
+        Some(Cmd::Charts { json, dir }) => {
+            let drawn = std::fs::read_to_string(&json)
+                .map_err(|e| format!("{}: {e}", json.display()))
+                .and_then(|text| {
+                    let value = serde_json::from_str(&text)
+                        .map_err(|e| format!("{}: {e}", json.display()))?;
+                    charts::write(&charts::results_from_json(&value)?, &dir)
+                });
+            return match drawn {
+                Ok(paths) => {
+                    for p in paths {
+                        println!("wrote {}", p.display());
+                    }
+                    std::process::ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("sluice-bench charts: {e}");
                     std::process::ExitCode::FAILURE
                 }
             };
