@@ -549,63 +549,39 @@ fn run(runtime: &tokio::runtime::Runtime, args: RunArgs) -> Result<(), String> {
         };
     let start = |name, config: &Path, addr, log: &str| start_with(&sluice, name, config, addr, log);
     let start_sluice = |log: &str| start("sluice", &config, sluice_addr, log);
-    let mut proxies = vec![start_sluice("sluice.log")?];
-    if args.model_routing {
+    // A sluice on the plain config as `edit` changes it, on a port of its
+    // own, its config and log named after it.
+    let variant = |program: &Path, name: &'static str, edit: &dyn Fn(String) -> String| {
         let addr = procs::free_addr().map_err(err)?;
-        let routed = dir.join("sluice-models.toml");
-        let toml = procs::model_routed(&procs::sluice_config(addr, mock.addr));
-        std::fs::write(&routed, toml).map_err(err)?;
-        proxies.push(start("sluice-models", &routed, addr, "sluice-models.log")?);
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, edit(procs::sluice_config(addr, mock.addr))).map_err(err)?;
+        start_with(program, name, &path, addr, &format!("{name}.log"))
+    };
+    let mut proxies = vec![start_sluice("sluice.log")?];
+    if args.model_routing || args.llm_layer {
+        proxies.push(variant(&sluice, "sluice-models", &|c| {
+            procs::model_routed(&c)
+        })?);
     }
     if args.llm_layer {
-        // Written for a placeholder address, then given each its own.
-        let addr0 = SocketAddr::from(([127, 0, 0, 1], 1));
-        let plain = procs::sluice_config;
-        let mut extra = vec![
-            (
-                "sluice-token-limit",
-                plain(addr0, mock.addr) + procs::TOKEN_LIMIT,
-            ),
-            (
-                "sluice-usage-inject",
-                procs::usage_injected(&plain(addr0, mock.addr)),
-            ),
-        ];
-        if !args.model_routing {
-            extra.push((
-                "sluice-models",
-                procs::model_routed(&plain(addr0, mock.addr)),
-            ));
-        }
-        for (name, toml) in extra {
-            let addr = procs::free_addr().map_err(err)?;
-            let path = dir.join(format!("{name}.toml"));
-            let toml = toml.replacen(
-                &format!("listen = \"{addr0}\""),
-                &format!("listen = \"{addr}\""),
-                1,
-            );
-            std::fs::write(&path, toml).map_err(err)?;
-            proxies.push(start(name, &path, addr, &format!("{name}.log"))?);
-        }
+        proxies.push(variant(&sluice, "sluice-token-limit", &|c| {
+            c + procs::TOKEN_LIMIT
+        })?);
+        proxies.push(variant(&sluice, "sluice-usage-inject", &|c| {
+            procs::usage_injected(&c)
+        })?);
     }
     if args.usage_off {
-        let addr = procs::free_addr().map_err(err)?;
-        let off = dir.join("sluice-no-usage.toml");
-        let toml = procs::sluice_config(addr, mock.addr) + "[routes.usage]\nobserve = false\n";
-        std::fs::write(&off, toml).map_err(err)?;
-        proxies.push(start("sluice-no-usage", &off, addr, "sluice-no-usage.log")?);
+        proxies.push(variant(&sluice, "sluice-no-usage", &|c| {
+            c + "[routes.usage]\nobserve = false\n"
+        })?);
     }
     if args.trace {
-        let addr = procs::free_addr().map_err(err)?;
-        let path = dir.join("sluice-traced.toml");
-        let toml = procs::sluice_config(addr, mock.addr)
-            + &format!(
-                "\n[telemetry.otlp]\nendpoint = \"http://{}\"\nsample_ratio = 1.0\n",
-                mock.addr
-            );
-        std::fs::write(&path, toml).map_err(err)?;
-        proxies.push(start("sluice-traced", &path, addr, "sluice-traced.log")?);
+        let otlp = format!(
+            "\n[telemetry.otlp]\nendpoint = \"http://{}\"\nsample_ratio = 1.0\n",
+            mock.addr
+        );
+        proxies.push(variant(&sluice, "sluice-traced", &|c| c + &otlp)?);
     }
     let redis = if args.shared_limit {
         let addr = procs::free_addr().map_err(err)?;
@@ -632,19 +608,14 @@ fn run(runtime: &tokio::runtime::Runtime, args: RunArgs) -> Result<(), String> {
         })
         .map_err(|e| format!("{e} (install Debian's redis-server)"))?;
         let limit = "[routes.rate_limit]\nrequests_per_minute = 600000000\nburst = 1000000\n";
-        for (name, shared) in [("sluice-local-limit", false), ("sluice-shared-limit", true)] {
-            let addr = procs::free_addr().map_err(err)?;
-            let path = dir.join(format!("{name}.toml"));
-            let mut toml = procs::sluice_config(addr, mock.addr) + limit;
-            if shared {
-                toml += &format!(
-                    "shared = true\n\n[rate_limit_store]\nurl = \"redis://{}/0\"\n",
-                    redis.addr
-                );
-            }
-            std::fs::write(&path, toml).map_err(err)?;
-            proxies.push(start(name, &path, addr, &format!("{name}.log"))?);
-        }
+        let store = format!(
+            "shared = true\n\n[rate_limit_store]\nurl = \"redis://{}/0\"\n",
+            redis.addr
+        );
+        proxies.push(variant(&sluice, "sluice-local-limit", &|c| c + limit)?);
+        proxies.push(variant(&sluice, "sluice-shared-limit", &|c| {
+            c + limit + &store
+        })?);
         Some(redis)
     } else {
         None
@@ -653,17 +624,10 @@ fn run(runtime: &tokio::runtime::Runtime, args: RunArgs) -> Result<(), String> {
         if !base.is_file() {
             return Err(format!("no sluice binary at {}", base.display()));
         }
-        let addr = procs::free_addr().map_err(err)?;
-        let plain = dir.join("baseline.toml");
-        std::fs::write(&plain, procs::sluice_config(addr, mock.addr)).map_err(err)?;
-        proxies.push(start_with(base, "baseline", &plain, addr, "baseline.log")?);
+        proxies.push(variant(base, "baseline", &|c| c)?);
     }
     if args.logs_off {
-        let addr = procs::free_addr().map_err(err)?;
-        let path = dir.join("sluice-nolog.toml");
-        let toml = procs::logs_off(&procs::sluice_config(addr, mock.addr));
-        std::fs::write(&path, toml).map_err(err)?;
-        proxies.push(start("sluice-nolog", &path, addr, "sluice-nolog.log")?);
+        proxies.push(variant(&sluice, "sluice-nolog", &|c| procs::logs_off(&c))?);
     }
     if let Some(nginx) = &nginx {
         let modes: &[(&'static str, bool)] = if args.logs_off {

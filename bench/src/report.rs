@@ -238,7 +238,9 @@ pub fn markdown(r: &Results) -> String {
     request_table(&mut out, &main, direct, &pairs, &p.conns);
     if variants.len() > 2 {
         let _ = writeln!(out, "\nsluice's variants, in the same rounds:\n");
-        request_table(&mut out, &variants, direct, &Pairs(vec![]), &p.conns);
+        // Less the streams-only ones (usage injection): they have no points.
+        let answered: Vec<&Target> = variants.iter().copied().filter(|t| t.everywhere).collect();
+        request_table(&mut out, &answered, direct, &Pairs(vec![]), &p.conns);
     }
 
     shared_limit(&mut out, &all, &p.conns);
